@@ -1,0 +1,33 @@
+# Every target creates .venv when it is missing. torch and torchvision are installed first, at the
+# tested pins, so that resolving the package's ranges never pulls a different multi-GB build.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_PINS)
+
+$(VENV)/.installed: pyproject.toml $(BIN)/activate
+	$(BIN)/pip install --quiet $(TORCH_PINS) -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(BIN)/activate
+	$(BIN)/pip install --quiet $(TORCH_PINS) -e '.[dev]'
+	touch $(VENV)/.installed $@
+
+demo: $(VENV)/.installed
+	$(BIN)/vae train --config configs/demo.yaml
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests benchmarks vae_train.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

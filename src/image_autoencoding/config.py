@@ -1,0 +1,230 @@
+"""Run configuration: the original's `data_config.py`, `models_config.py` and `train_config.py` as
+three typed sections, filled from a YAML file and `section.key=value` overrides.
+
+Every problem a user can cause (missing file, unknown key, wrong type, impossible value) raises
+`ConfigError` with one line that names the key and what was expected; the CLI turns it into exit
+status 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message is one line and names the key."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": a typo such as `train.bach_size` must fail, not be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+DatasetName = Literal["digits"]
+
+
+class DataConfig(_Section):
+    dataset: DatasetName = "digits"
+    data_root: str = "datasets"
+    image_crop: int = Field(375, ge=1)
+    image_size: int = Field(64, ge=8)
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # Datasets without an official validation split (digits) are split with this fraction and seed.
+    valid_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    split_seed: int = 0
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(value) <= 0:
+            raise ValueError("every std value must be > 0")
+        return value
+
+
+class ModelConfig(_Section):
+    kernel_size: int = Field(5, ge=1)
+    stride: int = Field(2, ge=1)
+    padding: int = Field(2, ge=0)
+    encoder_channels: list[int] = Field(default_factory=lambda: [64, 128, 256], min_length=1)
+    # Transposed-conv block widths, then the output image's channels (3, RGB).
+    decoder_channels: list[int] = Field(default_factory=lambda: [256, 128, 32, 3], min_length=2)
+    fc_dim: int = Field(1024, ge=1)
+    latent_dim: int = Field(128, ge=1)
+    # PyTorch convention (weight of the new batch). The original passed 0.9, TensorFlow's convention
+    # for the same idea, so its running statistics followed the last batch; 0.1 is what it meant.
+    bn_momentum: float = Field(0.1, gt=0.0, le=1.0)
+    # exp(logvar) overflows or underflows in fp32 / bf16 outside this range (diffusers clamps the same).
+    logvar_min: float = -30.0
+    logvar_max: float = 20.0
+
+    @field_validator("encoder_channels", "decoder_channels")
+    @classmethod
+    def _channels_positive(cls, value: list[int]) -> list[int]:
+        if min(value) < 1:
+            raise ValueError("every channel count must be >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _shapes_fit(self) -> ModelConfig:
+        # A stride-s conv with this kernel and padding must divide the size by s exactly, and the
+        # transposed conv must multiply it back (output_padding = s - k + 2p in [0, s)).
+        output_padding = self.stride - self.kernel_size + 2 * self.padding
+        if not 0 <= output_padding < self.stride:
+            raise ValueError(
+                f"kernel_size {self.kernel_size}, stride {self.stride}, padding {self.padding} do not "
+                "halve and restore image sizes exactly; use padding = (kernel_size - 1) // 2"
+            )
+        if len(self.decoder_channels) != len(self.encoder_channels) + 1:
+            raise ValueError(
+                "decoder_channels must list one width per encoder block, then the output channels "
+                f"({len(self.encoder_channels) + 1} entries)"
+            )
+        if self.logvar_min >= self.logvar_max:
+            raise ValueError("logvar_min must be < logvar_max")
+        return self
+
+    @property
+    def output_padding(self) -> int:
+        return self.stride - self.kernel_size + 2 * self.padding
+
+    @property
+    def downsampling(self) -> int:
+        return self.stride ** len(self.encoder_channels)
+
+
+Alpha = float | Literal["1/batch_size"]
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(64, ge=1)
+    epochs: int = Field(100, ge=1)
+    optimizer: Literal["rmsprop", "adam"] = "rmsprop"
+    lr: float = Field(0.001, gt=0.0)
+    weight_decay: float = Field(1e-7, ge=0.0)
+    # Learning rate x decay_lr after every epoch (ExponentialLR); 1.0 keeps it constant.
+    decay_lr: float = Field(0.75, gt=0.0, le=1.0)
+    # Weight of the KL term in the encoder objective: a number, or 1/batch_size (the original's two settings).
+    alpha: Alpha = 1.0
+    seed: int = 12345
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    output_dir: str = "."
+    # Extra copy of the training log (the original's `-l LOGS`); None keeps only <run>/train.log.
+    log_dir: str | None = None
+    checkpoint_every: int = Field(10, ge=1)
+    # epoch_N.pt files kept (newest first; last.pt is always kept); 0 keeps every one.
+    keep_checkpoints: int = Field(3, ge=0)
+    # Stop each epoch after this many steps (quick trials and tests); None runs the whole split.
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    grid_images: int = Field(8, ge=1)
+    sample_images: int = Field(64, ge=1)
+    progress: bool = True
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_not_negative(cls, value: Alpha) -> Alpha:
+        if isinstance(value, float) and value < 0:
+            raise ValueError("alpha must be >= 0 or the string '1/batch_size'")
+        return value
+
+    @property
+    def kl_weight(self) -> float:
+        return 1.0 / self.batch_size if self.alpha == "1/batch_size" else float(self.alpha)
+
+
+class Config(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _image_size_fits_model(self) -> Config:
+        step = self.model.downsampling
+        if self.data.image_size % step:
+            raise ValueError(
+                f"data.image_size {self.data.image_size} must be a multiple of {step} "
+                f"(the encoder halves it {len(self.model.encoder_channels)} times)"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format_error(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"] if not str(part).startswith("function-"))
+    # Union types add the branch name to the location ('float', 'literal[...]'): keep the key only.
+    key = ".".join(p for p in key.split(".") if p and not p.startswith(("float", "literal[", "int", "str")))
+    message = first["msg"].removeprefix("Value error, ")
+    where = f"{source}: " if source else ""
+    if first["type"] == "extra_forbidden":
+        return f"{where}unknown config key '{key}'"
+    got = first.get("input")
+    if key and not isinstance(got, dict):
+        return f"{where}config key '{key}': {message} (got {got!r})"
+    return f"{where}config{(' ' + repr(key)) if key else ''}: {message}"
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}': expected section.key=value, e.g. train.epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file '{path}': not valid YAML{where}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{path}': expected a mapping with data / model / train sections")
+    return raw
+
+
+def build_config(raw: dict[str, Any], source: str = "") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at `path`, then `section.key=value` overrides."""
+    raw = read_yaml(path) if path is not None else {}
+    raw = apply_overrides(raw, list(overrides or []))
+    return build_config(raw, str(path) if path is not None else "")
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,81 @@
+"""Training and evaluation batches from uint8 pixels: shuffling, random horizontal flip and
+normalisation to [-1, 1] happen per batch, vectorised, on the training device."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from image_autoencoding.config import DataConfig
+
+
+class Normalizer:
+    """uint8 NHWC on any device -> float NCHW, (x / 255 - mean) / std, and back."""
+
+    def __init__(self, cfg: DataConfig, device: torch.device):
+        self.mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, pixels: Tensor) -> Tensor:
+        x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self.mean) / self.std
+
+    def to_unit(self, x: Tensor) -> Tensor:
+        """Model space -> images in [0, 1], for pictures and metrics."""
+        return (x.float() * self.std + self.mean).clamp_(0.0, 1.0)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
+    """The order of an epoch depends only on (seed, epoch), so a resumed run sees the same batches."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator)
+
+
+def random_flip(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Flip each image left-right with probability 1/2 (the original's RandomHorizontalFlip)."""
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    flip = flip.to(x.device).view(-1, 1, 1, 1)
+    return torch.where(flip, x.flip(-1), x)
+
+
+def training_batches(
+    images: np.ndarray,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    device: torch.device,
+    normalize: Normalizer,
+    max_steps: int | None = None,
+) -> Iterator[Tensor]:
+    """Shuffled, flipped, normalised batches for one epoch; a last partial batch is kept unless it
+    holds a single image (BatchNorm cannot normalise a batch of one)."""
+    n = len(images)
+    order = epoch_permutation(n, seed, epoch).numpy()
+    flip_generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 500_009)
+    pin = device.type == "cuda"
+    for step in range(steps_per_epoch(n, batch_size, max_steps)):
+        start = step * batch_size
+        # Sorted indices read a memory-mapped array front to back; the batch is shuffled anyway.
+        index = np.sort(order[start : start + batch_size])
+        pixels = torch.from_numpy(np.ascontiguousarray(images[index]))
+        if pin:
+            pixels = pixels.pin_memory()
+        x = normalize(pixels.to(device, non_blocking=True))
+        yield random_flip(x, flip_generator)
+
+
+def steps_per_epoch(n: int, batch_size: int, max_steps: int | None) -> int:
+    steps = n // batch_size + (n % batch_size > 1)
+    return min(steps, max_steps) if max_steps is not None else steps
+
+
+def evaluation_batches(
+    images: np.ndarray, batch_size: int, device: torch.device, normalize: Normalizer
+) -> Iterator[Tensor]:
+    """Every image once, in order, no flip."""
+    for start in range(0, len(images), batch_size):
+        pixels = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+        yield normalize(pixels.to(device))

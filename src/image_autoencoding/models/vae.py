@@ -1,0 +1,160 @@
+"""The original project's VAE: a DCGAN-style convolutional encoder and decoder (Larsen et al. 2016,
+as in the VAE-GAN reference code the original built on), a diagonal Gaussian posterior, and the
+loss terms.
+
+Shapes for the defaults (image 64, latent 128):
+    encoder: 3x64x64 -> conv5/2 64 -> 128 -> 256 (8x8) -> FC 1024 -> mu, logvar (128 each)
+    decoder: z (128) -> FC 8x8x256 -> convT5/2 256 -> 128 -> 32 (64x64) -> conv5 3 -> tanh
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from image_autoencoding.config import ModelConfig
+
+
+class DiagonalGaussian:
+    """q(z|x) = N(mu, diag(exp(logvar))), the posterior as an object (as diffusers does)."""
+
+    def __init__(self, mean: Tensor, logvar: Tensor, logvar_min: float = -30.0, logvar_max: float = 20.0):
+        self.mean = mean
+        # Clamped so exp() stays finite in fp32 and bf16; gradients stop outside the range.
+        self.logvar = logvar.clamp(logvar_min, logvar_max)
+
+    @property
+    def std(self) -> Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        """The reparametrisation trick (Kingma & Welling 2014): z = mu + sigma * eps."""
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps
+
+    def mode(self) -> Tensor:
+        return self.mean
+
+    def kl_per_dim(self) -> Tensor:
+        """KL(q || N(0, I)) for each image and latent unit, shape (N, latent_dim)."""
+        return -0.5 * (1 + self.logvar - self.mean.pow(2) - self.logvar.exp())
+
+    def kl(self) -> Tensor:
+        """KL(q || N(0, I)) per image, shape (N,)."""
+        return self.kl_per_dim().sum(dim=1)
+
+
+def _conv_block(cfg: ModelConfig, c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, cfg.kernel_size, cfg.stride, cfg.padding, bias=False),
+        nn.BatchNorm2d(c_out, momentum=cfg.bn_momentum),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _deconv_block(cfg: ModelConfig, c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.ConvTranspose2d(
+            c_in, c_out, cfg.kernel_size, cfg.stride, cfg.padding, output_padding=cfg.output_padding, bias=False
+        ),
+        nn.BatchNorm2d(c_out, momentum=cfg.bn_momentum),
+        nn.ReLU(inplace=True),
+    )
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, image_size: int):
+        super().__init__()
+        self.cfg = cfg
+        widths = [3, *cfg.encoder_channels]
+        self.features = nn.Sequential(*(_conv_block(cfg, a, b) for a, b in zip(widths, widths[1:])))
+        side = image_size // cfg.downsampling
+        self.fc = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(cfg.encoder_channels[-1] * side * side, cfg.fc_dim, bias=False),
+            nn.BatchNorm1d(cfg.fc_dim, momentum=cfg.bn_momentum),
+            nn.ReLU(inplace=True),
+        )
+        self.to_mean = nn.Linear(cfg.fc_dim, cfg.latent_dim)
+        self.to_logvar = nn.Linear(cfg.fc_dim, cfg.latent_dim)
+
+    def forward(self, x: Tensor) -> DiagonalGaussian:
+        h = self.fc(self.features(x))
+        return DiagonalGaussian(self.to_mean(h), self.to_logvar(h), self.cfg.logvar_min, self.cfg.logvar_max)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, image_size: int):
+        super().__init__()
+        *widths, out_channels = cfg.decoder_channels
+        self.side = image_size // cfg.downsampling
+        self.first_channels = widths[0]
+        self.fc = nn.Sequential(
+            nn.Linear(cfg.latent_dim, widths[0] * self.side * self.side, bias=False),
+            nn.BatchNorm1d(widths[0] * self.side * self.side, momentum=cfg.bn_momentum),
+            nn.ReLU(inplace=True),
+        )
+        # The original's first transposed block keeps the FC's width (256 -> 256), then narrows.
+        ins = [widths[0], *widths[:-1]]
+        self.features = nn.Sequential(*(_deconv_block(cfg, a, b) for a, b in zip(ins, widths)))
+        self.to_image = nn.Sequential(
+            nn.Conv2d(widths[-1], out_channels, cfg.kernel_size, 1, (cfg.kernel_size - 1) // 2),
+            nn.Tanh(),
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.fc(z).view(-1, self.first_channels, self.side, self.side)
+        return self.to_image(self.features(h))
+
+
+class VAE(nn.Module):
+    def __init__(self, cfg: ModelConfig, image_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.image_size = image_size
+        self.encoder = Encoder(cfg, image_size)
+        self.decoder = Decoder(cfg, image_size)
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, DiagonalGaussian]:
+        posterior = self.encoder(x)
+        return self.decoder(posterior.sample(generator)), posterior
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Deterministic reconstruction through the posterior mean (for pictures and metrics)."""
+        return self.decoder(self.encoder(x).mode())
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
+    ) -> Tensor:
+        """Decode n latent vectors drawn from the prior N(0, temperature^2 I)."""
+        device = next(self.parameters()).device
+        z = torch.randn(n, self.cfg.latent_dim, generator=generator, device=device) * temperature
+        return self.decoder(z)
+
+
+def build_model(cfg: ModelConfig, image_size: int) -> VAE:
+    return VAE(cfg, image_size)
+
+
+def loss_terms(x: Tensor, x_hat: Tensor, posterior: DiagonalGaussian) -> tuple[Tensor, Tensor]:
+    """Per-image reconstruction 0.5 * sum((x - x_hat)^2) and KL, each of shape (N,), in fp32.
+
+    Summed (not averaged) over pixels as in the original, so alpha keeps its meaning.
+    """
+    recon = 0.5 * (x.float() - x_hat.float()).pow(2).flatten(1).sum(dim=1)
+    return recon, posterior.kl().float()
+
+
+def training_objective(recon: Tensor, kl: Tensor, alpha: float) -> Tensor:
+    """One scalar whose gradient is each network's own objective.
+
+    The original's encoder minimises sum(recon) + alpha * sum(kl) and its decoder sum(recon). The KL
+    term does not depend on the decoder, so the gradient of this sum with respect to the decoder is
+    exactly d sum(recon); with respect to the encoder it is the encoder objective. One backward pass
+    therefore replaces the original's two, which modern PyTorch rejects when a step() in between has
+    modified weights in place. (Giving the encoder only the KL term, as one reading of the original
+    text does, would leave it with no reconstruction signal at all: it would learn to output the
+    prior for every image.)
+    """
+    return recon.sum() + alpha * kl.sum()
