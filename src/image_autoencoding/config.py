@@ -37,6 +37,8 @@ class DataConfig(_Section):
     # Datasets without an official validation split (digits) are split with this fraction and seed.
     valid_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     split_seed: int = 0
+    # Worker processes that decode images into the cache (the original's `-nw`); 0 decodes in-process.
+    num_workers: int = Field(2, ge=0)
 
     @field_validator("std")
     @classmethod

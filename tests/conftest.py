@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+import pytest
+
+# A small network and few steps: every end-to-end test trains for real, in seconds.
+TINY = [
+    "data.image_size=16",
+    "model.encoder_channels=[8,16,16]",
+    "model.decoder_channels=[16,16,8,3]",
+    "model.fc_dim=32",
+    "model.latent_dim=8",
+    "train.batch_size=32",
+    "train.max_steps_per_epoch=3",
+    "train.grid_images=4",
+    "train.sample_images=9",
+    "train.progress=false",
+]
+
+
+@pytest.fixture
+def tiny(tmp_path) -> list[str]:
+    """Overrides for a tiny digits run writing under tmp_path."""
+    return ["data.dataset=digits", *TINY, f"train.output_dir={tmp_path}"]

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from image_autoencoding.config import load_config
+from image_autoencoding.models.vae import DiagonalGaussian, build_model
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_output_shapes_for_each_image_size(size):
+    cfg = load_config(None, [f"data.image_size={size}"])
+    model = build_model(cfg.model, size).eval()
+    x = torch.rand(2, 3, size, size) * 2 - 1
+    with torch.no_grad():
+        x_hat, posterior = model(x)
+        samples = model.sample(3)
+    assert x_hat.shape == x.shape and samples.shape == (3, 3, size, size)
+    assert posterior.mean.shape == posterior.logvar.shape == (2, 128)
+    assert x_hat.abs().max() <= 1.0  # tanh output, the same range as normalised inputs
+
+
+def test_architecture_is_the_originals():
+    cfg = load_config()
+    model = build_model(cfg.model, 64)
+    convs = [m for m in model.encoder.features.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (3, 64, (5, 5), (2, 2)), (64, 128, (5, 5), (2, 2)), (128, 256, (5, 5), (2, 2))
+    ]
+    assert model.encoder.fc[1].in_features == 8 * 8 * 256 and model.encoder.fc[1].out_features == 1024
+    assert model.decoder.fc[0].out_features == 8 * 8 * 256
+    deconvs = [m for m in model.decoder.features.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [(d.in_channels, d.out_channels) for d in deconvs] == [(256, 256), (256, 128), (128, 32)]
+    assert model.decoder.to_image[0].out_channels == 3 and model.decoder.to_image[0].kernel_size == (5, 5)
+
+
+def test_reparametrize_has_the_posterior_mean_and_variance():
+    mean = torch.tensor([[1.5, -2.0, 0.0]]).repeat(200_000, 1)
+    logvar = torch.log(torch.tensor([[0.25, 4.0, 1.0]])).repeat(200_000, 1)
+    z = DiagonalGaussian(mean, logvar).sample(torch.Generator().manual_seed(0))
+    assert torch.allclose(z.mean(0), torch.tensor([1.5, -2.0, 0.0]), atol=0.02)
+    assert torch.allclose(z.var(0), torch.tensor([0.25, 4.0, 1.0]), rtol=0.02)
+
+
+def test_prior_samples_are_standard_normal_scaled_by_temperature():
+    cfg = load_config(None, ["model.latent_dim=4", "data.image_size=32"])
+    model = build_model(cfg.model, 32)
+    seen = []
+    model.decoder.forward = lambda z: seen.append(z) or z  # capture the latent vectors
+    model.sample(50_000, torch.Generator().manual_seed(1), temperature=0.5)
+    assert seen[0].std().item() == pytest.approx(0.5, rel=0.02)
+
+
+def test_logvar_is_clamped_so_exp_stays_finite():
+    posterior = DiagonalGaussian(torch.zeros(1, 2), torch.tensor([[500.0, -500.0]]))
+    assert torch.isfinite(posterior.kl()).all() and torch.isfinite(posterior.sample()).all()

@@ -1,0 +1,123 @@
+"""End to end: `vae train` and `vae_train.py` on the bundled digits with a tiny network."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from image_autoencoding.cli import main
+from image_autoencoding.training.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run_dir(output: Path) -> Path:
+    (run,) = (output / "results" / "vae").iterdir()
+    return run
+
+
+def _metrics(run: Path) -> list[dict[str, str]]:
+    with (run / "metrics.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_vae_train_writes_every_file(tiny, tmp_path, capsys):
+    assert main(["train", "--config", str(REPO / "configs/demo.yaml"), *tiny, "train.epochs=2"]) == 0
+    run = _run_dir(tmp_path)
+    assert capsys.readouterr().out.strip().endswith(str(run))
+    assert run.name.startswith("vae_") and len(run.name) == len("vae_20261124-101500")
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["train"]["epochs"] == 2 and config["model"]["latent_dim"] == 8  # fully resolved
+    assert "epoch 2/2" in (run / "train.log").read_text()
+
+    rows = _metrics(run)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    for column in ("encoder_loss", "decoder_loss", "recon", "kl", "images_per_s"):
+        assert float(rows[-1][column]) >= 0
+    assert float(rows[0]["encoder_loss"]) == pytest.approx(float(rows[0]["recon"]) + float(rows[0]["kl"]), rel=1e-4)
+
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    for name in ("last.pt", "epoch_1.pt", "epoch_2.pt"):
+        state = load_checkpoint(run / "checkpoints" / name)
+        assert {"model", "encoder_optimizer", "decoder_optimizer", "encoder_scheduler", "decoder_scheduler"} <= set(state)
+        assert state["config"]["train"]["epochs"] == 2
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+
+    grid = Image.open(run / "images/train/reconstruction_epoch_002.png")
+    assert grid.format == "PNG" and grid.height > 0
+    for folder, name in (("valid", "reconstruction_epoch_001.png"), ("samples", "samples_epoch_002.png")):
+        assert (run / "images" / folder / name).is_file()
+
+
+def test_reconstruction_grid_has_inputs_above_outputs(tiny, tmp_path):
+    assert main(["train", *tiny, "train.epochs=1"]) == 0
+    grid = Image.open(_run_dir(tmp_path) / "images/valid/reconstruction_epoch_001.png")
+    # 4 images of 16 px, enlarged to 64 px: one row of inputs, one of outputs, 2 px padding.
+    assert grid.size == (4 * 66 + 2, 2 * 66 + 2)
+
+
+def test_same_seed_same_run(tiny, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert main(["train", *tiny, "train.epochs=1", f"train.output_dir={out}"]) == 0
+        runs.append(load_checkpoint(_run_dir(out) / "checkpoints/last.pt")["model"])
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]), key
+
+
+def test_resume_continues_without_duplicate_epochs(tiny, tmp_path):
+    assert main(["train", *tiny, "train.epochs=2", "train.checkpoint_every=1"]) == 0
+    run = _run_dir(tmp_path)
+    assert main(["train", "--resume", str(run), "--checkpoint", "epoch_1", "train.epochs=3"]) == 0
+    assert [r["epoch"] for r in _metrics(run)] == ["1", "2", "3"]
+    assert load_checkpoint(run / "checkpoints/last.pt")["epoch"] == 3
+
+
+def test_resume_refuses_a_changed_model(tiny, tmp_path, capsys):
+    assert main(["train", *tiny, "train.epochs=1"]) == 0
+    assert main(["train", "--resume", str(_run_dir(tmp_path)), "model.latent_dim=16"]) == 2
+    assert "model.latent_dim" in capsys.readouterr().err
+
+
+def test_original_vae_train_py_interface(tmp_path):
+    user, logs = tmp_path / "user", tmp_path / "logs"
+    args = ["-o", str(user), "-l", str(logs), "-b", "32", "-lr", "0.002", "-e", "1", "-im_size", "16",
+            "-im_crop", "300", "-d", "cpu", "-nw", "0", "--dataset", "digits", "-lat_dim", "8", "--wd", "0",
+            "--decay_lr", "0.9", "--mode", "beta-vae", "--beta", "1/batch_size",
+            "model.encoder_channels=[8,16,16]", "model.decoder_channels=[16,16,8,3]", "model.fc_dim=32",
+            "train.max_steps_per_epoch=2", "train.progress=false"]
+    done = subprocess.run([sys.executable, str(REPO / "vae_train.py"), *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    run = _run_dir(user)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["train"]["batch_size"] == 32 and config["train"]["lr"] == 0.002
+    assert config["train"]["alpha"] == "1/batch_size" and config["train"]["weight_decay"] == 0
+    assert config["data"]["image_crop"] == 300 and config["data"]["data_root"] == str(user / "datasets")
+    assert config["model"]["latent_dim"] == 8 and config["train"]["decay_lr"] == 0.9
+    assert (logs / f"{run.name}.log").read_text().count("epoch 1/1") == 1
+
+    # -pretrain NAME -load_epoch N continues that run in place.
+    again = subprocess.run(
+        [sys.executable, str(REPO / "vae_train.py"), "-o", str(user), "-l", str(logs), "-pretrain", run.name,
+         "-load_epoch", "1", "-e", "2"],
+        capture_output=True, text=True,
+    )
+    assert again.returncode == 0, again.stderr
+    assert [r["epoch"] for r in _metrics(run)] == ["1", "2"]
+
+
+def test_help_works(capsys):
+    for argv in (["--help"], ["train", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0
+    assert "section.key=value" in capsys.readouterr().out
