@@ -47,7 +47,8 @@ def test_vae_train_writes_every_file(tiny, tmp_path, capsys):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     for name in ("last.pt", "epoch_1.pt", "epoch_2.pt"):
         state = load_checkpoint(run / "checkpoints" / name)
-        assert {"model", "encoder_optimizer", "decoder_optimizer", "encoder_scheduler", "decoder_scheduler"} <= set(state)
+        parts = {"model", "encoder_optimizer", "decoder_optimizer", "encoder_scheduler", "decoder_scheduler"}
+        assert parts <= set(state)
         assert state["config"]["train"]["epochs"] == 2
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
 

@@ -67,7 +67,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         widths = [3, *cfg.encoder_channels]
-        self.features = nn.Sequential(*(_conv_block(cfg, a, b) for a, b in zip(widths, widths[1:])))
+        self.features = nn.Sequential(*(_conv_block(cfg, a, b) for a, b in zip(widths, widths[1:], strict=False)))
         side = image_size // cfg.downsampling
         self.fc = nn.Sequential(
             nn.Flatten(),
@@ -96,7 +96,7 @@ class Decoder(nn.Module):
         )
         # The original's first transposed block keeps the FC's width (256 -> 256), then narrows.
         ins = [widths[0], *widths[:-1]]
-        self.features = nn.Sequential(*(_deconv_block(cfg, a, b) for a, b in zip(ins, widths)))
+        self.features = nn.Sequential(*(_deconv_block(cfg, a, b) for a, b in zip(ins, widths, strict=True)))
         self.to_image = nn.Sequential(
             nn.Conv2d(widths[-1], out_channels, cfg.kernel_size, 1, (cfg.kernel_size - 1) // 2),
             nn.Tanh(),
