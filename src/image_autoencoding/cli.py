@@ -6,9 +6,7 @@ import argparse
 import sys
 
 from image_autoencoding.config import ConfigError, load_config
-from image_autoencoding.training.checkpoint import CheckpointError
-
-USER_ERRORS = (ConfigError, CheckpointError)
+from image_autoencoding.errors import UserError
 
 
 def _add_train(subparsers) -> None:
@@ -74,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         print(f"vae: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

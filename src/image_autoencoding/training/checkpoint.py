@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 
+from image_autoencoding.errors import UserError
+
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message names the file."""
 
 
