@@ -27,7 +27,7 @@ def _add_train(subparsers) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from image_autoencoding.data.sources import load_image_data
+    from image_autoencoding.data.image_data import load_image_data
     from image_autoencoding.training.resume import prepare_resume
     from image_autoencoding.training.run_dir import create_run_dir
     from image_autoencoding.training.run_log import run_logging
@@ -45,15 +45,47 @@ def _train(args: argparse.Namespace) -> int:
     if args.quiet:
         config.train.progress = False
 
-    data = load_image_data(config.data)  # fails on a missing dataset before any folder is made
+    # Fails on a missing dataset or too many bad images before any run folder is made.
+    data = load_image_data(config.data, progress=config.train.progress)
     run_dir = resume.run_dir if resume else create_run_dir(config.train.output_dir)
+    data.write_bad_files(run_dir / "bad_files.csv")
     with run_logging(run_dir, config.train.log_dir, console=not args.quiet) as logger:
+        if data.bad_files:
+            logger.warning("%d unreadable images skipped: %s", len(data.bad_files), run_dir / "bad_files.csv")
         if resume:
             logger.info("resuming %s at epoch %d", run_dir, state["epoch"])
             for key, (old, new) in resume.changed.items():
                 logger.info("resume changes %s: %r -> %r", key, old, new)
         Trainer(config, run_dir, data, resume=state).fit()
     print(run_dir)
+    return 0
+
+
+def _add_prepare(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "prepare",
+        help="decode a dataset once into the cache (vae train does this on first use)",
+        description="Decode every image of the configured dataset once (to RGB, centre crop, resize) into "
+        "a memory-mapped uint8 cache that training reads without decoding. Reuses a valid cache.",
+    )
+    parser.add_argument("--config", "-c", help="YAML file with data / model / train sections")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    parser.set_defaults(handler=_prepare)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from image_autoencoding.data.image_data import load_image_data
+
+    config = load_config(args.config, args.overrides)
+    data = load_image_data(config.data, progress=not args.quiet)
+    for name, split in (("train", data.train), ("valid", data.valid)):
+        where = split.cache_dir or "in memory (bundled dataset, not cached)"
+        print(f"{config.data.dataset} {name}: {len(split.labels)} images, {split.images.shape[1]} px -> {where}")
+    if data.bad_files:
+        print(f"{len(data.bad_files)} files skipped (listed in bad_files.csv in each cache folder); first:")
+        for item in data.bad_files[:5]:
+            print(f"  {item.path}: {item.reason}")
     return 0
 
 
@@ -64,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train(subparsers)
+    _add_prepare(subparsers)
     return parser
 
 

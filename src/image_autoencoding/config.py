@@ -26,7 +26,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-DatasetName = Literal["digits"]
+DatasetName = Literal["digits", "fashion-mnist", "coco", "food-101", "folder"]
 
 
 class DataConfig(_Section):
@@ -41,6 +41,19 @@ class DataConfig(_Section):
     split_seed: int = 0
     # Worker processes that decode images into the cache (the original's `-nw`); 0 decodes in-process.
     num_workers: int = Field(2, ge=0)
+    # Sub-paths under <data_root>/coco and <data_root>/food-101, as the original's data_config.py.
+    # COCO's train and test images both train (the VAE needs no labels); val2017 evaluates.
+    coco_train_data: str = "coco_train2017/train2017"
+    coco_test_data: str = "coco_test2017/test2017"
+    coco_valid_data: str = "coco_valid2017/val2017"
+    images_data: str = "images"
+    meta_data: str = "meta"
+    # Where the decoded uint8 cache lives; None: $XDG_CACHE_HOME/image-autoencoding (~/.cache/...).
+    cache_dir: str | None = None
+    # Stop when more than this fraction of a split's files cannot be read (they are listed either way).
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    # Larger pictures are refused as decompression bombs (Pillow's own default limit).
+    max_image_pixels: int = Field(89_478_485, ge=1)
 
     @field_validator("std")
     @classmethod

@@ -1,13 +1,35 @@
-"""The original's deterministic transform, applied once per image: to RGB, centre crop, resize.
+"""The original's deterministic transform, applied once per image: open, to RGB, centre crop, resize.
 
 Random horizontal flip and normalisation are not here: they happen per training batch on the
 device (see `batches.py`), so the cached uint8 pixels stay the same for every epoch.
+
+Decisions, each one a place where the original's torchvision pipeline did something a user would
+not want (or crashed):
+
+- EXIF orientation is applied. A phone photo stored sideways with an orientation tag is shown
+  upright by every viewer; torchvision's PIL loader ignores the tag, so the original trained on
+  sideways pictures.
+- Transparent images (RGBA, LA, palette with transparency) are composited on white, the background
+  every image viewer and browser shows them on; dropping alpha instead exposes whatever colour the
+  transparent pixels happen to store (often black).
+- 16-bit images are scaled to 8 bits (value / 257, so 65535 -> 255); Pillow's own conversion clips
+  everything above 255 to white.
+- An image smaller than the crop is cropped to its short side (see `crop_side`), never padded.
+- JPEGs much larger than needed are decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (Pillow's
+  `draft`), never below the resolution the final resize needs, which makes decoding several times
+  faster.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
+from pathlib import Path
+
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
+
+TRANSPARENT_BACKGROUND = (255, 255, 255)
 
 
 def crop_side(width: int, height: int, image_crop: int) -> int:
@@ -20,20 +42,85 @@ def crop_side(width: int, height: int, image_crop: int) -> int:
     return min(image_crop, width, height)
 
 
-def centre_crop_resize(image: Image.Image, image_crop: int, image_size: int) -> np.ndarray:
-    """RGB PIL image -> uint8 array (image_size, image_size, 3)."""
+def centre_crop_resize(image: Image.Image, image_crop: float, image_size: int) -> np.ndarray:
+    """RGB PIL image -> uint8 array (image_size, image_size, 3).
+
+    `image_crop` may be fractional: a JPEG decoded at reduced scale crops the same part of the
+    picture as a full decode would, so both give (nearly) the same pixels.
+    """
     if image.mode != "RGB":
         image = image.convert("RGB")
-    side = crop_side(image.width, image.height, image_crop)
-    left = (image.width - side) // 2
-    top = (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side))
-    if side != image_size:
+    side = min(float(image_crop), image.width, image.height)
+    left, top = (image.width - side) / 2, (image.height - side) / 2
+    # Crop to whole pixels first, so the resize filter never reads outside the crop (as the
+    # original's CenterCrop then Resize), then resize the exact, possibly fractional, square.
+    x0, y0 = math.floor(left), math.floor(top)
+    image = image.crop((x0, y0, math.ceil(left + side), math.ceil(top + side)))
+    box = (left - x0, top - y0, left - x0 + side, top - y0 + side)
+    if image.size != (image_size, image_size) or box != (0, 0, image_size, image_size):
         # Bilinear with antialiasing on downscale, as torchvision's Resize on PIL images.
-        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box)
     return np.asarray(image, dtype=np.uint8)
 
 
 def grey_array_to_rgb(grey: np.ndarray, image_crop: int, image_size: int) -> np.ndarray:
     """A (H, W) uint8 grey image -> (image_size, image_size, 3), grey replicated to RGB."""
     return centre_crop_resize(Image.fromarray(grey, mode="L"), image_crop, image_size)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB, following the rules in the module docstring."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit grey (PNG / TIFF). Scale, never clip.
+        grey = np.asarray(image).astype(np.float64)
+        grey = np.clip(np.rint(grey / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        # Float images are taken as [0, 1] when they fit, otherwise as 8-bit values.
+        scale = 255.0 if values.max(initial=0.0) <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("LA", "PA", "La"):
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "RGBa"):
+        background = Image.new("RGB", image.size, TRANSPARENT_BACKGROUND)
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    # L, 1, CMYK, YCbCr, LAB, HSV: Pillow's conversions (CMYK JPEGs from Adobe are inverted on decode).
+    return image.convert("RGB")
+
+
+def _request_draft(image: Image.Image, image_crop: int, image_size: int) -> None:
+    """Ask a JPEG to decode at the smallest DCT scale that still leaves >= image_size pixels in the crop."""
+    if image.format != "JPEG":
+        return
+    side = crop_side(image.width, image.height, image_crop)
+    shrink = side / image_size
+    if shrink < 2:
+        return
+    image.draft(image.mode, (math.ceil(image.width / shrink), math.ceil(image.height / shrink)))
+
+
+def load_image(path: str | Path, image_crop: int, image_size: int) -> np.ndarray:
+    """Decode one image file into uint8 (image_size, image_size, 3).
+
+    Raises OSError / ValueError / Image.DecompressionBombError for files that cannot be used; the
+    caller records the reason and skips the file.
+    """
+    with warnings.catch_warnings():
+        # A picture past Image.MAX_IMAGE_PIXELS is treated as a decompression bomb, not just warned about.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            full_width = image.width
+            crop: float = image_crop
+            _request_draft(image, image_crop, image_size)
+            image.load()
+            if image.width != full_width:
+                # Decoded at reduced scale: the crop shrinks by the same factor.
+                crop = image_crop * image.width / full_width
+            image = ImageOps.exif_transpose(image)
+            return centre_crop_resize(to_rgb(image), crop, image_size)

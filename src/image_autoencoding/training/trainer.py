@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from image_autoencoding.config import Config, TrainConfig, save_config
 from image_autoencoding.data.batches import Normalizer, evaluation_batches, steps_per_epoch, training_batches
-from image_autoencoding.data.sources import ImageData
+from image_autoencoding.data.image_data import ImageData
 from image_autoencoding.models.vae import VAE, build_model, loss_terms, training_objective
 from image_autoencoding.training.checkpoint import prune_epoch_checkpoints, publish_as, save_checkpoint
 from image_autoencoding.training.device import autocast_factory, resolve_device, resolve_precision

@@ -1,0 +1,58 @@
+"""The pixels a run trains and evaluates on: a dataset's source, decoded once through the cache
+(or in memory for the bundled digits), as uint8 arrays with labels and the list of skipped files."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from image_autoencoding.config import DataConfig
+from image_autoencoding.data.cache import BadFile, open_or_build, preprocess_in_memory, write_bad_files
+from image_autoencoding.data.sources import find_source
+
+logger = logging.getLogger("image_autoencoding")
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # (N, H, W, 3) uint8; memory-mapped for cached datasets
+    labels: np.ndarray  # (N,) int64, -1 where unlabelled
+    cache_dir: Path | None = None
+
+
+@dataclass
+class ImageData:
+    train: Split
+    valid: Split
+    class_names: list[str]
+    bad_files: list[BadFile] = field(default_factory=list)
+
+    def write_bad_files(self, path: Path) -> None:
+        """bad_files.csv (path, reason) in the run folder, when anything was skipped."""
+        if self.bad_files:
+            write_bad_files(self.bad_files, path)
+
+
+def load_image_data(cfg: DataConfig, progress: bool = True) -> ImageData:
+    """Checks the dataset layout first (one-line error, nothing built), then opens or builds each
+    split's cache."""
+    source = find_source(cfg)
+    if source.in_memory:
+        return ImageData(
+            train=Split(preprocess_in_memory(source.train, cfg), source.train.labels),
+            valid=Split(preprocess_in_memory(source.valid, cfg), source.valid.labels),
+            class_names=source.class_names,
+        )
+    splits, bad = {}, []
+    for name, split in (("train", source.train), ("valid", source.valid)):
+        cached = open_or_build(split, cfg, name, progress=progress)
+        if cached.reused:
+            logger.info("using cache %s (%d images)", cached.directory, len(cached.labels))
+        splits[name] = Split(cached.images, cached.labels, cached.directory)
+        bad += [BadFile(item.path, item.reason) for item in cached.bad_files]
+    if bad:
+        logger.warning("skipped %d unreadable files (listed in bad_files.csv)", len(bad))
+    return ImageData(splits["train"], splits["valid"], source.class_names, bad)
