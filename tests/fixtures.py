@@ -25,7 +25,7 @@ def _original(name: str) -> Image.Image:
 def photo(index: int, width: int = 160, height: int = 120) -> Image.Image:
     """A different real photograph crop for each index."""
     image = _original(PHOTOS[index % len(PHOTOS)])
-    shift = (index // len(PHOTOS)) * 17
+    shift = (index // len(PHOTOS)) * 17 % 120
     box = (shift, shift, shift + min(image.width - shift, 3 * width), shift + min(image.height - shift, 3 * height))
     return image.crop(box).resize((width, height), Image.Resampling.BILINEAR)
 

@@ -77,5 +77,6 @@ def evaluation_batches(
 ) -> Iterator[Tensor]:
     """Every image once, in order, no flip."""
     for start in range(0, len(images), batch_size):
-        pixels = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+        # np.array copies: slices of a read-only memory map cannot back a tensor.
+        pixels = torch.from_numpy(np.array(images[start : start + batch_size]))
         yield normalize(pixels.to(device))

@@ -98,8 +98,8 @@ class Trainer:
 
         # Fixed images and latent vectors, so pictures from different epochs compare.
         self.picture_generator_seed = self.cfg.seed + 7
-        self.fixed_train = data.train.images[: self.cfg.grid_images]
-        self.fixed_valid = data.valid.images[: self.cfg.grid_images]
+        self.fixed_train = np.array(data.train.images[: self.cfg.grid_images])
+        self.fixed_valid = np.array(data.valid.images[: self.cfg.grid_images])
         generator = torch.Generator().manual_seed(self.picture_generator_seed)
         self.fixed_latents = torch.randn(self.cfg.sample_images, config.model.latent_dim, generator=generator)
 
@@ -203,7 +203,7 @@ class Trainer:
         self.model.eval()
         images_dir = self.run_dir / "images"
         for split, pixels in (("train", self.fixed_train), ("valid", self.fixed_valid)):
-            x = self.normalize(torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device))
+            x = self.normalize(torch.from_numpy(pixels).to(self.device))
             with self.autocast():
                 x_hat = self.model.reconstruct(x)
             save_reconstruction_grid(

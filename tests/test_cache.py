@@ -1,0 +1,202 @@
+"""The decode-once cache: contents, reuse, invalidation, killed builds, and bad files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fixtures import broken_files, make_coco, make_fashion_mnist, make_food101, photo, save_jpeg
+from image_autoencoding.cli import main
+from image_autoencoding.config import load_config
+from image_autoencoding.data import cache as cache_module
+from image_autoencoding.data.cache import cache_directory
+from image_autoencoding.data.image_data import load_image_data
+from image_autoencoding.data.preprocess import load_image
+from image_autoencoding.data.sources import find_source
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(tmp_path, dataset="food-101", *overrides):
+    return load_config(None, [
+        f"data.dataset={dataset}", f"data.data_root={tmp_path / 'data'}", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.image_size=16", "data.num_workers=0", *overrides,
+    ]).data
+
+
+def _read_csv(path: Path) -> list[list[str]]:
+    with path.open(newline="") as handle:
+        return list(csv.reader(handle))
+
+
+def test_cache_holds_the_preprocessed_pixels_and_labels(tmp_path):
+    make_food101(tmp_path / "data", per_class=(2, 1))
+    cfg = _config(tmp_path)
+    data = load_image_data(cfg, progress=False)
+    assert isinstance(data.train.images, np.memmap) and data.train.images.shape == (6, 16, 16, 3)
+    first = tmp_path / "data/food-101/images/apple_pie/100.jpg"
+    assert np.array_equal(data.train.images[0], load_image(first, cfg.image_crop, cfg.image_size))
+    assert data.train.labels.tolist() == [0, 0, 1, 1, 2, 2] and data.valid.labels.tolist() == [0, 1, 2]
+    manifest = json.loads((data.train.cache_dir / "manifest.json").read_text())
+    assert manifest["format_version"] == cache_module.FORMAT_VERSION and manifest["count"] == 6
+    assert manifest["params"]["image_size"] == 16
+    path, size, mtime = manifest["sources"][0]
+    assert path == "apple_pie/100.jpg" and size == first.stat().st_size and mtime == first.stat().st_mtime_ns
+
+
+def test_cache_is_reused_without_decoding(tmp_path, monkeypatch):
+    make_food101(tmp_path / "data", per_class=(2, 1))
+    cfg = _config(tmp_path)
+    built = load_image_data(cfg, progress=False)
+
+    def no_decoding(*args):
+        raise AssertionError("a valid cache must not decode anything")
+
+    monkeypatch.setattr(cache_module, "_decode_file", no_decoding)
+    again = load_image_data(cfg, progress=False)
+    assert np.array_equal(again.train.images, built.train.images)
+
+
+@pytest.mark.parametrize("change", ["touch", "add", "remove", "parameters"])
+def test_cache_is_rebuilt_when_sources_or_parameters_change(tmp_path, change):
+    make_food101(tmp_path / "data", per_class=(2, 1))
+    cfg = _config(tmp_path)
+    before = load_image_data(cfg, progress=False).train
+    images = tmp_path / "data/food-101/images"
+    train_txt = tmp_path / "data/food-101/meta/train.txt"
+    if change == "touch":
+        save_jpeg(photo(40), images / "apple_pie/100.jpg")  # same name, new picture
+        os.utime(images / "apple_pie/100.jpg", ns=(1, 1))
+    elif change == "add":
+        save_jpeg(photo(41), images / "ramen/900.jpg")
+        train_txt.write_text(train_txt.read_text() + "ramen/900\n")
+        (tmp_path / "data/food-101/meta/classes.txt").write_text("apple_pie\nbaby_back_ribs\nbibimbap\nramen\n")
+    elif change == "remove":
+        train_txt.write_text("".join(train_txt.read_text().splitlines(keepends=True)[1:]))
+    else:
+        cfg = _config(tmp_path, "food-101", "data.image_crop=100")
+    after = load_image_data(cfg, progress=False).train
+    fresh = np.stack([load_image(path, cfg.image_crop, cfg.image_size) for path in find_source(cfg).train.paths])
+    assert len(after.images) == {"touch": 6, "add": 7, "remove": 5, "parameters": 6}[change]
+    assert np.array_equal(np.asarray(after.images), fresh)  # what the files hold now, not the stale cache
+    assert (after.cache_dir == before.cache_dir) == (change != "parameters")
+
+
+def test_interrupted_build_is_never_used(tmp_path, monkeypatch):
+    make_food101(tmp_path / "data", per_class=(2, 1))
+    cfg = _config(tmp_path)
+    real = cache_module._decode_file
+    calls = []
+
+    def dies_on_the_fourth_image(task):
+        calls.append(task)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(task)
+
+    monkeypatch.setattr(cache_module, "_decode_file", dies_on_the_fourth_image)
+    with pytest.raises(KeyboardInterrupt):
+        load_image_data(cfg, progress=False)
+    assert not cache_directory(cfg, "train").exists()
+    assert not list((tmp_path / "cache").glob("*.tmp-*"))
+    monkeypatch.setattr(cache_module, "_decode_file", real)
+    assert len(load_image_data(cfg, progress=False).train.images) == 6
+
+
+def test_build_killed_with_sigkill_is_never_taken_for_a_finished_cache(tmp_path):
+    make_food101(tmp_path / "data", classes=tuple(f"class_{i}" for i in range(10)), per_class=(30, 2))
+    cache = tmp_path / "cache"
+    argv = [sys.executable, "-m", "image_autoencoding", "prepare", "-q", "data.dataset=food-101",
+            f"data.data_root={tmp_path / 'data'}", f"data.cache_dir={cache}", "data.num_workers=0"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    process = subprocess.Popen(argv, env=env)
+    deadline = time.monotonic() + 60
+    while not list(cache.glob("*.tmp-*/images.u8")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert list(cache.glob("*.tmp-*")), "the build should have been killed mid-way"
+    assert not [p for p in cache.iterdir() if ".tmp-" not in p.name]  # no finished-looking folder
+    assert main(argv[3:]) == 0
+    assert not list(cache.glob("*.tmp-*"))  # the abandoned build was cleaned up
+    cfg = load_config(None, argv[5:]).data
+    assert len(load_image_data(cfg, progress=False).train.images) == 300
+
+
+def test_parallel_workers_give_the_same_cache(tmp_path):
+    make_food101(tmp_path / "data", classes=("a", "b"), per_class=(40, 2))
+    serial = load_image_data(_config(tmp_path), progress=False).train
+    parallel = load_image_data(_config(tmp_path, "food-101", "data.num_workers=2",
+                                       f"data.cache_dir={tmp_path / 'cache2'}"), progress=False).train
+    assert np.array_equal(np.asarray(serial.images), np.asarray(parallel.images))
+    assert np.array_equal(serial.labels, parallel.labels)
+
+
+# -- bad files ----------------------------------------------------------------------------------------
+
+
+def test_bad_files_are_skipped_counted_and_listed(tmp_path):
+    make_coco(tmp_path / "data", n_train=30, n_test=0, n_valid=3, broken=True)
+    cfg = _config(tmp_path, "coco", "data.max_image_pixels=1000000", "data.max_bad_fraction=0.5")
+    data = load_image_data(cfg, progress=False)
+    bad = {Path(item.path).name: item.reason for item in data.bad_files}
+    assert set(bad) == {"broken_truncated.jpg", "broken_zero_byte.jpg", "broken_html.jpg", "broken_bomb.png",
+                        "broken_unreadable.jpg"}
+    assert bad["broken_zero_byte.jpg"] == "empty file"
+    assert bad["broken_truncated.jpg"].startswith("truncated")
+    assert bad["broken_html.jpg"].startswith("not an image")
+    assert bad["broken_bomb.png"].startswith("decompression bomb")
+    assert "not found" in bad["broken_unreadable.jpg"]
+    # Every odd but valid file (grey, CMYK, RGBA, palette, 16-bit, EXIF, small, PNG named .jpg) is kept.
+    assert len(data.train.images) == 30 + 8
+    rows = _read_csv(data.train.cache_dir / "bad_files.csv")
+    assert rows[0] == ["path", "reason"] and len(rows) == 6
+    assert all(Path(path).is_absolute() for path, _ in rows[1:])
+
+
+def test_too_many_bad_files_stop_with_the_first_paths(tmp_path, capsys):
+    make_coco(tmp_path / "data", n_train=30, n_test=0, n_valid=3, broken=True)  # 5 of 43 bad: 12%
+    code = main(["prepare", "-q", "data.dataset=coco", f"data.data_root={tmp_path / 'data'}",
+                 f"data.cache_dir={tmp_path / 'cache'}", "data.max_image_pixels=1000000"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "5 of 43" in err and "max_bad_fraction=0.05" in err and "broken_" in err
+    listing = next((tmp_path / "cache").glob("*.bad_files.csv"))
+    assert len(_read_csv(listing)) == 6 and str(listing) in err
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]  # no cache folder left behind
+
+
+def test_nothing_left_stops_even_with_no_limit(tmp_path, capsys):
+    folder = tmp_path / "data"
+    broken_files(folder)
+    code = main(["prepare", "-q", "data.dataset=folder", f"data.data_root={folder}",
+                 f"data.cache_dir={tmp_path / 'cache'}", "data.max_bad_fraction=1.0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no usable image is left" in err
+
+
+def test_train_copies_bad_files_into_the_run_folder(tiny, tmp_path):
+    make_coco(tmp_path / "data", n_train=30, n_test=0, n_valid=3, broken=True)
+    assert main(["train", *tiny, "data.dataset=coco", f"data.data_root={tmp_path / 'data'}",
+                 f"data.cache_dir={tmp_path / 'cache'}", "data.max_image_pixels=1000000",
+                 "data.max_bad_fraction=0.5", "train.epochs=1"]) == 0
+    (run,) = (tmp_path / "results/vae").iterdir()
+    rows = _read_csv(run / "bad_files.csv")
+    assert rows[0] == ["path", "reason"] and len(rows) == 6
+    assert "5 unreadable images skipped" in (run / "train.log").read_text()
+
+
+def test_fashion_mnist_is_cached_like_the_others(tmp_path):
+    make_fashion_mnist(tmp_path / "data")
+    data = load_image_data(_config(tmp_path, "fashion-mnist"), progress=False)
+    assert data.train.images.shape == (40, 16, 16, 3) and data.valid.images.shape == (12, 16, 16, 3)
+    assert data.train.cache_dir is not None and data.class_names[0] == "T-shirt/top"
