@@ -36,7 +36,7 @@ class DataConfig(_Section):
     image_size: int = Field(64, ge=8)
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    # Datasets without an official validation split (digits) are split with this fraction and seed.
+    # Datasets without an official validation split (digits, a plain folder) are split with this fraction and seed.
     valid_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     split_seed: int = 0
     # Worker processes that decode images into the cache (the original's `-nw`); 0 decodes in-process.
