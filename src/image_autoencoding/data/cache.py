@@ -126,7 +126,8 @@ def _expected_manifest(split: FileSplit | ArraySplit, cfg: DataConfig) -> dict:
 def _decode_file(task: tuple[str, int, int, int]) -> tuple[bytes | None, str]:
     """Runs in a worker process: (pixels, "") or (None, reason)."""
     path, image_crop, image_size, max_pixels = task
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    # Pillow reads its limit from a module global; restore it, since in-process decoding shares it.
+    previous_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
     try:
         if os.path.getsize(path) == 0:
             return None, "empty file"
@@ -144,6 +145,8 @@ def _decode_file(task: tuple[str, int, int, int]) -> tuple[bytes | None, str]:
         return None, f"unreadable: {reason}" if "truncated" not in reason else f"truncated: {reason}"
     except (ValueError, SyntaxError, MemoryError) as exc:
         return None, f"cannot decode: {type(exc).__name__}: {exc}"
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous_limit
 
 
 def _decoded_files(split: FileSplit, cfg: DataConfig) -> Iterator[tuple[bytes | None, str]]:
