@@ -129,7 +129,13 @@ class TrainConfig(_Section):
     alpha: Alpha = 1.0
     seed: int = 12345
     device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    # auto: bf16 autocast where the device has native bf16 (measured 2x fp32 on this project's
+    # reference CPU, same quality: benchmarks/train_throughput.py), else fp32.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # NHWC weights and activations: oneDNN's and cuDNN's preferred layout for convolutions.
+    channels_last: bool = True
+    # torch.compile the model (needs a C++ compiler on CPU; the first steps take longer).
+    compile: bool = False
     output_dir: str = "."
     # Extra copy of the training log (the original's `-l LOGS`); None keeps only <run>/train.log.
     log_dir: str | None = None

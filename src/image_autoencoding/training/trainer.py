@@ -87,6 +87,11 @@ class Trainer:
 
         seed_everything(self.cfg.seed)
         self.model = build_model(config.model, config.data.image_size).to(self.device)
+        if self.cfg.channels_last:
+            # Batches from `Normalizer` are NHWC in memory already (a permuted uint8 NHWC array).
+            self.model = self.model.to(memory_format=torch.channels_last)
+        # The module that runs training steps; self.model stays the one whose weights are saved.
+        self.forward = torch.compile(self.model) if self.cfg.compile else self.model
         self.encoder_optimizer, self.decoder_optimizer = build_optimizers(self.model, self.cfg)
         self.encoder_scheduler = ExponentialLR(self.encoder_optimizer, gamma=self.cfg.decay_lr)
         self.decoder_scheduler = ExponentialLR(self.decoder_optimizer, gamma=self.cfg.decay_lr)
@@ -136,7 +141,7 @@ class Trainer:
     def train_step(self, x: Tensor) -> Tensor:
         """One optimisation step; returns detached per-batch sums (recon, kl) without syncing."""
         with self.autocast():
-            x_hat, posterior = self.model(x)
+            x_hat, posterior = self.forward(x)
         recon, kl = loss_terms(x, x_hat, posterior)
         loss = training_objective(recon, kl, self.alpha)
         self.encoder_optimizer.zero_grad(set_to_none=True)
