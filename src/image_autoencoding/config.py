@@ -144,6 +144,8 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(3, ge=0)
     # Stop each epoch after this many steps (quick trials and tests); None runs the whole split.
     max_steps_per_epoch: int | None = Field(None, ge=1)
+    # Validation images scored (SSIM, PCC, MSE, PSNR) after every epoch; None scores the whole split.
+    eval_images: int | None = Field(None, ge=1)
     grid_images: int = Field(8, ge=1)
     sample_images: int = Field(64, ge=1)
     progress: bool = True

@@ -17,8 +17,9 @@ from torch.optim.lr_scheduler import ExponentialLR
 from tqdm import tqdm
 
 from image_autoencoding.config import Config, TrainConfig, save_config
-from image_autoencoding.data.batches import Normalizer, evaluation_batches, steps_per_epoch, training_batches
+from image_autoencoding.data.batches import Normalizer, steps_per_epoch, training_batches
 from image_autoencoding.data.image_data import ImageData
+from image_autoencoding.evaluation.evaluate import evaluate_split
 from image_autoencoding.models.vae import VAE, build_model, loss_terms, training_objective
 from image_autoencoding.training.checkpoint import prune_epoch_checkpoints, publish_as, save_checkpoint
 from image_autoencoding.training.device import autocast_factory, resolve_device, resolve_precision
@@ -98,6 +99,7 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps completed
         self.metrics = MetricsLog(run_dir / "metrics.csv")
+        self.best_ssim = float("-inf")
         if resume is not None:
             self._restore(resume)
 
@@ -120,6 +122,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "rng": rng_state(),
+            "best_ssim": self.best_ssim,
             "config": self.config.to_dict(),
         }
 
@@ -133,6 +136,7 @@ class Trainer:
         self.encoder_scheduler.gamma = self.decoder_scheduler.gamma = self.cfg.decay_lr
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
+        self.best_ssim = float(state.get("best_ssim", float("-inf")))
         set_rng_state(state["rng"])
         self.metrics.keep_epochs_up_to(self.epoch)
 
@@ -189,19 +193,13 @@ class Trainer:
             "lr": self.encoder_optimizer.param_groups[0]["lr"],
         }
 
-    @torch.no_grad()
-    def validation_losses(self) -> dict[str, float]:
-        """Reconstruction (through the posterior mean) and KL per image on the validation split."""
-        self.model.eval()
-        sums = torch.zeros(2, device=self.device)
-        for x in evaluation_batches(self.data.valid.images, self.cfg.batch_size, self.device, self.normalize):
-            with self.autocast():
-                posterior = self.model.encoder(x)
-                x_hat = self.model.decoder(posterior.mode())
-            recon, kl = loss_terms(x, x_hat, posterior)
-            sums += torch.stack([recon.sum(), kl.sum()])
-        recon, kl = (sums / len(self.data.valid.images)).tolist()
-        return {"valid_recon": recon, "valid_kl": kl}
+    def validate(self) -> dict[str, float]:
+        """Losses and per-image metrics on the validation split (the first train.eval_images)."""
+        evaluation = evaluate_split(
+            self.model, self.data.valid.images, self.normalize, self.device, self.cfg.batch_size, self.autocast,
+            self.cfg.eval_images,
+        )
+        return evaluation.means(prefix="valid_")
 
     @torch.no_grad()
     def save_pictures(self, epoch: int) -> None:
@@ -247,7 +245,7 @@ class Trainer:
                 values = self.train_epoch(epoch, writer)
                 self.encoder_scheduler.step()
                 self.decoder_scheduler.step()
-                values.update(self.validation_losses())
+                values.update(self.validate())
                 self.epoch = epoch
                 self.metrics.append({"epoch": epoch, "step": self.step, **values})
                 for key, value in values.items():
@@ -259,8 +257,32 @@ class Trainer:
                     epoch, self.cfg.epochs, values["encoder_loss"], values["recon"], values["kl"],
                     values["valid_recon"], values["images_per_s"],
                 )
+                saved = None
                 if epoch % self.cfg.checkpoint_every == 0 or epoch == self.cfg.epochs:
-                    self.save_epoch_checkpoint()
+                    saved = self.save_epoch_checkpoint()
+                self.keep_if_best(values["valid_ssim"], saved)
         finally:
             writer.close()
+        if self.epoch >= self.cfg.epochs:
+            self.final_report()
         return self.run_dir
+
+    def keep_if_best(self, valid_ssim: float, saved: Path | None) -> None:
+        """checkpoints/best.pt: the epoch with the highest validation SSIM so far."""
+        if valid_ssim <= self.best_ssim:
+            return
+        self.best_ssim = valid_ssim
+        best = self.run_dir / "checkpoints" / "best.pt"
+        if saved is not None:
+            publish_as(saved, best)  # the same bytes under a second name; pruning epoch_N.pt keeps them
+        else:
+            save_checkpoint(self.state(), best)
+
+    def final_report(self) -> None:
+        from image_autoencoding.evaluation.run_report import evaluate_run, metrics_table
+
+        document = evaluate_run(self.run_dir, "best", data=self.data, device=str(self.device))
+        logger.info(
+            "validation metrics of %s (epoch %d, %d images), written to metrics.json and report.md:\n%s",
+            Path(document["checkpoint"]).name, document["epoch"], document["images"], metrics_table(document),
+        )

@@ -1,0 +1,221 @@
+"""`vae evaluate` and the end of training: load a run's model, score a whole split, draw the
+pictures and write metrics.json and report.md into the run folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from image_autoencoding.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, build_config
+from image_autoencoding.data.batches import Normalizer
+from image_autoencoding.data.image_data import ImageData
+from image_autoencoding.evaluation.evaluate import SplitEvaluation, evaluate_split
+from image_autoencoding.models.vae import VAE, build_model
+from image_autoencoding.training.checkpoint import CheckpointError, load_checkpoint
+from image_autoencoding.training.device import autocast_factory, resolve_device, resolve_precision
+from image_autoencoding.visualization import plots
+
+logger = logging.getLogger("image_autoencoding")
+
+INTERPOLATION_PAIRS, INTERPOLATION_STEPS = 6, 10
+METRIC_LABELS = {"ssim": "SSIM", "pcc": "PCC", "mse": "MSE", "psnr": "PSNR (dB)", "recon": "reconstruction loss",
+                 "kl": "KL (nats)"}
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """The run's config.yaml. Keys this version no longer knows are dropped (with a log line), so
+    runs written by earlier versions of the same format still evaluate."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"'{run_dir}' is not a run folder: {path.name} not found")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    sections = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+    for name, section in sections.items():
+        values = raw.get(name) or {}
+        unknown = set(values) - set(section.model_fields)
+        for key in sorted(unknown):
+            logger.info("%s: ignoring %s.%s (not used by this version)", path, name, key)
+        raw[name] = {k: v for k, v in values.items() if k not in unknown}
+    return build_config({k: raw[k] for k in sections}, str(path))
+
+
+def resolve_checkpoint(run_dir: Path, name: str) -> Path:
+    """best | last | epoch_N | a path. `best` falls back to `last` for runs without validation metrics."""
+    folder = run_dir / "checkpoints"
+    if name == "best" and not (folder / "best.pt").is_file():
+        name = "last"
+    candidate = folder / (name if name.endswith(".pt") else f"{name}.pt")
+    if candidate.is_file():
+        return candidate
+    path = Path(name)
+    if path.is_file():
+        return path
+    raise CheckpointError(f"checkpoint '{candidate}' not found (expected best, last, epoch_N or a .pt path)")
+
+
+def load_run_model(run_dir: Path, checkpoint: str = "best") -> tuple[Config, VAE, Path, dict[str, Any]]:
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder '{run_dir}' not found")
+    config = load_run_config(run_dir)
+    path = resolve_checkpoint(run_dir, checkpoint)
+    state = load_checkpoint(path)
+    model = build_model(config.model, config.data.image_size)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError:
+        raise CheckpointError(f"checkpoint '{path}' does not fit the model in {run_dir / 'config.yaml'}") from None
+    return config, model, path, state
+
+
+# -- pictures -----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _interpolation_rows(model: VAE, images: np.ndarray, normalize: Normalizer, device: torch.device) -> torch.Tensor:
+    count = min(2 * INTERPOLATION_PAIRS, len(images)) // 2 * 2
+    x = normalize(torch.from_numpy(np.array(images[:count])).to(device))
+    mu = model.encoder(x).mode()
+    path = plots.interpolate_latents(mu[0::2], mu[1::2], INTERPOLATION_STEPS)
+    decoded = model.decoder(path.flatten(0, 1))
+    return normalize.to_unit(decoded).view(count // 2, INTERPOLATION_STEPS, *decoded.shape[1:]).cpu()
+
+
+def write_pictures(
+    run_dir: Path, model: VAE, images: np.ndarray, labels: np.ndarray, class_names: list[str],
+    evaluation: SplitEvaluation, normalize: Normalizer, device: torch.device, suffix: str = "",
+) -> dict[str, Path]:
+    latent = run_dir / "images" / "latent"
+    model.eval()
+    labels = np.asarray(labels[: evaluation.n])
+    mu = evaluation.mu
+    pictures = {
+        "latent_dims": plots.save_latent_dims(mu, labels, class_names, latent / f"latent_mu_dims_0_1{suffix}.png"),
+        "latent_pca": plots.save_latent_projection(mu, labels, class_names, latent / f"latent_pca{suffix}.png"),
+        "kl_per_dimension": plots.save_kl_per_dimension(
+            evaluation.kl_per_dim, latent / f"kl_per_dimension{suffix}.png"
+        ),
+    }
+    if evaluation.n >= 10:
+        pictures["latent_tsne"] = plots.save_latent_projection(
+            mu, labels, class_names, latent / f"latent_tsne{suffix}.png", method="tsne", n=1000
+        )
+    if len(images) >= 2:
+        rows = _interpolation_rows(model, images, normalize, device)
+        pictures["interpolation"] = plots.save_interpolation(rows, latent / f"interpolation{suffix}.png")
+    metrics_csv = run_dir / "metrics.csv"
+    if metrics_csv.is_file():
+        from image_autoencoding.training.metrics_log import MetricsLog
+
+        rows_csv = MetricsLog(metrics_csv).rows()
+        if rows_csv:
+            curves = run_dir / "images" / "training_curves.png"
+            pictures["training_curves"] = plots.save_training_curves(rows_csv, curves)
+    return pictures
+
+
+# -- metrics.json and report.md -----------------------------------------------------------------------
+
+
+def metrics_document(evaluation: SplitEvaluation, split: str, checkpoint: Path, epoch: int) -> dict[str, Any]:
+    return {
+        "split": split,
+        "checkpoint": str(checkpoint),
+        "epoch": epoch,
+        "images": evaluation.n,
+        "metrics": {name: summary.as_dict() for name, summary in evaluation.summaries().items()},
+        "original_first_batch_pcc": evaluation.original_batch_pcc,
+        "active_latent_units": int((evaluation.kl_per_dim > plots.ACTIVE_UNIT_KL).sum()),
+    }
+
+
+def metrics_table(document: dict[str, Any]) -> str:
+    lines = ["| metric | mean | std | 95% CI of the mean |", "|---|---|---|---|"]
+    for name, s in document["metrics"].items():
+        lines.append(f"| {METRIC_LABELS.get(name, name)} | {s['mean']:.4f} | {s['std']:.4f} | "
+                     f"{s['ci95_low']:.4f} to {s['ci95_high']:.4f} |")
+    return "\n".join(lines)
+
+
+def _latest(folder: Path, pattern: str) -> Path | None:
+    found = sorted(folder.glob(pattern))
+    return found[-1] if found else None
+
+
+def write_report(run_dir: Path, config: Config, document: dict[str, Any], pictures: dict[str, Path]) -> Path:
+    data, model, train = config.data, config.model, config.train
+    rel = lambda p: p.relative_to(run_dir).as_posix()  # noqa: E731
+    lines = [
+        f"# Run {run_dir.name}",
+        "",
+        "## Configuration",
+        "",
+        f"- data: `{data.dataset}` at {data.image_size} px (centre crop {data.image_crop}), root `{data.data_root}`",
+        f"- model: latent {model.latent_dim}, encoder {model.encoder_channels}, decoder {model.decoder_channels}, "
+        f"FC {model.fc_dim}",
+        f"- training: {train.epochs} epochs, batch {train.batch_size}, {train.optimizer} lr {train.lr:g} "
+        f"(x{train.decay_lr:g} per epoch), alpha {train.alpha}, precision {train.precision}, seed {train.seed}",
+        "",
+        f"## Metrics: {document['split']} split, {document['images']} images, checkpoint "
+        f"`{Path(document['checkpoint']).name}` (epoch {document['epoch']})",
+        "",
+        "Per image, then averaged (SSIM: 11x11 Gaussian window, sigma 1.5, images in [0, 1]).",
+        "",
+        metrics_table(document),
+        "",
+        f"The original project's figure, one PCC over its first batch flattened together: "
+        f"{document['original_first_batch_pcc']:.4f} (not comparable with the per-image PCC above).",
+        f"Active latent units (mean KL > {plots.ACTIVE_UNIT_KL} nats): {document['active_latent_units']} of "
+        f"{model.latent_dim}.",
+        "",
+        "## Pictures",
+        "",
+    ]
+    images = run_dir / "images"
+    figures = [
+        ("Validation reconstructions (inputs above outputs), last epoch", _latest(images / "valid", "*.png")),
+        ("Training reconstructions, last epoch", _latest(images / "train", "*.png")),
+        ("Samples from random latent vectors, last epoch", _latest(images / "samples", "*.png")),
+        ("Training curves", pictures.get("training_curves")),
+        ("Latent means, first two dimensions", pictures.get("latent_dims")),
+        ("Latent means, PCA", pictures.get("latent_pca")),
+        ("Latent means, t-SNE", pictures.get("latent_tsne")),
+        ("Interpolations between validation images", pictures.get("interpolation")),
+        ("KL per latent unit", pictures.get("kl_per_dimension")),
+    ]
+    for title, path in figures:
+        if path is not None and path.is_file():
+            lines += [f"### {title}", "", f"![{title}]({rel(path)})", ""]
+    report = run_dir / "report.md"
+    report.write_text("\n".join(lines), encoding="utf-8")
+    return report
+
+
+def evaluate_run(
+    run_dir: Path, checkpoint: str = "best", split: str = "valid", limit: int | None = None,
+    data: ImageData | None = None, device: str | None = None,
+) -> dict[str, Any]:
+    """Score a run's checkpoint on a whole split; write metrics(.json), pictures and report.md."""
+    from image_autoencoding.data.image_data import load_image_data
+
+    config, model, path, state = load_run_model(run_dir, checkpoint)
+    data = data if data is not None else load_image_data(config.data, progress=False)
+    chosen = data.valid if split == "valid" else data.train
+    torch_device = resolve_device(device or config.train.device)
+    model = model.to(torch_device)
+    normalize = Normalizer(config.data, torch_device)
+    autocast = autocast_factory(torch_device, resolve_precision(config.train.precision, torch_device))
+    evaluation = evaluate_split(model, chosen.images, normalize, torch_device, config.train.batch_size, autocast, limit)
+    suffix = "" if split == "valid" else f"_{split}"
+    document = metrics_document(evaluation, split, path, int(state.get("epoch", 0)))
+    (run_dir / f"metrics{suffix}.json").write_text(json.dumps(document, indent=2), encoding="utf-8")
+    pictures = write_pictures(run_dir, model, chosen.images, chosen.labels, data.class_names, evaluation, normalize,
+                              torch_device, suffix)
+    if split == "valid":
+        write_report(run_dir, config, document, pictures)
+    return document
