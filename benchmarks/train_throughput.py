@@ -89,9 +89,12 @@ def original_recipe(paths: list[Path], workers: int, max_steps: int | None) -> f
 # -- 2. our model step alone --------------------------------------------------------------------------
 
 
-def model_step_alone(work: Path, data, precision: str, steps: int) -> float:
-    config = build_config(work, f"train.precision={precision}")
-    trainer = make_trainer(config, data, work / "runs" / f"step-{precision}")
+def model_step_alone(work: Path, data, variant: str, steps: int) -> float:
+    """`variant`: a precision, optionally with '+compile' or '+nchw' (channels_last off)."""
+    precision, *flags = variant.split("+")
+    config = build_config(work, f"train.precision={precision}", f"train.compile={'compile' in flags}",
+                          f"train.channels_last={'nchw' not in flags}")
+    trainer = make_trainer(config, data, work / "runs" / f"step-{variant}")
     from image_autoencoding.data.batches import training_batches
 
     batches = list(training_batches(data.train.images, BATCH_SIZE, 0, 1, trainer.device, trainer.normalize, 4))
@@ -167,9 +170,8 @@ def peak_memory(work: Path, images: int, steps: int) -> dict:
 
 
 def quality(work: Path, data, steps: int) -> dict:
-    from image_autoencoding.evaluation.metrics import ssim
-
     from image_autoencoding.data.batches import evaluation_batches, training_batches
+    from image_autoencoding.evaluation.metrics import ssim
 
     def run(precision: str, seed: int) -> tuple[list[float], float]:
         config = build_config(work, f"train.precision={precision}", f"train.seed={seed}")
@@ -218,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the original recipe")
     parser.add_argument("--steps", type=int, default=30, help="timed steps of the model step alone")
     parser.add_argument("--original-steps", type=int, help="stop the original recipe's epoch after this many steps")
+    parser.add_argument("--compile", action="store_true", help="also time the model step under torch.compile")
     parser.add_argument("--quality-steps", type=int, default=200, help="steps per run of the quality check; 0 skips")
     parser.add_argument("--memory-images", type=int, default=100_000, help="cache size for the memory check; 0 skips")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "vae-train-throughput")
@@ -235,8 +238,12 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
     results["original_img_s"] = original_recipe(paths, args.workers, args.original_steps)
-    precisions = ["fp32"] + (["bf16"] if bf16_supported(torch.device("cpu")) else [])
-    results["model_step_img_s"] = {p: model_step_alone(work, data, p, args.steps) for p in precisions}
+    variants = ["fp32+nchw", "fp32"]
+    if bf16_supported(torch.device("cpu")):
+        variants += ["bf16+nchw", "bf16"]
+    if args.compile:
+        variants.append(variants[-1] + "+compile")
+    results["model_step_img_s"] = {v: model_step_alone(work, data, v, args.steps) for v in variants}
     results["end_to_end_img_s"], results["default_precision"], results["warm_up_s"] = end_to_end_epoch(work, data)
     best_step = max(results["model_step_img_s"].values())
     results["ratio_vs_original"] = results["end_to_end_img_s"] / results["original_img_s"]
@@ -253,8 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|")
     original = results["original_img_s"]
     print(f"| original recipe (JPEG DataLoader, fp32, 2 backward passes) | {original:.1f} | 1.0x |")
-    for precision, rate in results["model_step_img_s"].items():
-        print(f"| our model step alone, {precision} | {rate:.1f} | {rate / original:.1f}x |")
+    for variant, rate in results["model_step_img_s"].items():
+        name = variant.replace("+nchw", ", NCHW").replace("+compile", ", torch.compile")
+        name += "" if "nchw" in variant else ", channels_last"
+        print(f"| our model step alone, {name} | {rate:.1f} | {rate / original:.1f}x |")
     e2e = results["end_to_end_img_s"]
     print(f"| our end-to-end epoch (cache, {results['default_precision']}) | {e2e:.1f} | {e2e / original:.1f}x |")
     print(f"end-to-end / best model step: {results['ratio_to_model_step']:.0%}; warm-up {results['warm_up_s']:.0f} s")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from image_autoencoding.config import ConfigError, load_config
 from image_autoencoding.errors import UserError
@@ -89,6 +90,117 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="PCC, SSIM, MSE, PSNR of a run on a whole split; pictures and report.md",
+        description="Score a run's checkpoint on every image of a split (mean, std, 95%% CI), write "
+        "metrics.json, the latent-space pictures and report.md into the run folder, print a table.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR")
+    parser.add_argument("--checkpoint", default="best", help="best (default), last, epoch_N or a .pt path")
+    parser.add_argument("--split", choices=["valid", "train"], default="valid")
+    parser.add_argument("--limit", type=int, metavar="N", help="score only the first N images")
+    parser.add_argument("--device", help="auto, cpu, cuda[:N] (default: the run's)")
+    parser.set_defaults(handler=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from image_autoencoding.evaluation.run_report import evaluate_run, metrics_table
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit: expected a number of images >= 1 (got {args.limit})")
+    document = evaluate_run(Path(args.run_dir), args.checkpoint, args.split, args.limit, device=args.device)
+    print(f"{document['split']} split, {document['images']} images, {Path(document['checkpoint']).name} "
+          f"(epoch {document['epoch']})")
+    print(metrics_table(document))
+    print(f"original first-batch PCC: {document['original_first_batch_pcc']:.4f}")
+    return 0
+
+
+def _add_sample(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sample",
+        help="decode random latent vectors into images",
+        description="Decode n latent vectors drawn from N(0, T^2 I) with a run's decoder; writes a grid "
+        "and each image as PNG.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR")
+    parser.add_argument("-n", type=int, default=64, help="number of images (default 64)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=1.0, help="scale of the prior's std (default 1)")
+    parser.add_argument("--checkpoint", default="best", help="best (default), last, epoch_N or a .pt path")
+    parser.add_argument("--out", help="output folder (default RUN_DIR/samples/seed_S_tT)")
+    parser.set_defaults(handler=_sample)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from image_autoencoding.evaluation.run_report import load_run_model
+    from image_autoencoding.visualization.grids import save_sample_grid
+    from image_autoencoding.visualization.images import save_images
+
+    if args.n < 1 or args.temperature <= 0:
+        raise ConfigError(f"expected -n >= 1 and --temperature > 0 (got -n {args.n}, --temperature {args.temperature})")
+    run_dir = Path(args.run_dir)
+    config, model, _, _ = load_run_model(run_dir, args.checkpoint)
+    out = Path(args.out) if args.out else run_dir / "samples" / f"seed_{args.seed}_t{args.temperature:g}"
+    model.eval()
+    samples = model.sample(args.n, torch.Generator().manual_seed(args.seed), args.temperature)
+    images = (samples.float() * torch.tensor(config.data.std).view(1, 3, 1, 1)
+              + torch.tensor(config.data.mean).view(1, 3, 1, 1)).clamp(0, 1)
+    save_sample_grid(images, out / "samples_grid.png")
+    save_images(images, [out / f"sample_{i:04d}.png" for i in range(args.n)])
+    print(out)
+    return 0
+
+
+def _add_reconstruct(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "reconstruct",
+        help="encode and decode your own image files",
+        description="Preprocess each image as the run's data (crop, resize), encode it, decode the "
+        "posterior mean, and save the input beside its reconstruction.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR")
+    parser.add_argument("images", nargs="+", metavar="IMAGE")
+    parser.add_argument("--checkpoint", default="best", help="best (default), last, epoch_N or a .pt path")
+    parser.add_argument("--out", help="output folder (default RUN_DIR/reconstructions)")
+    parser.set_defaults(handler=_reconstruct)
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from image_autoencoding.data.batches import Normalizer
+    from image_autoencoding.data.preprocess import load_image
+    from image_autoencoding.evaluation.run_report import load_run_model
+    from image_autoencoding.visualization.grids import save_reconstruction_grid
+
+    run_dir = Path(args.run_dir)
+    config, model, _, _ = load_run_model(run_dir, args.checkpoint)
+    pixels = []
+    for name in args.images:
+        try:
+            pixels.append(load_image(name, config.data.image_crop, config.data.image_size))
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as exc:
+            raise UserError(f"image '{name}' cannot be read: {exc}") from None
+    out = Path(args.out) if args.out else run_dir / "reconstructions"
+    normalize = Normalizer(config.data, torch.device("cpu"))
+    model.eval()
+    with torch.no_grad():
+        x = normalize(torch.from_numpy(np.stack(pixels)))
+        x_hat = model.reconstruct(x)
+    for i, name in enumerate(args.images):
+        path = out / f"{Path(name).stem}_reconstruction.png"
+        save_reconstruction_grid(normalize.to_unit(x[i : i + 1]), normalize.to_unit(x_hat[i : i + 1]), path, per_row=1)
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vae",
@@ -97,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train(subparsers)
     _add_prepare(subparsers)
+    _add_evaluate(subparsers)
+    _add_sample(subparsers)
+    _add_reconstruct(subparsers)
     return parser
 
 
