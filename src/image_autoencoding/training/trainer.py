@@ -257,21 +257,21 @@ class Trainer:
                     epoch, self.cfg.epochs, values["encoder_loss"], values["recon"], values["kl"],
                     values["valid_recon"], values["images_per_s"],
                 )
+                improved = values["valid_ssim"] > self.best_ssim
+                self.best_ssim = max(self.best_ssim, values["valid_ssim"])
                 saved = None
                 if epoch % self.cfg.checkpoint_every == 0 or epoch == self.cfg.epochs:
                     saved = self.save_epoch_checkpoint()
-                self.keep_if_best(values["valid_ssim"], saved)
+                if improved:
+                    self.save_best(saved)
         finally:
             writer.close()
         if self.epoch >= self.cfg.epochs:
             self.final_report()
         return self.run_dir
 
-    def keep_if_best(self, valid_ssim: float, saved: Path | None) -> None:
+    def save_best(self, saved: Path | None) -> None:
         """checkpoints/best.pt: the epoch with the highest validation SSIM so far."""
-        if valid_ssim <= self.best_ssim:
-            return
-        self.best_ssim = valid_ssim
         best = self.run_dir / "checkpoints" / "best.pt"
         if saved is not None:
             publish_as(saved, best)  # the same bytes under a second name; pruning epoch_N.pt keeps them
