@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 from image_autoencoding.config import ConfigError, load_config
@@ -33,7 +32,6 @@ def _train(args: argparse.Namespace) -> int:
     from image_autoencoding.training.resume import prepare_resume
     from image_autoencoding.training.run_dir import create_run_dir
     from image_autoencoding.training.run_log import run_logging
-    from image_autoencoding.training.signals import StopRequested
     from image_autoencoding.training.trainer import Trainer
 
     if args.resume:
@@ -48,8 +46,6 @@ def _train(args: argparse.Namespace) -> int:
     if args.quiet:
         config.train.progress = False
 
-    if not resume:
-        ensure_writable(Path(config.train.output_dir))
     # Fails on a missing dataset or too many bad images before any run folder is made.
     data = load_image_data(config.data, progress=config.train.progress)
     run_dir = resume.run_dir if resume else create_run_dir(config.train.output_dir)
@@ -58,29 +54,12 @@ def _train(args: argparse.Namespace) -> int:
         if data.bad_files:
             logger.warning("%d unreadable images skipped: %s", len(data.bad_files), run_dir / "bad_files.csv")
         if resume:
-            if resume.note:
-                logger.warning(resume.note)
-            logger.info("resuming %s after epoch %d, batch %d", run_dir, state["epoch"], state.get("step_in_epoch", 0))
+            logger.info("resuming %s at epoch %d", run_dir, state["epoch"])
             for key, (old, new) in resume.changed.items():
                 logger.info("resume changes %s: %r -> %r", key, old, new)
-        try:
-            Trainer(config, run_dir, data, resume=state).fit()
-        except StopRequested as stop:
-            print(f"vae: {stop}", file=sys.stderr)
-            return stop.exit_code
+        Trainer(config, run_dir, data, resume=state).fit()
     print(run_dir)
     return 0
-
-
-def ensure_writable(folder: Path) -> None:
-    """Checked before any data is prepared, so a read-only or missing output disk fails at once."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".vae-write-test-"):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or exc
-        raise ConfigError(f"output folder '{folder}' (train.output_dir) is not writable: {reason}") from None
 
 
 def _add_prepare(subparsers) -> None:
@@ -222,27 +201,6 @@ def _reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_export(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "export",
-        help="write a run's encoder and decoder as safetensors with the model config as JSON",
-        description="Write encoder.safetensors, decoder.safetensors and model.json: plain tensors and "
-        "plain JSON, loadable without this package's classes.",
-    )
-    parser.add_argument("run_dir", metavar="RUN_DIR")
-    parser.add_argument("--checkpoint", default="best", help="best (default), last, epoch_N or a .pt path")
-    parser.add_argument("--out", help="output folder (default RUN_DIR/export)")
-    parser.set_defaults(handler=_export)
-
-
-def _export(args: argparse.Namespace) -> int:
-    from image_autoencoding.export import export_run
-
-    out = export_run(Path(args.run_dir), args.checkpoint, Path(args.out) if args.out else None)
-    print(out)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vae",
@@ -254,7 +212,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(subparsers)
     _add_sample(subparsers)
     _add_reconstruct(subparsers)
-    _add_export(subparsers)
     return parser
 
 

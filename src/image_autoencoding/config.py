@@ -140,10 +140,6 @@ class TrainConfig(_Section):
     # Extra copy of the training log (the original's `-l LOGS`); None keeps only <run>/train.log.
     log_dir: str | None = None
     checkpoint_every: int = Field(10, ge=1)
-    # Also write last.pt every this many steps inside an epoch, so a killed run loses little; None: off.
-    checkpoint_every_steps: int | None = Field(None, ge=1)
-    # Non-finite losses in a row (each step skipped) before the run stops.
-    max_bad_steps: int = Field(3, ge=1)
     # epoch_N.pt files kept (newest first; last.pt is always kept); 0 keeps every one.
     keep_checkpoints: int = Field(3, ge=0)
     # Stop each epoch after this many steps (quick trials and tests); None runs the whole split.

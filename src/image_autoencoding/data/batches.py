@@ -49,11 +49,9 @@ def training_batches(
     device: torch.device,
     normalize: Normalizer,
     max_steps: int | None = None,
-    start_step: int = 0,
 ) -> Iterator[Tensor]:
     """Shuffled, flipped, normalised batches for one epoch; a last partial batch is kept unless it
-    holds a single image (BatchNorm cannot normalise a batch of one). `start_step` skips the batches
-    a resumed run has already trained on, drawing their flips so the rest are the same."""
+    holds a single image (BatchNorm cannot normalise a batch of one)."""
     n = len(images)
     order = epoch_permutation(n, seed, epoch).numpy()
     flip_generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 500_009)
@@ -62,9 +60,6 @@ def training_batches(
         start = step * batch_size
         # Sorted indices read a memory-mapped array front to back; the batch is shuffled anyway.
         index = np.sort(order[start : start + batch_size])
-        if step < start_step:
-            torch.rand(len(index), generator=flip_generator)
-            continue
         pixels = torch.from_numpy(np.ascontiguousarray(images[index]))
         if pin:
             pixels = pixels.pin_memory()

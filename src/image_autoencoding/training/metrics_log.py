@@ -1,4 +1,4 @@
-"""metrics.csv: one row per epoch, added as each epoch ends, never a duplicate epoch."""
+"""metrics.csv: one row per epoch, appended as each epoch ends, never a duplicate epoch."""
 
 from __future__ import annotations
 
@@ -25,25 +25,27 @@ class MetricsLog:
         self._write(list(rows[0].keys()), rows)
 
     def append(self, row: dict[str, float | int]) -> None:
-        """The whole file is rewritten to a temporary name and renamed (one row per epoch: cheap), so
-        a full disk or a kill mid-write never leaves a half-written row."""
         formatted = {key: _format(value) for key, value in row.items()}
         existing = self.rows()
-        # Columns added since the file was started (a newer version, a resumed run) are appended.
-        fields = list(dict.fromkeys([*(existing[0].keys() if existing else []), *formatted.keys()]))
-        self._write(fields, [*existing, formatted])
+        if existing and list(existing[0].keys()) != list(formatted.keys()):
+            # A column was added since the file was started: rewrite with the union of columns.
+            fields = list(dict.fromkeys([*existing[0].keys(), *formatted.keys()]))
+            self._write(fields, [*existing, formatted])
+            return
+        new_file = not existing
+        with self.path.open("a", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(formatted.keys()))
+            if new_file:
+                writer.writeheader()
+            writer.writerow(formatted)
 
     def _write(self, fields: list[str], rows: list[dict[str, str]]) -> None:
         tmp = self.path.with_suffix(".csv.tmp")
-        try:
-            with tmp.open("w", newline="", encoding="utf-8") as handle:
-                writer = csv.DictWriter(handle, fieldnames=fields, restval="")
-                writer.writeheader()
-                writer.writerows(rows)
-            tmp.replace(self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with tmp.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(self.path)
 
 
 def _format(value: float | int) -> str:

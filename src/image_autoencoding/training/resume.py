@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from image_autoencoding.config import Config, ConfigError, apply_overrides, build_config
-from image_autoencoding.training.checkpoint import CheckpointError, epoch_checkpoints, load_checkpoint
+from image_autoencoding.training.checkpoint import load_checkpoint
 
 # Values that change what the weights mean; a resumed run must keep them.
 FROZEN_SECTIONS = ("data", "model")
@@ -19,7 +19,6 @@ class Resume:
     config: Config
     state: dict[str, Any]
     changed: dict[str, tuple[Any, Any]]  # train.* keys changed on resume: key -> (old, new)
-    note: str | None = None  # why a checkpoint other than the requested one is used
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -43,29 +42,11 @@ def checkpoint_path(run_dir: Path, checkpoint: str | None) -> Path:
     return run_dir / "checkpoints" / name
 
 
-def load_with_fallback(run_dir: Path, checkpoint: str | None) -> tuple[dict[str, Any], str | None]:
-    """The chosen checkpoint; when last.pt itself is unreadable (truncated by a crash, overwritten),
-    the newest kept epoch_N.pt that loads, with a log line saying so."""
-    path = checkpoint_path(run_dir, checkpoint)
-    try:
-        return load_checkpoint(path), None
-    except CheckpointError as first_error:
-        if checkpoint is not None:
-            raise
-        for previous in reversed(epoch_checkpoints(run_dir / "checkpoints")):
-            try:
-                state = load_checkpoint(previous)
-            except CheckpointError:
-                continue
-            return state, f"{first_error}; continuing from {previous.name} instead"
-        raise
-
-
 def prepare_resume(run_dir: str | Path, checkpoint: str | None, overrides: list[str]) -> Resume:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run folder '{run_dir}' not found")
-    state, note = load_with_fallback(run_dir, checkpoint)
+    state = load_checkpoint(checkpoint_path(run_dir, checkpoint))
     saved = build_config(state["config"], "checkpoint config")
     config = build_config(apply_overrides(saved.to_dict(), overrides), "resume overrides")
     before, after = _flatten(saved.to_dict()), _flatten(config.to_dict())
@@ -76,4 +57,4 @@ def prepare_resume(run_dir: str | Path, checkpoint: str | None, overrides: list[
             "cannot resume with a changed model or dataset: "
             + ", ".join(f"{key} {changed[key][0]!r} -> {changed[key][1]!r}" for key in frozen)
         )
-    return Resume(run_dir, config, state, changed, note)
+    return Resume(run_dir, config, state, changed)

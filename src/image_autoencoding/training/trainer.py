@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -20,18 +19,11 @@ from tqdm import tqdm
 from image_autoencoding.config import Config, TrainConfig, save_config
 from image_autoencoding.data.batches import Normalizer, steps_per_epoch, training_batches
 from image_autoencoding.data.image_data import ImageData
-from image_autoencoding.errors import UserError
 from image_autoencoding.evaluation.evaluate import evaluate_split
 from image_autoencoding.models.vae import VAE, build_model, loss_terms, training_objective
-from image_autoencoding.training.checkpoint import (
-    CheckpointError,
-    prune_epoch_checkpoints,
-    publish_as,
-    save_checkpoint,
-)
+from image_autoencoding.training.checkpoint import prune_epoch_checkpoints, publish_as, save_checkpoint
 from image_autoencoding.training.device import autocast_factory, resolve_device, resolve_precision
 from image_autoencoding.training.metrics_log import MetricsLog
-from image_autoencoding.training.signals import StopOnSignal, StopRequested
 from image_autoencoding.visualization.grids import save_reconstruction_grid, save_sample_grid
 
 logger = logging.getLogger("image_autoencoding")
@@ -82,29 +74,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class TrainingDiverged(UserError):
-    """Repeated non-finite losses: the run stops instead of training on garbage."""
-
-
-def non_finite_tensors(state: dict[str, Any], prefix: str = "") -> list[str]:
-    """Names of floating-point tensors in a (nested) state holding NaN or Inf."""
-    bad = []
-    for key, value in state.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            bad += non_finite_tensors(value, name + ".")
-        elif isinstance(value, Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-            bad.append(name)
-    return bad
-
-
-def report_write_error(what: str, write, *args) -> None:
-    try:
-        write(*args)
-    except OSError as exc:
-        logger.error("could not write %s: %s; training goes on", what, exc.strerror or exc)
-
-
 class Trainer:
     def __init__(self, config: Config, run_dir: Path, data: ImageData, resume: dict[str, Any] | None = None):
         self.config = config
@@ -128,13 +97,7 @@ class Trainer:
         self.encoder_scheduler = ExponentialLR(self.encoder_optimizer, gamma=self.cfg.decay_lr)
         self.decoder_scheduler = ExponentialLR(self.decoder_optimizer, gamma=self.cfg.decay_lr)
         self.epoch = 0  # epochs completed
-        self.step = 0  # batches trained on (a skipped non-finite step counts: its batch is used up)
-        # Progress inside the current epoch, checkpointed so a resumed run continues mid-epoch.
-        self.step_in_epoch = 0
-        self.epoch_sums = torch.zeros(2, dtype=torch.float64)  # recon, kl summed over the epoch so far
-        self.epoch_seen = 0
-        self.skipped_steps = 0  # non-finite losses this epoch
-        self.bad_in_a_row = 0
+        self.step = 0  # optimizer steps completed
         self.metrics = MetricsLog(run_dir / "metrics.csv")
         self.best_ssim = float("-inf")
         if resume is not None:
@@ -158,10 +121,6 @@ class Trainer:
             "decoder_scheduler": self.decoder_scheduler.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
-            "step_in_epoch": self.step_in_epoch,
-            "epoch_sums": self.epoch_sums.clone(),
-            "epoch_seen": self.epoch_seen,
-            "skipped_steps": self.skipped_steps,
             "rng": rng_state(),
             "best_ssim": self.best_ssim,
             "config": self.config.to_dict(),
@@ -178,105 +137,61 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
         self.best_ssim = float(state.get("best_ssim", float("-inf")))
-        self.step_in_epoch = int(state.get("step_in_epoch", 0))
-        self.epoch_sums = state.get("epoch_sums", torch.zeros(2, dtype=torch.float64)).double()
-        self.epoch_seen = int(state.get("epoch_seen", 0))
-        self.skipped_steps = int(state.get("skipped_steps", 0))
         set_rng_state(state["rng"])
         self.metrics.keep_epochs_up_to(self.epoch)
 
     # -- one step / one epoch --------------------------------------------------------------------
 
-    def train_step(self, x: Tensor) -> Tensor | None:
-        """One optimisation step; returns detached per-batch sums (recon, kl), or None when the loss
-        was not finite and the step was skipped (weights and optimizer state untouched)."""
+    def train_step(self, x: Tensor) -> Tensor:
+        """One optimisation step; returns detached per-batch sums (recon, kl) without syncing."""
         with self.autocast():
             x_hat, posterior = self.forward(x)
         recon, kl = loss_terms(x, x_hat, posterior)
         loss = training_objective(recon, kl, self.alpha)
-        self.step += 1
-        # One host sync per step: free on CPU, a small cost on GPU, and the only way to never let
-        # a NaN reach the weights (the optimizers would spread it to every parameter at once).
-        if not torch.isfinite(loss).item():
-            self.skipped_steps += 1
-            self.bad_in_a_row += 1
-            logger.warning("non-finite loss at step %d (epoch %d, batch %d): step skipped",
-                           self.step, self.epoch + 1, self.step_in_epoch + 1)
-            if self.bad_in_a_row >= self.cfg.max_bad_steps:
-                raise TrainingDiverged(
-                    f"training stopped: {self.bad_in_a_row} non-finite losses in a row, the last at step "
-                    f"{self.step} (epoch {self.epoch + 1}, batch {self.step_in_epoch + 1}); lower train.lr or "
-                    "use train.precision=fp32. The checkpoints hold the last finite weights."
-                )
-            return None
-        self.bad_in_a_row = 0
         self.encoder_optimizer.zero_grad(set_to_none=True)
         self.decoder_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.encoder_optimizer.step()
         self.decoder_optimizer.step()
+        self.step += 1
         return torch.stack([recon.sum(), kl.sum()]).detach()
 
-    def train_epoch(self, epoch: int, writer, stop: StopOnSignal | None = None) -> dict[str, float]:
-        """Train one epoch, from `self.step_in_epoch` when a resumed run stopped inside it."""
+    def train_epoch(self, epoch: int, writer) -> dict[str, float]:
         self.model.train()
         images = self.data.train.images
         total_steps = steps_per_epoch(len(images), self.cfg.batch_size, self.cfg.max_steps_per_epoch)
-        sums = self.epoch_sums.to(self.device, torch.float32)
-        seen_here, start = 0, time.perf_counter()
+        sums = torch.zeros(2, device=self.device)
+        seen = 0
+        start = time.perf_counter()
         bar = tqdm(
-            total=total_steps, initial=self.step_in_epoch, desc=f"epoch {epoch}/{self.cfg.epochs}", unit="step",
+            total=total_steps, desc=f"epoch {epoch}/{self.cfg.epochs}", unit="step",
             disable=not self.cfg.progress, leave=False, dynamic_ncols=True,
         )
         batches = training_batches(
             images, self.cfg.batch_size, self.cfg.seed, epoch, self.device, self.normalize,
-            self.cfg.max_steps_per_epoch, start_step=self.step_in_epoch,
+            self.cfg.max_steps_per_epoch,
         )
-        every = self.cfg.checkpoint_every_steps
-        for x in batches:
-            batch_sums = self.train_step(x)
-            self.step_in_epoch += 1
-            if batch_sums is not None:
-                sums += batch_sums
-                self.epoch_seen += x.shape[0]
-                seen_here += x.shape[0]
+        for step_in_epoch, x in enumerate(batches, start=1):
+            sums += self.train_step(x)
+            seen += x.shape[0]
             bar.update(1)
-            if self.step_in_epoch % LOG_EVERY == 0 or self.step_in_epoch == total_steps:
-                recon, kl = (sums / max(self.epoch_seen, 1)).tolist()
-                rate = seen_here / (time.perf_counter() - start)
+            if step_in_epoch % LOG_EVERY == 0 or step_in_epoch == total_steps:
+                recon, kl = (sums / seen).tolist()
+                rate = seen / (time.perf_counter() - start)
                 bar.set_postfix(loss=f"{recon + self.alpha * kl:.1f}", img_s=f"{rate:.0f}")
                 writer.add_scalar("train/step_encoder_loss", recon + self.alpha * kl, self.step)
-            # After the epoch's last batch, run_epochs validates and checkpoints (and stops) instead.
-            stopping = stop is not None and stop.signum is not None
-            if self.step_in_epoch < total_steps and (stopping or (every and self.step % every == 0)):
-                self.epoch_sums = sums.double().cpu()
-                self.save_checkpoint_file(self.run_dir / "checkpoints" / "last.pt")
-                if stopping:
-                    bar.close()
-                    self.stop_after_checkpoint(stop.signum)
         bar.close()
         seconds = time.perf_counter() - start
-        recon, kl = (sums / max(self.epoch_seen, 1)).tolist()
-        values = {
+        recon, kl = (sums / max(seen, 1)).tolist()
+        return {
             "encoder_loss": recon + self.alpha * kl,
             "decoder_loss": recon,
             "recon": recon,
             "kl": kl,
-            "images_per_s": seen_here / seconds,
+            "images_per_s": seen / seconds,
             "seconds": seconds,
             "lr": self.encoder_optimizer.param_groups[0]["lr"],
-            "skipped_steps": self.skipped_steps,
         }
-        self.step_in_epoch, self.epoch_seen, self.skipped_steps = 0, 0, 0
-        self.epoch_sums = torch.zeros(2, dtype=torch.float64)
-        return values
-
-    def stop_after_checkpoint(self, signum: int) -> None:
-        name = signal.Signals(signum).name
-        message = (f"{name} received: stopped after step {self.step} (epoch {self.epoch + 1}) with a checkpoint; "
-                   f"continue with: vae train --resume {self.run_dir}")
-        logger.info(message)
-        raise StopRequested(signum, message)
 
     def validate(self) -> dict[str, float]:
         """Losses and per-image metrics on the validation split (the first train.eval_images)."""
@@ -304,25 +219,11 @@ class Trainer:
 
     # -- the run ---------------------------------------------------------------------------------
 
-    def save_checkpoint_file(self, path: Path) -> None:
-        """Refuses to write non-finite weights; a failed write (full disk) leaves the previous
-        checkpoint in place and stops the run with one line."""
-        state = self.state()
-        bad = non_finite_tensors(state)
-        if bad:
-            raise TrainingDiverged(f"not writing '{path}': non-finite values in {', '.join(bad[:3])}")
-        try:
-            save_checkpoint(state, path)
-        except OSError as exc:
-            raise CheckpointError(
-                f"cannot write checkpoint '{path}': {exc.strerror or exc}; the previous checkpoint is intact"
-            ) from None
-
     def save_epoch_checkpoint(self) -> Path:
         """epoch_N.pt, with last.pt as a second name for the same file (no second write)."""
         folder = self.run_dir / "checkpoints"
         path = folder / f"epoch_{self.epoch}.pt"
-        self.save_checkpoint_file(path)
+        save_checkpoint(self.state(), path)
         publish_as(path, folder / "last.pt")
         prune_epoch_checkpoints(folder, self.cfg.keep_checkpoints)
         return path
@@ -340,46 +241,34 @@ class Trainer:
             logger.info("nothing to do: %d of %d epochs already done", self.epoch, self.cfg.epochs)
         writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         try:
-            with StopOnSignal() as stop:
-                self.run_epochs(writer, stop)
+            for epoch in range(self.epoch + 1, self.cfg.epochs + 1):
+                values = self.train_epoch(epoch, writer)
+                self.encoder_scheduler.step()
+                self.decoder_scheduler.step()
+                values.update(self.validate())
+                self.epoch = epoch
+                self.metrics.append({"epoch": epoch, "step": self.step, **values})
+                for key, value in values.items():
+                    writer.add_scalar(f"epoch/{key}", value, epoch)
+                writer.flush()
+                self.save_pictures(epoch)
+                logger.info(
+                    "epoch %d/%d  encoder loss %.2f  recon %.2f  kl %.2f  valid recon %.2f  %.0f img/s",
+                    epoch, self.cfg.epochs, values["encoder_loss"], values["recon"], values["kl"],
+                    values["valid_recon"], values["images_per_s"],
+                )
+                improved = values["valid_ssim"] > self.best_ssim
+                self.best_ssim = max(self.best_ssim, values["valid_ssim"])
+                saved = None
+                if epoch % self.cfg.checkpoint_every == 0 or epoch == self.cfg.epochs:
+                    saved = self.save_epoch_checkpoint()
+                if improved:
+                    self.save_best(saved)
         finally:
             writer.close()
         if self.epoch >= self.cfg.epochs:
             self.final_report()
         return self.run_dir
-
-    def run_epochs(self, writer, stop: StopOnSignal) -> None:
-        if self.step_in_epoch:
-            logger.info("continuing epoch %d at batch %d", self.epoch + 1, self.step_in_epoch + 1)
-        for epoch in range(self.epoch + 1, self.cfg.epochs + 1):
-            values = self.train_epoch(epoch, writer, stop)
-            self.encoder_scheduler.step()
-            self.decoder_scheduler.step()
-            values.update(self.validate())
-            self.epoch = epoch
-            # A full disk while writing the CSV or the pictures is reported and the run goes on;
-            # both are written atomically, so neither is ever left half-written.
-            report_write_error("metrics.csv", self.metrics.append, {"epoch": epoch, "step": self.step, **values})
-            for key, value in values.items():
-                writer.add_scalar(f"epoch/{key}", value, epoch)
-            writer.flush()
-            report_write_error("pictures", self.save_pictures, epoch)
-            logger.info(
-                "epoch %d/%d  encoder loss %.2f  recon %.2f  kl %.2f  valid recon %.2f  %.0f img/s",
-                epoch, self.cfg.epochs, values["encoder_loss"], values["recon"], values["kl"],
-                values["valid_recon"], values["images_per_s"],
-            )
-            improved = values["valid_ssim"] > self.best_ssim
-            self.best_ssim = max(self.best_ssim, values["valid_ssim"])
-            saved = None
-            if epoch % self.cfg.checkpoint_every == 0 or epoch == self.cfg.epochs:
-                saved = self.save_epoch_checkpoint()
-            if improved:
-                self.save_best(saved)
-            if stop.signum is not None:
-                if saved is None:
-                    self.save_checkpoint_file(self.run_dir / "checkpoints" / "last.pt")
-                self.stop_after_checkpoint(stop.signum)
 
     def save_best(self, saved: Path | None) -> None:
         """checkpoints/best.pt: the epoch with the highest validation SSIM so far."""
@@ -387,7 +276,7 @@ class Trainer:
         if saved is not None:
             publish_as(saved, best)  # the same bytes under a second name; pruning epoch_N.pt keeps them
         else:
-            self.save_checkpoint_file(best)
+            save_checkpoint(self.state(), best)
 
     def final_report(self) -> None:
         from image_autoencoding.evaluation.run_report import evaluate_run, metrics_table
