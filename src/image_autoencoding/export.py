@@ -33,7 +33,10 @@ def split_networks(model_state: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def export_run(run_dir: str | Path, checkpoint: str | None = None, out: str | Path | None = None) -> Path:
-    from safetensors.torch import save
+    try:
+        from safetensors.torch import save
+    except ImportError:
+        raise UserError("vae export needs the safetensors package: pip install safetensors") from None
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
