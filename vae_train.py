@@ -89,10 +89,11 @@ def to_vae_argv(args: argparse.Namespace) -> list[str]:
 
     if args.pretrained_net:
         # Continue the named run in place; its data and model settings come from its checkpoint.
-        checkpoint = f"epoch_{args.load_epoch}.pt" if args.load_epoch is not None else "last.pt"
+        # Without -load_epoch, --resume picks last.pt (or the newest readable epoch_N.pt).
+        checkpoint = ["--checkpoint", f"epoch_{args.load_epoch}.pt"] if args.load_epoch is not None else []
         run_dir = user / "results" / "vae" / args.pretrained_net
         resume_overrides = [o for o in overrides if not o.startswith(("data.", "model."))]
-        return ["train", "--resume", str(run_dir), "--checkpoint", checkpoint, *resume_overrides, *args.overrides]
+        return ["train", "--resume", str(run_dir), *checkpoint, *resume_overrides, *args.overrides]
     if args.load_epoch is not None:
         raise SystemExit("vae_train.py: error: -load_epoch needs -pretrain RUN_NAME")
     # The original kept its datasets under <user path>/datasets/.

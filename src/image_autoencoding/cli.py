@@ -8,6 +8,7 @@ from pathlib import Path
 
 from image_autoencoding.config import ConfigError, load_config
 from image_autoencoding.errors import UserError
+from image_autoencoding.training.interrupts import TrainingInterrupted
 
 
 def _add_train(subparsers) -> None:
@@ -30,7 +31,7 @@ def _add_train(subparsers) -> None:
 def _train(args: argparse.Namespace) -> int:
     from image_autoencoding.data.image_data import load_image_data
     from image_autoencoding.training.resume import prepare_resume
-    from image_autoencoding.training.run_dir import create_run_dir
+    from image_autoencoding.training.run_dir import create_run_dir, ensure_writable
     from image_autoencoding.training.run_log import run_logging
     from image_autoencoding.training.trainer import Trainer
 
@@ -46,6 +47,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.quiet:
         config.train.progress = False
 
+    ensure_writable(resume.run_dir if resume else f"{config.train.output_dir}/results/vae")
     # Fails on a missing dataset or too many bad images before any run folder is made.
     data = load_image_data(config.data, progress=config.train.progress)
     run_dir = resume.run_dir if resume else create_run_dir(config.train.output_dir)
@@ -54,7 +56,10 @@ def _train(args: argparse.Namespace) -> int:
         if data.bad_files:
             logger.warning("%d unreadable images skipped: %s", len(data.bad_files), run_dir / "bad_files.csv")
         if resume:
-            logger.info("resuming %s at epoch %d", run_dir, state["epoch"])
+            for failure in resume.fallbacks:
+                logger.warning("%s; falling back to an older checkpoint", failure)
+            logger.info("resuming %s from %s at epoch %d, step %d", run_dir, resume.checkpoint, state["epoch"],
+                        state["step"])
             for key, (old, new) in resume.changed.items():
                 logger.info("resume changes %s: %r -> %r", key, old, new)
         Trainer(config, run_dir, data, resume=state).fit()
@@ -201,6 +206,26 @@ def _reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="write a run's encoder and decoder as safetensors plus a config.json",
+        description="Export a checkpoint's weights as encoder.safetensors and decoder.safetensors with "
+        "the model config as config.json: loadable with safetensors and json alone, no pickle.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
+    parser.add_argument("--checkpoint", metavar="NAME|PATH", help="checkpoint to export (default last.pt)")
+    parser.add_argument("--out", metavar="DIR", help="folder to write (default RUN_DIR/export)")
+    parser.set_defaults(handler=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from image_autoencoding.export import export_run
+
+    print(export_run(args.run_dir, args.checkpoint, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vae",
@@ -212,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(subparsers)
     _add_sample(subparsers)
     _add_reconstruct(subparsers)
+    _add_export(subparsers)
     return parser
 
 
@@ -223,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"vae: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:
+        print(f"vae: {exc}", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         print("vae: interrupted", file=sys.stderr)
         return 130

@@ -150,6 +150,14 @@ class TrainConfig(_Section):
     sample_images: int = Field(64, ge=1)
     progress: bool = True
 
+    # --- reliability (issue 6): mid-epoch checkpoints and the non-finite loss guard ---
+    # Also write last.pt every N optimizer steps, so a run killed inside a long epoch resumes inside
+    # it; None writes checkpoints only at epoch ends (train.checkpoint_every).
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    # A non-finite loss or gradient skips its step; this many in a row stop the run (exit status 2).
+    max_bad_steps: int = Field(3, ge=1)
+    # --- end reliability ---
+
     @field_validator("alpha")
     @classmethod
     def _alpha_not_negative(cls, value: Alpha) -> Alpha:

@@ -49,14 +49,22 @@ def training_batches(
     device: torch.device,
     normalize: Normalizer,
     max_steps: int | None = None,
+    start_step: int = 0,
 ) -> Iterator[Tensor]:
     """Shuffled, flipped, normalised batches for one epoch; a last partial batch is kept unless it
-    holds a single image (BatchNorm cannot normalise a batch of one)."""
+    holds a single image (BatchNorm cannot normalise a batch of one).
+
+    `start_step` skips the first batches of the epoch (a run resumed inside an epoch): their flip
+    draws are still made, without reading pixels, so the remaining batches are exactly those an
+    uninterrupted run would see."""
     n = len(images)
     order = epoch_permutation(n, seed, epoch).numpy()
     flip_generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 500_009)
     pin = device.type == "cuda"
-    for step in range(steps_per_epoch(n, batch_size, max_steps)):
+    total = steps_per_epoch(n, batch_size, max_steps)
+    for step in range(min(start_step, total)):
+        torch.rand(len(order[step * batch_size : (step + 1) * batch_size]), generator=flip_generator)
+    for step in range(start_step, total):
         start = step * batch_size
         # Sorted indices read a memory-mapped array front to back; the batch is shuffled anyway.
         index = np.sort(order[start : start + batch_size])

@@ -1,9 +1,21 @@
-"""metrics.csv: one row per epoch, appended as each epoch ends, never a duplicate epoch."""
+"""metrics.csv: one row per epoch, never a duplicate epoch, never a half-written row.
+
+Every change rewrites the whole file atomically (see atomic_files): a crash or a full disk
+mid-write leaves the previous file as it was. With one row per epoch the rewrite
+costs nothing worth saving.
+"""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
+
+from image_autoencoding.atomic_files import atomic_write
+from image_autoencoding.errors import UserError
+
+
+class MetricsWriteError(UserError):
+    """metrics.csv could not be written (full disk, no permission); the previous file is intact."""
 
 
 class MetricsLog:
@@ -27,25 +39,23 @@ class MetricsLog:
     def append(self, row: dict[str, float | int]) -> None:
         formatted = {key: _format(value) for key, value in row.items()}
         existing = self.rows()
-        if existing and list(existing[0].keys()) != list(formatted.keys()):
-            # A column was added since the file was started: rewrite with the union of columns.
-            fields = list(dict.fromkeys([*existing[0].keys(), *formatted.keys()]))
-            self._write(fields, [*existing, formatted])
-            return
-        new_file = not existing
-        with self.path.open("a", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(formatted.keys()))
-            if new_file:
-                writer.writeheader()
-            writer.writerow(formatted)
+        # A column added since the file was started (e.g. after a resume) widens the header.
+        fields = list(dict.fromkeys([*(existing[0].keys() if existing else []), *formatted.keys()]))
+        self._write(fields, [*existing, formatted])
 
     def _write(self, fields: list[str], rows: list[dict[str, str]]) -> None:
-        tmp = self.path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="", encoding="utf-8") as handle:
+        def write(handle) -> None:
             writer = csv.DictWriter(handle, fieldnames=fields, restval="")
             writer.writeheader()
             writer.writerows(rows)
-        tmp.replace(self.path)
+
+        try:
+            atomic_write(self.path, write, binary=False)
+        except OSError as exc:
+            raise MetricsWriteError(
+                f"cannot write '{self.path}': {exc.strerror or exc}; it still holds the earlier epochs; "
+                f"free space, then continue with: vae train --resume {self.path.parent}"
+            ) from None
 
 
 def _format(value: float | int) -> str:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from image_autoencoding.config import Config, ConfigError, apply_overrides, build_config
-from image_autoencoding.training.checkpoint import load_checkpoint
+from image_autoencoding.training.checkpoint import CheckpointError, kept_checkpoints, load_checkpoint
 
 # Values that change what the weights mean; a resumed run must keep them.
 FROZEN_SECTIONS = ("data", "model")
+# The optimizer state of one kind cannot drive the other.
+FROZEN_KEYS = ("train.optimizer",)
+# Inside an epoch, the batches still to come are counted in steps of this epoch's order and size.
+FROZEN_INSIDE_EPOCH = ("train.batch_size", "train.seed", "train.max_steps_per_epoch")
 
 
 @dataclass
@@ -19,6 +23,9 @@ class Resume:
     config: Config
     state: dict[str, Any]
     changed: dict[str, tuple[Any, Any]]  # train.* keys changed on resume: key -> (old, new)
+    checkpoint: Path | None = None
+    # One line per checkpoint that could not be used before `checkpoint` was (for the log).
+    fallbacks: list[str] = field(default_factory=list)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -42,19 +49,42 @@ def checkpoint_path(run_dir: Path, checkpoint: str | None) -> Path:
     return run_dir / "checkpoints" / name
 
 
+def load_newest_good(run_dir: Path) -> tuple[Path, dict[str, Any], list[str]]:
+    """last.pt, or when it cannot be read the newest epoch_N.pt that can (with why the others not)."""
+    candidates = kept_checkpoints(run_dir / "checkpoints")
+    if not candidates:
+        raise CheckpointError(f"no checkpoint in '{run_dir / 'checkpoints'}'")
+    failures: list[str] = []
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path), failures
+        except CheckpointError as exc:
+            failures.append(str(exc))
+    raise CheckpointError(failures[0] + (f" (and {len(failures) - 1} older ones)" if len(failures) > 1 else ""))
+
+
 def prepare_resume(run_dir: str | Path, checkpoint: str | None, overrides: list[str]) -> Resume:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run folder '{run_dir}' not found")
-    state = load_checkpoint(checkpoint_path(run_dir, checkpoint))
-    saved = build_config(state["config"], "checkpoint config")
+    if checkpoint is None:
+        path, state, fallbacks = load_newest_good(run_dir)
+    else:
+        # A checkpoint the user named is the one they want: no silent substitute.
+        path, fallbacks = checkpoint_path(run_dir, checkpoint), []
+        state = load_checkpoint(path)
+    saved = build_config(state["config"], f"config in '{path}'")
     config = build_config(apply_overrides(saved.to_dict(), overrides), "resume overrides")
     before, after = _flatten(saved.to_dict()), _flatten(config.to_dict())
-    changed = {key: (before[key], after[key]) for key in after if before.get(key) != after[key]}
-    frozen = sorted(key for key in changed if key.split(".")[0] in FROZEN_SECTIONS)
+    changed = {key: (before.get(key), after[key]) for key in after if before.get(key) != after[key]}
+    frozen = [key for key in changed if key.split(".")[0] in FROZEN_SECTIONS or key in FROZEN_KEYS]
+    inside_epoch = int(state.get("step_in_epoch", 0)) > 0
+    if inside_epoch:
+        frozen += [key for key in changed if key in FROZEN_INSIDE_EPOCH]
     if frozen:
+        where = " inside an epoch (use --checkpoint epoch_N for an epoch boundary)" if inside_epoch else ""
         raise ConfigError(
-            "cannot resume with a changed model or dataset: "
-            + ", ".join(f"{key} {changed[key][0]!r} -> {changed[key][1]!r}" for key in frozen)
+            f"cannot resume '{path}' with a changed model, dataset or batching{where}: "
+            + ", ".join(f"{key} {changed[key][0]!r} -> {changed[key][1]!r}" for key in sorted(frozen))
         )
-    return Resume(run_dir, config, state, changed)
+    return Resume(run_dir, config, state, changed, path, fallbacks)

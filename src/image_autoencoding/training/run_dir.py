@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from pathlib import Path
+
+from image_autoencoding.errors import UserError
 
 
 def create_run_dir(output_dir: str | Path, now: float | None = None) -> Path:
@@ -20,3 +24,17 @@ def create_run_dir(output_dir: str | Path, now: float | None = None) -> Path:
             continue
         return candidate
     raise FileExistsError(f"could not create a new run folder under '{parent}'")
+
+
+def ensure_writable(folder: str | Path) -> Path:
+    """Create `folder` if needed and prove a file can be written there, before any training time
+    is spent: a read-only or missing output location is a one-line error, not a crash at epoch 1."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"output folder '{folder}' is not writable: {exc.strerror or exc}") from None
+    return folder

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +20,47 @@ from tqdm import tqdm
 from image_autoencoding.config import Config, TrainConfig, save_config
 from image_autoencoding.data.batches import Normalizer, steps_per_epoch, training_batches
 from image_autoencoding.data.image_data import ImageData
+from image_autoencoding.errors import UserError
 from image_autoencoding.evaluation.evaluate import evaluate_split
 from image_autoencoding.models.vae import VAE, build_model, loss_terms, training_objective
 from image_autoencoding.training.checkpoint import prune_epoch_checkpoints, publish_as, save_checkpoint
 from image_autoencoding.training.device import autocast_factory, resolve_device, resolve_precision
+from image_autoencoding.training.fault_injection import SignalAtStep
+from image_autoencoding.training.interrupts import StopRequests, TrainingInterrupted, interrupted_message
 from image_autoencoding.training.metrics_log import MetricsLog
 from image_autoencoding.visualization.grids import save_reconstruction_grid, save_sample_grid
 
 logger = logging.getLogger("image_autoencoding")
 
 LOG_EVERY = 10  # steps between progress-bar / TensorBoard updates (each one waits for the device)
+
+
+class TrainingDiverged(UserError):
+    """Too many non-finite losses in a row; the message gives the step and the batch."""
+
+
+@dataclass
+class EpochProgress:
+    """How far the current epoch has got. Saved in every checkpoint, so a run resumed inside an
+    epoch skips the batches already done and ends the epoch with the loss sums (and metrics.csv
+    row) an uninterrupted run would have had."""
+
+    steps: int = 0  # batches of this epoch done, skipped ones included
+    sums: Tensor = field(default_factory=lambda: torch.zeros(2))  # recon, kl summed over images
+    images: int = 0  # images in the steps that were not skipped
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient
+    seconds: float = 0.0
+
+    def state(self) -> dict[str, Any]:
+        return {"steps": self.steps, "sums": self.sums.detach().cpu().clone(), "images": self.images,
+                "skipped": self.skipped, "seconds": self.seconds}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None, device: torch.device) -> EpochProgress:
+        if not state:
+            return cls(sums=torch.zeros(2, device=device))
+        return cls(int(state["steps"]), state["sums"].to(device), int(state["images"]),
+                   int(state["skipped"]), float(state["seconds"]))
 
 
 def build_optimizers(model: VAE, cfg: TrainConfig) -> tuple[Optimizer, Optimizer]:
@@ -97,9 +129,17 @@ class Trainer:
         self.encoder_scheduler = ExponentialLR(self.encoder_optimizer, gamma=self.cfg.decay_lr)
         self.decoder_scheduler = ExponentialLR(self.decoder_optimizer, gamma=self.cfg.decay_lr)
         self.epoch = 0  # epochs completed
-        self.step = 0  # optimizer steps completed
+        self.step = 0  # training steps done (batches drawn), skipped ones included
+        self.progress = EpochProgress.from_state(None, self.device)
+        self.bad_steps_in_a_row = 0
         self.metrics = MetricsLog(run_dir / "metrics.csv")
         self.best_ssim = float("-inf")
+        self.stop = StopRequests()  # installed for the duration of fit()
+        self.faults = SignalAtStep.from_environment()
+        # BatchNorm running statistics change during the forward pass, before the loss can be
+        # checked; a skipped step puts them back from this copy.
+        self._buffers = list(self.model.buffers())
+        self._buffer_backup = [b.detach().clone() for b in self._buffers]
         if resume is not None:
             self._restore(resume)
 
@@ -121,6 +161,9 @@ class Trainer:
             "decoder_scheduler": self.decoder_scheduler.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
+            "step_in_epoch": self.progress.steps,
+            "epoch_progress": self.progress.state(),
+            "bad_steps_in_a_row": self.bad_steps_in_a_row,
             "rng": rng_state(),
             "best_ssim": self.best_ssim,
             "config": self.config.to_dict(),
@@ -137,13 +180,31 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
         self.best_ssim = float(state.get("best_ssim", float("-inf")))
+        self.progress = EpochProgress.from_state(state.get("epoch_progress"), self.device)
+        self.bad_steps_in_a_row = int(state.get("bad_steps_in_a_row", 0))
+        self._apply_changed_optimizer_settings(state["config"]["train"])
         set_rng_state(state["rng"])
         self.metrics.keep_epochs_up_to(self.epoch)
 
+    def _apply_changed_optimizer_settings(self, saved: dict[str, Any]) -> None:
+        """Optimizer state dicts carry the old lr and weight decay; a resume that changes them
+        continues as if the run had been started with the new values (lr decayed per epoch done)."""
+        for scheduler in (self.encoder_scheduler, self.decoder_scheduler):
+            for group in scheduler.optimizer.param_groups:
+                group["weight_decay"] = self.cfg.weight_decay
+            if saved.get("lr") != self.cfg.lr:
+                scheduler.base_lrs = [self.cfg.lr for _ in scheduler.base_lrs]
+                for group in scheduler.optimizer.param_groups:
+                    group["lr"] = self.cfg.lr * self.cfg.decay_lr**self.epoch
+                scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
     # -- one step / one epoch --------------------------------------------------------------------
 
-    def train_step(self, x: Tensor) -> Tensor:
-        """One optimisation step; returns detached per-batch sums (recon, kl) without syncing."""
+    def train_step(self, x: Tensor) -> Tensor | None:
+        """One optimisation step. Returns detached per-batch sums (recon, kl), or None when the loss
+        or a gradient is not finite: then neither optimizer steps, and weights, optimizer state and
+        BatchNorm statistics are exactly as before."""
+        torch._foreach_copy_(self._buffer_backup, self._buffers)
         with self.autocast():
             x_hat, posterior = self.forward(x)
         recon, kl = loss_terms(x, x_hat, posterior)
@@ -151,46 +212,68 @@ class Trainer:
         self.encoder_optimizer.zero_grad(set_to_none=True)
         self.decoder_optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.step += 1
+        if not self._loss_and_gradients_finite(loss):
+            torch._foreach_copy_(self._buffers, self._buffer_backup)
+            return None
         self.encoder_optimizer.step()
         self.decoder_optimizer.step()
-        self.step += 1
         return torch.stack([recon.sum(), kl.sum()]).detach()
 
+    def _loss_and_gradients_finite(self, loss: Tensor) -> bool:
+        """The one host sync per step: skipping an optimizer step is a host decision, so it must wait
+        for the device (GradScaler's inf check does the same). Checked after backward, so a finite
+        loss with an overflowing gradient is caught too; one fused norm over all gradients keeps it
+        to a few kernels. On CPU the sync costs nothing."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        total_norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
+        return bool(torch.isfinite(loss.detach()) & torch.isfinite(total_norm))
+
     def train_epoch(self, epoch: int, writer) -> dict[str, float]:
+        """The rest of `epoch`: all of it, or what follows the checkpoint this run resumed from."""
         self.model.train()
         images = self.data.train.images
         total_steps = steps_per_epoch(len(images), self.cfg.batch_size, self.cfg.max_steps_per_epoch)
-        sums = torch.zeros(2, device=self.device)
-        seen = 0
-        start = time.perf_counter()
+        progress = self.progress
+        start = time.perf_counter() - progress.seconds
         bar = tqdm(
-            total=total_steps, desc=f"epoch {epoch}/{self.cfg.epochs}", unit="step",
+            total=total_steps, initial=progress.steps, desc=f"epoch {epoch}/{self.cfg.epochs}", unit="step",
             disable=not self.cfg.progress, leave=False, dynamic_ncols=True,
         )
         batches = training_batches(
             images, self.cfg.batch_size, self.cfg.seed, epoch, self.device, self.normalize,
-            self.cfg.max_steps_per_epoch,
+            self.cfg.max_steps_per_epoch, start_step=progress.steps,
         )
-        for step_in_epoch, x in enumerate(batches, start=1):
-            sums += self.train_step(x)
-            seen += x.shape[0]
+        for x in batches:
+            sums = self.train_step(x)
+            progress.steps += 1
+            if sums is None:
+                self._count_bad_step(epoch)
+            else:
+                self.bad_steps_in_a_row = 0
+                progress.sums += sums
+                progress.images += x.shape[0]
             bar.update(1)
-            if step_in_epoch % LOG_EVERY == 0 or step_in_epoch == total_steps:
-                recon, kl = (sums / seen).tolist()
-                rate = seen / (time.perf_counter() - start)
+            progress.seconds = time.perf_counter() - start
+            if (progress.steps % LOG_EVERY == 0 or progress.steps == total_steps) and progress.images:
+                recon, kl = (progress.sums / progress.images).tolist()
+                rate = progress.images / progress.seconds
                 bar.set_postfix(loss=f"{recon + self.alpha * kl:.1f}", img_s=f"{rate:.0f}")
                 writer.add_scalar("train/step_encoder_loss", recon + self.alpha * kl, self.step)
+            self._after_step()
         bar.close()
         seconds = time.perf_counter() - start
-        recon, kl = (sums / max(seen, 1)).tolist()
+        recon, kl = (progress.sums / max(progress.images, 1)).tolist()
+        self.progress = EpochProgress.from_state(None, self.device)
         return {
             "encoder_loss": recon + self.alpha * kl,
             "decoder_loss": recon,
             "recon": recon,
             "kl": kl,
-            "images_per_s": seen / seconds,
+            "images_per_s": progress.images / seconds,
             "seconds": seconds,
             "lr": self.encoder_optimizer.param_groups[0]["lr"],
+            "skipped_steps": progress.skipped,
         }
 
     def validate(self) -> dict[str, float]:
@@ -201,8 +284,45 @@ class Trainer:
         )
         return evaluation.means(prefix="valid_")
 
-    @torch.no_grad()
+    def _count_bad_step(self, epoch: int) -> None:
+        self.progress.skipped += 1
+        self.bad_steps_in_a_row += 1
+        where = f"step {self.step} (epoch {epoch}, batch {self.progress.steps})"
+        if self.bad_steps_in_a_row >= self.cfg.max_bad_steps:
+            message = (
+                f"training stopped: {self.bad_steps_in_a_row} non-finite losses in a row, the last at {where}; "
+                "weights are those of the last good step; lower train.lr or check the data"
+            )
+            logger.error(message)
+            raise TrainingDiverged(message)
+        logger.warning("non-finite loss or gradient at %s: step skipped, weights unchanged", where)
+
+    def _after_step(self) -> None:
+        every = self.cfg.checkpoint_every_steps
+        if every is not None and self.step % every == 0:
+            self.save_last_checkpoint()
+        self.faults.after_step(self.step)
+        if self.stop.requested:
+            self._stop_on_signal()
+
+    def _stop_on_signal(self) -> None:
+        assert self.stop.signum is not None
+        path = self.save_last_checkpoint()
+        message = interrupted_message(self.stop.signum, self.run_dir, path)
+        logger.info(message)
+        raise TrainingInterrupted(self.stop.signum, message)
+
     def save_pictures(self, epoch: int) -> None:
+        """Pictures are derived from the weights and can be made again: a full disk here is
+        reported and training goes on (the checkpoint or metrics.csv write that follows reports it
+        as an error if the disk stays full)."""
+        try:
+            self._write_pictures(epoch)
+        except OSError as exc:
+            logger.warning("could not write the pictures of epoch %d: %s; training continues", epoch, exc)
+
+    @torch.no_grad()
+    def _write_pictures(self, epoch: int) -> None:
         self.model.eval()
         images_dir = self.run_dir / "images"
         for split, pixels in (("train", self.fixed_train), ("valid", self.fixed_valid)):
@@ -228,6 +348,12 @@ class Trainer:
         prune_epoch_checkpoints(folder, self.cfg.keep_checkpoints)
         return path
 
+    def save_last_checkpoint(self) -> Path:
+        """last.pt alone, possibly inside an epoch (the epoch_N.pt it may name stays as it was)."""
+        path = self.run_dir / "checkpoints" / "last.pt"
+        save_checkpoint(self.state(), path)
+        return path
+
     def fit(self) -> Path:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -240,6 +366,7 @@ class Trainer:
         if self.epoch >= self.cfg.epochs:
             logger.info("nothing to do: %d of %d epochs already done", self.epoch, self.cfg.epochs)
         writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self.stop.install()
         try:
             for epoch in range(self.epoch + 1, self.cfg.epochs + 1):
                 values = self.train_epoch(epoch, writer)
@@ -264,7 +391,10 @@ class Trainer:
                     saved = self.save_epoch_checkpoint()
                 if improved:
                     self.save_best(saved)
+                if self.stop.requested and epoch < self.cfg.epochs:
+                    self._stop_on_signal()
         finally:
+            self.stop.restore()
             writer.close()
         if self.epoch >= self.cfg.epochs:
             self.final_report()

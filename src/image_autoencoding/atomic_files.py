@@ -1,0 +1,57 @@
+"""Write a file so that readers only ever see the old complete file or the new complete file.
+
+The bytes go to a temporary file in the destination folder (a rename is only atomic within one
+file system), are flushed and fsynced, and the temporary file is renamed over the destination.
+Any failure, a full disk included, removes the temporary file and leaves the destination as it was.
+Temporary names start with "." and end with ".tmp", so no checkpoint name or pattern matches them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+TEMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    # mkstemp creates files 0600; the finished file should get the usual umask-based mode.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = True) -> None:
+    """Call write(handle) on a temporary file, then rename it to `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        text_options = {} if binary else {"newline": "", "encoding": "utf-8"}
+        with os.fdopen(fd, "wb" if binary else "w", **text_options) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename durable: on POSIX the folder entry must reach the disk too. Not every platform
+    lets a folder be opened; a missed fsync costs durability after a power cut, not correctness."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

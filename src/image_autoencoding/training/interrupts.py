@@ -1,0 +1,58 @@
+"""SIGTERM and Ctrl-C during training: remember the request, let the current step finish, then the
+trainer writes a checkpoint and stops (exit status 143 / 130, the shell's 128 + signal number).
+
+A second signal of either kind stops at once (no checkpoint), for a user who does not want to wait.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal; `exit_status` is 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_status = 128 + signum
+
+
+class StopRequests:
+    """Installs handlers for SIGINT and SIGTERM (main thread only: Python delivers signals there;
+    elsewhere, e.g. tests calling the trainer from a thread, nothing is installed)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def install(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for signum in HANDLED:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:
+            raise TrainingInterrupted(signum, f"stopped at once on a second {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def interrupted_message(signum: int, run_dir: object, checkpoint: object) -> str:
+    return (
+        f"stopped on {signal.Signals(signum).name}; checkpoint written to {checkpoint}; "
+        f"continue with: vae train --resume {run_dir}"
+    )
+

@@ -1,0 +1,516 @@
+"""Reliability rules (issue 6): exact resume, crash-safe checkpoints, safe loading, export, the
+non-finite loss guard, signals, unwritable / full disks and concurrent run folders.
+
+Runs that must die by a real signal train in a subprocess; everything else calls the CLI
+in-process. All runs use the tiny network from conftest.py, single-threaded, so they are exact
+and fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from image_autoencoding.cli import main
+from image_autoencoding.config import load_config
+from image_autoencoding.data.image_data import load_image_data
+from image_autoencoding.models.vae import build_model
+from image_autoencoding.training import trainer as trainer_module
+from image_autoencoding.training.checkpoint import (
+    CheckpointError,
+    first_non_finite,
+    kept_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from image_autoencoding.training.fault_injection import ENV as SIGNAL_AT_STEP
+from image_autoencoding.training.resume import load_newest_good
+from image_autoencoding.training.run_dir import create_run_dir
+from image_autoencoding.training.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+# 3 epochs of 4 steps, last.pt every 3 steps and epoch_N.pt every epoch: checkpoints land both
+# inside epochs and on their ends. Bit-identical resume is promised on CPU (cuDNN has
+# nondeterministic kernels), so the device is pinned.
+EXACT = ["train.epochs=3", "train.max_steps_per_epoch=4", "train.checkpoint_every_steps=3", "train.checkpoint_every=1",
+         "train.device=cpu"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs match the single-threaded subprocesses bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _vae(args: list[str], signal_at: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "image_autoencoding", *args], env=_env(signal_at),
+        capture_output=True, text=True, timeout=180,
+    )
+
+
+def _env(signal_at: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != SIGNAL_AT_STEP}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), env.get("PYTHONPATH")) if p)
+    env["OMP_NUM_THREADS"] = "1"
+    if signal_at:
+        env[SIGNAL_AT_STEP] = signal_at
+    return env
+
+
+def _run_dir(output: Path) -> Path:
+    (run,) = (output / "results" / "vae").iterdir()
+    return run
+
+
+def _metrics(run: Path) -> list[dict[str, str]]:
+    with (run / "metrics.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _assert_identical(a, b, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def _assert_last_checkpoint_at(run: Path, step: int, step_in_epoch: int) -> None:
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (state["step"], state["step_in_epoch"]) == (step, step_in_epoch)
+
+
+def _one_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def _fake_state(value: float = 1.0) -> dict:
+    """The shape of a checkpoint without training a model."""
+    return {"model": {"w": torch.full((4,), value)}, "encoder_optimizer": {}, "decoder_optimizer": {},
+            "encoder_scheduler": {}, "decoder_scheduler": {}, "epoch": 1, "step": 3, "rng": {}, "config": {}}
+
+
+def _temp_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+# -- resume -------------------------------------------------------------------------------------
+
+
+def test_runs_killed_at_any_step_resume_bit_identical(tiny, tmp_path):
+    killed_out, reference_out = tmp_path / "killed", tmp_path / "reference"
+    first = _vae(["train", "--quiet", *tiny, *EXACT, f"train.output_dir={killed_out}"], "SIGKILL@8")
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    run = _run_dir(killed_out)
+    # Killed on the last batch of epoch 2, before its end: two steps after the last checkpoint.
+    _assert_last_checkpoint_at(run, step=6, step_in_epoch=2)
+    second = _vae(["train", "--quiet", "--resume", str(run)], "SIGKILL@9")
+    assert second.returncode == -signal.SIGKILL, second.stderr
+    # Killed right after the mid-epoch checkpoint of step 9, the first step of epoch 3.
+    _assert_last_checkpoint_at(run, step=9, step_in_epoch=1)
+    assert main(["train", "--quiet", "--resume", str(run)]) == 0
+    assert main(["train", "--quiet", *tiny, *EXACT, f"train.output_dir={reference_out}"]) == 0
+
+    resumed = load_checkpoint(run / "checkpoints" / "last.pt")
+    uninterrupted = load_checkpoint(_run_dir(reference_out) / "checkpoints" / "last.pt")
+    for state in (resumed, uninterrupted):
+        state["config"]["train"].pop("output_dir")
+    assert resumed["step"] == 12
+    _assert_identical(resumed, uninterrupted)  # weights, both optimizers, schedulers, RNG, progress
+
+    rows, reference_rows = _metrics(run), _metrics(_run_dir(reference_out))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    for row, reference in zip(rows, reference_rows, strict=True):
+        for timing in ("images_per_s", "seconds"):
+            row.pop(timing), reference.pop(timing)
+        assert row == reference  # the loss sums carried across kills give the same epoch means
+
+
+def test_metrics_rows_after_the_checkpoint_are_replaced_not_duplicated(tiny, tmp_path, monkeypatch):
+    inside_epoch_2 = tmp_path / "inside_epoch_2.pt"
+    save_last = Trainer.save_last_checkpoint
+
+    def keep_a_copy(self):
+        path = save_last(self)
+        if self.step == 4:
+            shutil.copy(path, inside_epoch_2)
+        return path
+
+    monkeypatch.setattr(Trainer, "save_last_checkpoint", keep_a_copy)
+    args = [*tiny, "train.epochs=2", "train.max_steps_per_epoch=3", "train.checkpoint_every_steps=2"]
+    assert main(["train", *args]) == 0
+    run = _run_dir(tmp_path)
+    before = _metrics(run)
+    assert [r["epoch"] for r in before] == ["1", "2"]
+    assert load_checkpoint(inside_epoch_2)["epoch"] == 1  # one epoch done, epoch 2 under way
+
+    assert main(["train", "--resume", str(run), "--checkpoint", str(inside_epoch_2)]) == 0
+    after = _metrics(run)
+    assert [r["epoch"] for r in after] == ["1", "2"]
+    assert after[0] == before[0]
+    assert {k: after[1][k] for k in ("recon", "kl", "valid_recon")} == {
+        k: before[1][k] for k in ("recon", "kl", "valid_recon")
+    }
+
+
+def test_resume_refuses_changed_model_or_data_naming_every_key(tiny, tmp_path, capsys):
+    assert main(["train", *tiny, "train.epochs=1"]) == 0
+    run = _run_dir(tmp_path)
+    last = (run / "checkpoints" / "last.pt").read_bytes()
+    capsys.readouterr()
+    changes = ["model.latent_dim=16", "data.valid_fraction=0.3", "model.encoder_channels=[8,8,16]", "train.epochs=2"]
+    assert main(["train", "--resume", str(run), *changes]) == 2
+    error = _one_line(capsys.readouterr().err)
+    for key in ("model.latent_dim", "data.valid_fraction", "model.encoder_channels"):
+        assert key in error
+    assert "train.epochs" not in error
+    assert (run / "checkpoints" / "last.pt").read_bytes() == last  # refused before training
+    assert len(_metrics(run)) == 1
+
+
+def test_resume_inside_an_epoch_refuses_a_changed_batch_size(tmp_path, capsys):
+    path = tmp_path / "inside.pt"
+    save_checkpoint({**_fake_state(), "step_in_epoch": 2, "config": load_config().to_dict()}, path)
+    assert main(["train", "--resume", str(tmp_path), "--checkpoint", str(path), "train.batch_size=16"]) == 2
+    error = _one_line(capsys.readouterr().err)
+    assert "train.batch_size" in error and "inside an epoch" in error
+
+
+def test_resume_applies_and_logs_training_only_changes(tiny, tmp_path):
+    assert main(["train", *tiny, "train.epochs=1", "train.decay_lr=0.5"]) == 0
+    run = _run_dir(tmp_path)
+    assert main(["train", "--resume", str(run), "train.epochs=2", "train.lr=0.004", "train.weight_decay=0.01"]) == 0
+    log = (run / "train.log").read_text()
+    assert "resume changes train.lr: 0.001 -> 0.004" in log and "train.epochs: 1 -> 2" in log
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["epoch"] == 2
+    for name in ("encoder_optimizer", "decoder_optimizer"):
+        group = state[name]["param_groups"][0]
+        # As if started with lr 0.004: halved after each of the two epochs.
+        assert group["lr"] == pytest.approx(0.004 * 0.5**2) and group["weight_decay"] == 0.01
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+
+def test_a_crash_inside_the_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(_fake_state(1.0), path)
+
+    def crash_halfway(obj, handle, *args, **kwargs):
+        handle.write(b"PK\x03\x04 half a zip")
+        raise RuntimeError("simulated crash inside torch.save")
+
+    monkeypatch.setattr(torch, "save", crash_halfway)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        save_checkpoint(_fake_state(2.0), path)
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.full((4,), 1.0))
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_temporary_files_are_never_taken_for_checkpoints(tmp_path):
+    folder = tmp_path / "checkpoints"
+    save_checkpoint(_fake_state(2.0), folder / "epoch_2.pt")
+    save_checkpoint(_fake_state(3.0), folder / "last.pt")
+    # What a crash mid-save could leave behind.
+    for stale in (".last.pt.k2j4h1.tmp", ".epoch_9.pt.x8z.tmp", ".last.pt.link.tmp"):
+        (folder / stale).write_bytes(b"PK\x03\x04 half a zip")
+    assert kept_checkpoints(folder) == [folder / "last.pt", folder / "epoch_2.pt"]
+    path, state, failures = load_newest_good(tmp_path)
+    assert path == folder / "last.pt" and not failures
+    assert torch.equal(state["model"]["w"], torch.full((4,), 3.0))
+
+
+@pytest.mark.parametrize("kind", ["truncated", "foreign tensor", "foreign dict", "not a zip"])
+def test_a_bad_checkpoint_is_one_line_naming_the_file_exit_2(tmp_path, capsys, kind):
+    path = tmp_path / "bad.pt"
+    if kind == "truncated":
+        save_checkpoint(_fake_state(), tmp_path / "good.pt")
+        whole = (tmp_path / "good.pt").read_bytes()
+        path.write_bytes(whole[: len(whole) // 2])
+    elif kind == "foreign tensor":
+        torch.save(torch.ones(3), path)
+    elif kind == "foreign dict":
+        torch.save({"model": {"w": torch.ones(3)}, "format_version": 1}, path)
+    else:
+        path.write_text("hello")
+    assert main(["train", "--resume", str(tmp_path), "--checkpoint", str(path)]) == 2
+    assert str(path) in _one_line(capsys.readouterr().err)
+    assert main(["export", str(tmp_path), "--checkpoint", str(path)]) == 2
+    assert str(path) in _one_line(capsys.readouterr().err)
+
+
+def test_resume_falls_back_to_the_previous_checkpoint_when_last_is_bad(tiny, tmp_path):
+    assert main(["train", *tiny, "train.epochs=2", "train.checkpoint_every=1"]) == 0
+    run = _run_dir(tmp_path)
+    last = run / "checkpoints" / "last.pt"
+    whole = last.read_bytes()
+    # A new file, not a write through last.pt: last.pt is a hard link to epoch_2.pt.
+    (run / "checkpoints" / "broken").write_bytes(whole[:1000])
+    os.replace(run / "checkpoints" / "broken", last)
+    assert main(["train", "--resume", str(run), "train.epochs=3"]) == 0
+    log = (run / "train.log").read_text()
+    assert f"checkpoint '{last}' cannot be read safely" in log and "falling back" in log
+    assert f"from {run / 'checkpoints' / 'epoch_2.pt'} at epoch 2" in log
+    assert [r["epoch"] for r in _metrics(run)] == ["1", "2", "3"]
+    assert load_checkpoint(last)["epoch"] == 3
+
+
+class _CreatesMarkerWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("container", ["torch zip", "plain pickle"])
+def test_a_checkpoint_crafted_to_run_code_is_refused_and_runs_nothing(tmp_path, capsys, container):
+    marker, path = tmp_path / "marker", tmp_path / "evil.pt"
+    payload = {**_fake_state(), "model": _CreatesMarkerWhenUnpickled(marker)}
+    if container == "torch zip":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=2))
+    assert main(["train", "--resume", str(tmp_path), "--checkpoint", str(path)]) == 2
+    assert str(path) in _one_line(capsys.readouterr().err)
+    assert not marker.exists()
+    # The payload is live: an unsafe load would have run it.
+    if container == "torch zip":
+        torch.load(path, weights_only=False)
+    else:
+        pickle.loads(path.read_bytes())
+    assert marker.exists()
+
+
+def test_export_is_loadable_with_safetensors_and_json_alone(tiny, tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    assert main(["train", *tiny, "train.epochs=1"]) == 0
+    run, out = _run_dir(tmp_path), tmp_path / "exported"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "decoder.safetensors", "encoder.safetensors"]
+
+    description = json.loads((out / "config.json").read_text())
+    encoder = safetensors_torch.load_file(out / "encoder.safetensors")
+    decoder = safetensors_torch.load_file(out / "decoder.safetensors")
+    assert description["image_size"] == 16 and description["model"]["latent_dim"] == 8
+    assert description["mean"] == [0.5, 0.5, 0.5] and description["std"] == [0.5, 0.5, 0.5]
+
+    config = load_config(None, ["data.image_size=16", *(f"model.{k}={json.dumps(v)}" for k, v in
+                                                      description["model"].items())])
+    exported = build_model(config.model, description["image_size"])
+    for network, tensors in (("encoder", encoder), ("decoder", decoder)):
+        expected = getattr(exported, network).state_dict()
+        assert {k: tuple(v.shape) for k, v in tensors.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+        getattr(exported, network).load_state_dict(tensors)
+
+    trained = build_model(config.model, 16)
+    trained.load_state_dict(load_checkpoint(run / "checkpoints" / "last.pt")["model"])
+    x = torch.randn(4, 3, 16, 16)
+    assert torch.equal(exported.eval().reconstruct(x), trained.eval().reconstruct(x))
+
+
+# -- during training ----------------------------------------------------------------------------
+
+
+def _trainer(tiny, tmp_path) -> Trainer:
+    config = load_config(None, [*tiny, "train.max_steps_per_epoch=2"])
+    return Trainer(config, tmp_path, load_image_data(config.data))
+
+
+def _snapshot(trainer: Trainer) -> dict:
+    return {name: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in part.items()}
+            if name == "model" else torch.load(_roundtrip(part), weights_only=True)
+            for name, part in (("model", trainer.model.state_dict()),
+                               ("encoder", trainer.encoder_optimizer.state_dict()),
+                               ("decoder", trainer.decoder_optimizer.state_dict()))}
+
+
+def _roundtrip(state):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_a_non_finite_loss_or_gradient_skips_the_step_leaving_everything_unchanged(tiny, tmp_path, monkeypatch):
+    trainer = _trainer(tiny, tmp_path)
+    x = trainer.normalize(torch.from_numpy(trainer.data.train.images[:16]))
+    assert trainer.train_step(x) is not None  # optimizer state exists from here on
+    before = _snapshot(trainer)
+
+    nan_batch = x.clone()
+    nan_batch[0, 0, 0, 0] = float("nan")
+    assert trainer.train_step(nan_batch) is None
+    _assert_identical(_snapshot(trainer), before)  # BatchNorm running statistics included
+
+    # A finite loss whose gradient is NaN: d sqrt(|u|) / du at u = 0.
+    objective = trainer_module.training_objective
+    monkeypatch.setattr(trainer_module, "training_objective", lambda recon, kl, alpha: objective(
+        recon, kl, alpha) + (recon.sum() - recon.sum().detach()).abs().sqrt())
+    assert trainer.train_step(x) is None
+    _assert_identical(_snapshot(trainer), before)
+
+
+def _poison(monkeypatch, bad) -> None:
+    """Make the batches for which bad(epoch, batch) holds all NaN."""
+    real = trainer_module.training_batches
+
+    def batches(images, batch_size, seed, epoch, *args, **kwargs):
+        for number, x in enumerate(real(images, batch_size, seed, epoch, *args, **kwargs), start=1):
+            yield x * float("nan") if bad(epoch, number) else x
+
+    monkeypatch.setattr(trainer_module, "training_batches", batches)
+
+
+def test_skipped_steps_are_counted_in_metrics_and_logged(tiny, tmp_path, monkeypatch):
+    _poison(monkeypatch, lambda epoch, batch: (epoch, batch) == (1, 2))
+    assert main(["train", *tiny, "train.epochs=2"]) == 0
+    run = _run_dir(tmp_path)
+    assert [r["skipped_steps"] for r in _metrics(run)] == ["1", "0"]
+    assert "non-finite loss or gradient at step 2 (epoch 1, batch 2): step skipped" in (run / "train.log").read_text()
+    assert first_non_finite(load_checkpoint(run / "checkpoints" / "last.pt")) is None
+
+
+def test_repeated_non_finite_losses_stop_the_run_naming_step_and_batch(tiny, tmp_path, monkeypatch, capsys):
+    _poison(monkeypatch, lambda epoch, batch: epoch == 2)
+    assert main(["train", *tiny, "train.epochs=3", "train.checkpoint_every=1"]) == 2
+    error = _one_line(capsys.readouterr().err)
+    assert "3 non-finite losses in a row, the last at step 6 (epoch 2, batch 3)" in error
+    run = _run_dir(tmp_path)
+    assert [r["epoch"] for r in _metrics(run)] == ["1"]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
+
+
+def test_no_checkpoint_is_ever_written_holding_nan_or_inf(tmp_path):
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(CheckpointError, match="model.w holds NaN or Inf"):
+            save_checkpoint(_fake_state(value), tmp_path / "last.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(tiny, tmp_path):
+    args = ["train", "--quiet", *tiny, *EXACT, "train.checkpoint_every_steps=null"]
+    done = _vae(args, "SIGTERM@5")
+    assert done.returncode == 143, done.stderr
+    run = _run_dir(tmp_path)
+    assert f"continue with: vae train --resume {run}" in _one_line(done.stderr)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (state["epoch"], state["step"], state["step_in_epoch"]) == (1, 5, 1)
+    assert main(["train", "--quiet", "--resume", str(run)]) == 0
+    assert [r["epoch"] for r in _metrics(run)] == ["1", "2", "3"]
+
+
+def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(tiny, tmp_path, monkeypatch, capsys):
+    # A real SIGINT to this process, handled by the trainer (the CLI would also turn a bare
+    # KeyboardInterrupt into 130, but then no checkpoint of step 5 would exist).
+    monkeypatch.setenv(SIGNAL_AT_STEP, "SIGINT@5")
+    assert main(["train", "--quiet", *tiny, *EXACT, "train.checkpoint_every_steps=null"]) == 130
+    run = _run_dir(tmp_path)
+    assert f"continue with: vae train --resume {run}" in _one_line(capsys.readouterr().err)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (state["epoch"], state["step"], state["step_in_epoch"]) == (1, 5, 1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+
+
+def test_an_unwritable_output_folder_is_one_line_before_training(tiny, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert main(["train", *tiny, f"train.output_dir={blocker}"]) == 2
+    assert "is not writable" in _one_line(capsys.readouterr().err)
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_while_writing_metrics_keeps_csv_and_checkpoint(tiny, tmp_path, monkeypatch, capsys):
+    writerows = csv.DictWriter.writerows
+    calls = []
+
+    def full_on_second_epoch(self, rows):
+        calls.append(1)
+        if len(calls) == 2:
+            self.writer.writerow(["1,half a row"])  # bytes reach the temporary file, then the disk is full
+            _disk_full()
+        return writerows(self, rows)
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", full_on_second_epoch)
+    assert main(["train", *tiny, "train.epochs=3", "train.checkpoint_every=1"]) == 2
+    error = _one_line(capsys.readouterr().err)
+    run = _run_dir(tmp_path)
+    assert "metrics.csv" in error and "No space left on device" in error and f"--resume {run}" in error
+    assert [r["epoch"] for r in _metrics(run)] == ["1"]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
+    assert _temp_files(run) == []
+
+
+def test_a_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tiny, tmp_path, monkeypatch, capsys):
+    save = torch.save
+    calls = []
+
+    def full_on_second_save(obj, handle, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            handle.write(b"PK\x03\x04 half a zip")
+            _disk_full()
+        return save(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_on_second_save)
+    assert main(["train", *tiny, "train.epochs=3", "train.checkpoint_every=1"]) == 2
+    error = _one_line(capsys.readouterr().err)
+    run = _run_dir(tmp_path)
+    assert "epoch_2.pt" in error and "No space left on device" in error and "previous checkpoint is kept" in error
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
+    assert _temp_files(run) == []
+
+
+def test_a_full_disk_while_writing_pictures_is_reported_and_training_goes_on(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_module, "save_sample_grid", _disk_full)
+    assert main(["train", *tiny, "train.epochs=2"]) == 0
+    run = _run_dir(tmp_path)
+    log = (run / "train.log").read_text()
+    assert "could not write the pictures of epoch 1: [Errno 28] No space left on device" in log
+    assert [r["epoch"] for r in _metrics(run)] == ["1", "2"]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_runs_started_at_once_get_different_folders(tmp_path):
+    starting_line = threading.Barrier(8)
+
+    def start(_):
+        starting_line.wait()
+        return create_run_dir(tmp_path, now=1_800_000_000.0)  # the same second for all
+
+    with ThreadPoolExecutor(8) as pool:
+        folders = list(pool.map(start, range(8)))
+    assert len(set(folders)) == 8 and all(folder.is_dir() for folder in folders)
