@@ -14,6 +14,7 @@ TINY = [
     "train.grid_images=4",
     "train.sample_images=9",
     "train.progress=false",
+    "train.tsne_points=0",  # t-SNE adds seconds to every run; test_evaluation turns it on
 ]
 
 

@@ -25,7 +25,8 @@ from image_autoencoding.visualization import plots
 def run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("eval")
     assert main(["train", "data.dataset=digits", *TINY, f"train.output_dir={out}", "train.epochs=3",
-                 "train.checkpoint_every=1", "train.keep_checkpoints=1", "data.image_size=24"]) == 0
+                 "train.checkpoint_every=1", "train.keep_checkpoints=1", "data.image_size=24",
+                 "train.tsne_points=300"]) == 0
     (run_dir,) = (out / "results" / "vae").iterdir()
     return run_dir
 

@@ -122,3 +122,14 @@ def test_help_works(capsys):
             main(argv)
         assert exit_info.value.code == 0
     assert "section.key=value" in capsys.readouterr().out
+
+
+def test_fp16_with_loss_scaling_runs_the_shared_gpu_code_path(tiny, tmp_path):
+    """fp16 autocast + GradScaler is the path for GPUs without bf16; on CPU it runs the same code."""
+    assert main(["train", *tiny, "train.epochs=2", "train.precision=fp16"]) == 0
+    run = _run_dir(tmp_path)
+    state = load_checkpoint(run / "checkpoints/last.pt")
+    assert state["scaler"]["scale"] > 0  # the loss scale is checkpointed for exact resume
+    assert state["encoder_optimizer"]["state"]  # steps were taken once the loss scale settled
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert main(["train", "--resume", str(run), "train.epochs=3"]) == 0

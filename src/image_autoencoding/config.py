@@ -131,7 +131,8 @@ class TrainConfig(_Section):
     device: str = "auto"
     # auto: bf16 autocast where the device has native bf16 (measured 2x fp32 on this project's
     # reference CPU, same quality: benchmarks/train_throughput.py), else fp32.
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # fp16 (with loss scaling) is for GPUs without bf16; on CPU it runs, slowly.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # NHWC weights and activations: oneDNN's and cuDNN's preferred layout for convolutions.
     channels_last: bool = True
     # torch.compile the model (needs a C++ compiler on CPU; the first steps take longer).
@@ -146,6 +147,8 @@ class TrainConfig(_Section):
     max_steps_per_epoch: int | None = Field(None, ge=1)
     # Validation images scored (SSIM, PCC, MSE, PSNR) after every epoch; None scores the whole split.
     eval_images: int | None = Field(None, ge=1)
+    # Validation images in the t-SNE picture of the latent space (seconds per thousand); 0 skips it.
+    tsne_points: int = Field(1000, ge=0)
     grid_images: int = Field(8, ge=1)
     sample_images: int = Field(64, ge=1)
     progress: bool = True

@@ -88,7 +88,7 @@ def _interpolation_rows(model: VAE, images: np.ndarray, normalize: Normalizer, d
 
 def write_pictures(
     run_dir: Path, model: VAE, images: np.ndarray, labels: np.ndarray, class_names: list[str],
-    evaluation: SplitEvaluation, normalize: Normalizer, device: torch.device, suffix: str = "",
+    evaluation: SplitEvaluation, normalize: Normalizer, device: torch.device, suffix: str = "", tsne_points: int = 1000,
 ) -> dict[str, Path]:
     latent = run_dir / "images" / "latent"
     model.eval()
@@ -101,9 +101,9 @@ def write_pictures(
             evaluation.kl_per_dim, latent / f"kl_per_dimension{suffix}.png"
         ),
     }
-    if evaluation.n >= 10:
+    if evaluation.n >= 10 and tsne_points > 0:
         pictures["latent_tsne"] = plots.save_latent_projection(
-            mu, labels, class_names, latent / f"latent_tsne{suffix}.png", method="tsne", n=1000
+            mu, labels, class_names, latent / f"latent_tsne{suffix}.png", method="tsne", n=tsne_points
         )
     if len(images) >= 2:
         rows = _interpolation_rows(model, images, normalize, device)
@@ -215,7 +215,7 @@ def evaluate_run(
     document = metrics_document(evaluation, split, path, int(state.get("epoch", 0)))
     (run_dir / f"metrics{suffix}.json").write_text(json.dumps(document, indent=2), encoding="utf-8")
     pictures = write_pictures(run_dir, model, chosen.images, chosen.labels, data.class_names, evaluation, normalize,
-                              torch_device, suffix)
+                              torch_device, suffix, config.train.tsne_points)
     if split == "valid":
         write_report(run_dir, config, document, pictures)
     return document

@@ -42,6 +42,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def autocast_factory(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
     """Weights and optimizer state stay fp32; only the forward pass runs in bf16."""
-    if precision == "bf16":
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return lambda: torch.autocast(device_type=device.type, dtype=dtype)
     return contextlib.nullcontext

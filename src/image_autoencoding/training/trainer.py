@@ -126,6 +126,11 @@ class Trainer:
         # The module that runs training steps; self.model stays the one whose weights are saved.
         self.forward = torch.compile(self.model) if self.cfg.compile else self.model
         self.encoder_optimizer, self.decoder_optimizer = build_optimizers(self.model, self.cfg)
+        # Loss scaling for fp16 only; disabled, it passes the loss and the steps through unchanged,
+        # so bf16 / fp32 and CPU tests run the same code as a GPU fp16 run.
+        # Our losses are sums over pixels and images (the original's), so gradients are already far
+        # from fp16's underflow; the usual initial scale of 2^16 would overflow for dozens of steps.
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=1.0, enabled=self.precision == "fp16")
         self.encoder_scheduler = ExponentialLR(self.encoder_optimizer, gamma=self.cfg.decay_lr)
         self.decoder_scheduler = ExponentialLR(self.decoder_optimizer, gamma=self.cfg.decay_lr)
         self.epoch = 0  # epochs completed
@@ -164,6 +169,7 @@ class Trainer:
             "step_in_epoch": self.progress.steps,
             "epoch_progress": self.progress.state(),
             "bad_steps_in_a_row": self.bad_steps_in_a_row,
+            "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "best_ssim": self.best_ssim,
             "config": self.config.to_dict(),
@@ -183,6 +189,8 @@ class Trainer:
         self.progress = EpochProgress.from_state(state.get("epoch_progress"), self.device)
         self.bad_steps_in_a_row = int(state.get("bad_steps_in_a_row", 0))
         self._apply_changed_optimizer_settings(state["config"]["train"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.metrics.keep_epochs_up_to(self.epoch)
 
@@ -211,13 +219,20 @@ class Trainer:
         loss = training_objective(recon, kl, self.alpha)
         self.encoder_optimizer.zero_grad(set_to_none=True)
         self.decoder_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
         self.step += 1
-        if not self._loss_and_gradients_finite(loss):
+        if self.scaler.is_enabled():
+            # fp16: overflowing gradients are expected while the loss scale settles; GradScaler skips
+            # those steps itself and lowers the scale, so only a non-finite loss counts as bad here.
+            finite = bool(torch.isfinite(loss.detach()))
+        else:
+            finite = self._loss_and_gradients_finite(loss)
+        if not finite:
             torch._foreach_copy_(self._buffers, self._buffer_backup)
             return None
-        self.encoder_optimizer.step()
-        self.decoder_optimizer.step()
+        self.scaler.step(self.encoder_optimizer)
+        self.scaler.step(self.decoder_optimizer)
+        self.scaler.update()
         return torch.stack([recon.sum(), kl.sum()]).detach()
 
     def _loss_and_gradients_finite(self, loss: Tensor) -> bool:
