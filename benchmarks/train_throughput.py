@@ -193,7 +193,9 @@ def quality(work: Path, data, steps: int) -> dict:
                 scores.append(ssim(trainer.normalize.to_unit(x), trainer.normalize.to_unit(x_hat)))
         return losses, float(torch.cat(scores).mean())
 
-    default = build_config(work).train.precision
+    from image_autoencoding.training.device import resolve_precision
+
+    default = resolve_precision(build_config(work).train.precision, torch.device("cpu"))
     fp32_losses, fp32_ssim = run("fp32", 1)
     default_losses, default_ssim = run(default, 1)
     other_losses, other_ssim = run(default, 2)
