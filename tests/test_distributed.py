@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from conftest import TINY
 from image_autoencoding.cli import main
@@ -28,8 +30,10 @@ from image_autoencoding.data.image_data import load_image_data
 from image_autoencoding.evaluation.evaluate import evaluate_split
 from image_autoencoding.evaluation.run_report import load_run_model
 from image_autoencoding.training.checkpoint import load_checkpoint
+from image_autoencoding.training.distributed import Distributed
 from image_autoencoding.training.fault_injection import ENV as SIGNAL_AT_STEP
 from image_autoencoding.training.sharded_evaluation import shard_range
+from image_autoencoding.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -184,3 +188,33 @@ def test_validation_shares_cover_the_split_once_in_order():
             assert shares[0][0] == 0 and shares[-1][1] == n
             assert all(a[1] == b[0] for a, b in zip(shares, shares[1:], strict=False))
             assert max(b - a for a, b in shares) - min(b - a for a, b in shares) <= 1
+
+
+def _train_one_epoch_with_a_bad_step_on_rank_1(rank: int, root: Path) -> None:
+    """One of two gloo ranks (spawned), per-rank BatchNorm: rank 1 alone finds step 2 non-finite.
+    (A NaN in one rank's batch would reach every rank through DDP's gradient average; a loss that
+    overflows on one rank alone need not, which is what the agreement is for.)"""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2)
+    try:
+        config = load_config(None, [*COMMON, "train.batch_size=16", f"train.output_dir={root}"])
+        check = Trainer._loss_and_gradients_finite
+
+        def finite_except_step_2_on_rank_1(self, loss):
+            return check(self, loss) and not (rank == 1 and self.step == 2)
+
+        Trainer._loss_and_gradients_finite = finite_except_step_2_on_rank_1
+        trainer = Trainer(config, root / "run", load_image_data(config.data, progress=False),
+                          dist=Distributed(rank, rank, 2))
+        values = trainer.train_epoch(1, writer=None)
+        weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        torch.save({"skipped": values["skipped_steps"], "weights": weights}, root / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_step_found_non_finite_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    mp.spawn(_train_one_epoch_with_a_bad_step_on_rank_1, args=(tmp_path,), nprocs=2)
+    first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert first["skipped"] == second["skipped"] == 1  # rank 0 found its own step finite
+    assert torch.equal(first["weights"], second["weights"])  # the replicas did not drift apart
