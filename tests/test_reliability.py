@@ -28,6 +28,7 @@ from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
 from image_autoencoding.data.image_data import load_image_data
 from image_autoencoding.models.vae import build_model
+from image_autoencoding.training import objective as objective_module
 from image_autoencoding.training import trainer as trainer_module
 from image_autoencoding.training.checkpoint import (
     CheckpointError,
@@ -374,8 +375,9 @@ def test_a_non_finite_loss_or_gradient_skips_the_step_leaving_everything_unchang
     _assert_identical(_snapshot(trainer), before)  # BatchNorm running statistics included
 
     # A finite loss whose gradient is NaN: d sqrt(|u|) / du at u = 0.
-    objective = trainer_module.training_objective
-    monkeypatch.setattr(trainer_module, "training_objective", lambda recon, kl, alpha: objective(
+    # (The loss is computed inside VAEObjective, the module DDP wraps.)
+    objective = objective_module.training_objective
+    monkeypatch.setattr(objective_module, "training_objective", lambda recon, kl, alpha: objective(
         recon, kl, alpha) + (recon.sum() - recon.sum().detach()).abs().sqrt())
     assert trainer.train_step(x) is None
     _assert_identical(_snapshot(trainer), before)

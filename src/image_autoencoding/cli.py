@@ -29,16 +29,15 @@ def _add_train(subparsers) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from image_autoencoding.data.image_data import load_image_data
+    from image_autoencoding.training.distributed import from_environment, process_group
     from image_autoencoding.training.resume import prepare_resume
-    from image_autoencoding.training.run_dir import create_run_dir, ensure_writable
     from image_autoencoding.training.run_log import run_logging
     from image_autoencoding.training.trainer import Trainer
 
     if args.resume:
         if args.config:
             raise ConfigError("--resume uses the run's saved config.yaml; give changes as overrides, not --config")
-        resume = prepare_resume(args.resume, args.checkpoint, args.overrides)
+        resume = prepare_resume(args.resume, args.checkpoint, args.overrides, from_environment().world_size)
         config, state = resume.config, resume.state
     else:
         if args.checkpoint:
@@ -47,24 +46,50 @@ def _train(args: argparse.Namespace) -> int:
     if args.quiet:
         config.train.progress = False
 
-    ensure_writable(resume.run_dir if resume else f"{config.train.output_dir}/results/vae")
-    # Fails on a missing dataset or too many bad images before any run folder is made.
-    data = load_image_data(config.data, progress=config.train.progress)
-    run_dir = resume.run_dir if resume else create_run_dir(config.train.output_dir)
-    data.write_bad_files(run_dir / "bad_files.csv")
-    with run_logging(run_dir, config.train.log_dir, console=not args.quiet) as logger:
-        if data.bad_files:
-            logger.warning("%d unreadable images skipped: %s", len(data.bad_files), run_dir / "bad_files.csv")
-        if resume:
-            for failure in resume.fallbacks:
-                logger.warning("%s; falling back to an older checkpoint", failure)
-            logger.info("resuming %s from %s at epoch %d, step %d", run_dir, resume.checkpoint, state["epoch"],
-                        state["step"])
-            for key, (old, new) in resume.changed.items():
-                logger.info("resume changes %s: %r -> %r", key, old, new)
-        Trainer(config, run_dir, data, resume=state).fit()
+    with process_group(config.train.device) as dist:
+        run_dir, data = _run_dir_and_data(config, resume, dist)
+        if not dist.is_main:  # the other ranks train and write nothing
+            Trainer(config, run_dir, data, resume=state, dist=dist).fit()
+            return 0
+        with run_logging(run_dir, config.train.log_dir, console=not args.quiet) as logger:
+            if data.bad_files:
+                logger.warning("%d unreadable images skipped: %s", len(data.bad_files), run_dir / "bad_files.csv")
+            if resume:
+                for failure in resume.fallbacks:
+                    logger.warning("%s; falling back to an older checkpoint", failure)
+                logger.info("resuming %s from %s at epoch %d, step %d (saved by %d process(es), now %d)", run_dir,
+                            resume.checkpoint, state["epoch"], state["step"], int(state.get("world_size", 1)),
+                            dist.world_size)
+                for key, (old, new) in resume.changed.items():
+                    logger.info("resume changes %s: %r -> %r", key, old, new)
+            Trainer(config, run_dir, data, resume=state, dist=dist).fit()
     print(run_dir)
     return 0
+
+
+def _run_dir_and_data(config, resume, dist):
+    """Rank 0 checks the output folder, reads (on first use builds) the cache and makes the run
+    folder; then it tells the other ranks the folder, or the error that stopped it, and they open
+    the finished cache. One run folder whatever the number of processes."""
+    from image_autoencoding.data.image_data import load_image_data
+    from image_autoencoding.training.run_dir import create_run_dir, ensure_writable
+
+    if not dist.is_main:
+        error, run_dir = dist.broadcast_from_main(None)
+        if error is not None:
+            raise UserError(f"rank 0 stopped: {error}")
+        return Path(run_dir), load_image_data(config.data, progress=False)
+    try:
+        ensure_writable(resume.run_dir if resume else f"{config.train.output_dir}/results/vae")
+        # Fails on a missing dataset or too many bad images before any run folder is made.
+        data = load_image_data(config.data, progress=config.train.progress)
+        run_dir = resume.run_dir if resume else create_run_dir(config.train.output_dir)
+        data.write_bad_files(run_dir / "bad_files.csv")
+    except UserError as exc:
+        dist.broadcast_from_main((str(exc), None))
+        raise
+    dist.broadcast_from_main((None, str(run_dir)))
+    return run_dir, data
 
 
 def _add_prepare(subparsers) -> None:

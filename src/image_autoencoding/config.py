@@ -118,6 +118,7 @@ Alpha = float | Literal["1/batch_size"]
 
 
 class TrainConfig(_Section):
+    # Images per process and step; under torchrun the global batch is batch_size x processes.
     batch_size: int = Field(64, ge=1)
     epochs: int = Field(100, ge=1)
     optimizer: Literal["rmsprop", "adam"] = "rmsprop"
@@ -161,6 +162,10 @@ class TrainConfig(_Section):
     max_bad_steps: int = Field(3, ge=1)
     # --- end reliability ---
 
+    # --- many GPUs (issue 7): torchrun / DistributedDataParallel ---
+    # BatchNorm statistics over the global batch (all ranks) instead of each rank's own images.
+    sync_batchnorm: bool = False
+
     @field_validator("alpha")
     @classmethod
     def _alpha_not_negative(cls, value: Alpha) -> Alpha:
@@ -170,7 +175,12 @@ class TrainConfig(_Section):
 
     @property
     def kl_weight(self) -> float:
-        return 1.0 / self.batch_size if self.alpha == "1/batch_size" else float(self.alpha)
+        return self.kl_weight_for(world_size=1)
+
+    def kl_weight_for(self, world_size: int) -> float:
+        """alpha; '1/batch_size' means 1 / the global batch (batch_size x processes), so that a run
+        on W processes optimises the same objective as one process with the global batch."""
+        return 1.0 / (self.batch_size * world_size) if self.alpha == "1/batch_size" else float(self.alpha)
 
 
 class Config(_Section):

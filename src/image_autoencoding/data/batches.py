@@ -36,7 +36,10 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
 
 def random_flip(x: Tensor, generator: torch.Generator) -> Tensor:
     """Flip each image left-right with probability 1/2 (the original's RandomHorizontalFlip)."""
-    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    return _flip_where(x, torch.rand(x.shape[0], generator=generator) < 0.5)
+
+
+def _flip_where(x: Tensor, flip: Tensor) -> Tensor:
     flip = flip.to(x.device).view(-1, 1, 1, 1)
     return torch.where(flip, x.flip(-1), x)
 
@@ -50,33 +53,49 @@ def training_batches(
     normalize: Normalizer,
     max_steps: int | None = None,
     start_step: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[Tensor]:
     """Shuffled, flipped, normalised batches for one epoch; a last partial batch is kept unless it
     holds a single image (BatchNorm cannot normalise a batch of one).
+
+    With several processes, step s is one global batch of `batch_size x world_size` images of the
+    epoch's order (the same order on every rank, from (seed, epoch)), and rank r takes the r-th
+    contiguous `batch_size` of it, with the flip draws made for the whole global batch. Rank 0 to
+    W-1 together thus see exactly the batches, and flips, of one process with the global batch
+    size, and steps count global batches whatever the number of processes. The last partial
+    global batch is dropped (as DistributedSampler's drop_last), so every rank has a full share.
 
     `start_step` skips the first batches of the epoch (a run resumed inside an epoch): their flip
     draws are still made, without reading pixels, so the remaining batches are exactly those an
     uninterrupted run would see."""
     n = len(images)
+    global_batch = batch_size * world_size
     order = epoch_permutation(n, seed, epoch).numpy()
     flip_generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 500_009)
     pin = device.type == "cuda"
-    total = steps_per_epoch(n, batch_size, max_steps)
+    total = steps_per_epoch(n, batch_size, max_steps, world_size)
     for step in range(min(start_step, total)):
-        torch.rand(len(order[step * batch_size : (step + 1) * batch_size]), generator=flip_generator)
+        torch.rand(len(order[step * global_batch : (step + 1) * global_batch]), generator=flip_generator)
+    mine = slice(rank * batch_size, (rank + 1) * batch_size) if world_size > 1 else slice(None)
     for step in range(start_step, total):
-        start = step * batch_size
+        start = step * global_batch
         # Sorted indices read a memory-mapped array front to back; the batch is shuffled anyway.
-        index = np.sort(order[start : start + batch_size])
-        pixels = torch.from_numpy(np.ascontiguousarray(images[index]))
+        index = np.sort(order[start : start + global_batch])
+        flip = torch.rand(len(index), generator=flip_generator) < 0.5
+        pixels = torch.from_numpy(np.ascontiguousarray(images[index[mine]]))
         if pin:
             pixels = pixels.pin_memory()
         x = normalize(pixels.to(device, non_blocking=True))
-        yield random_flip(x, flip_generator)
+        yield _flip_where(x, flip[mine])
 
 
-def steps_per_epoch(n: int, batch_size: int, max_steps: int | None) -> int:
-    steps = n // batch_size + (n % batch_size > 1)
+def steps_per_epoch(n: int, batch_size: int, max_steps: int | None, world_size: int = 1) -> int:
+    """Steps (global batches) in an epoch of n images."""
+    if world_size > 1:
+        steps = n // (batch_size * world_size)
+    else:
+        steps = n // batch_size + (n % batch_size > 1)
     return min(steps, max_steps) if max_steps is not None else steps
 
 

@@ -1,8 +1,8 @@
 """Image similarity per image: PCC, SSIM, MSE, PSNR on batches (N, 3, H, W) in [0, 1].
 
 Every function returns one value per image (shape (N,)) as float64, from inputs converted to
-float32 or float64, so that the figures do not depend on the precision the model ran in. `summarize` turns them into mean, standard
-deviation and a 95% confidence interval of the mean.
+float32 or float64, so that the figures do not depend on the precision the model ran in.
+`summarize` turns them into mean, standard deviation and a 95% confidence interval of the mean.
 
 Definitions (the ones a reader of the literature expects):
 

@@ -14,7 +14,9 @@ FROZEN_SECTIONS = ("data", "model")
 # The optimizer state of one kind cannot drive the other.
 FROZEN_KEYS = ("train.optimizer",)
 # Inside an epoch, the batches still to come are counted in steps of this epoch's order and size.
-FROZEN_INSIDE_EPOCH = ("train.batch_size", "train.seed", "train.max_steps_per_epoch")
+# The size that counts is the global batch (batch_size x processes), checked apart: 2 processes of
+# 16 may continue as 1 process of 32, exactly.
+FROZEN_INSIDE_EPOCH = ("train.seed", "train.max_steps_per_epoch")
 
 
 @dataclass
@@ -63,7 +65,11 @@ def load_newest_good(run_dir: Path) -> tuple[Path, dict[str, Any], list[str]]:
     raise CheckpointError(failures[0] + (f" (and {len(failures) - 1} older ones)" if len(failures) > 1 else ""))
 
 
-def prepare_resume(run_dir: str | Path, checkpoint: str | None, overrides: list[str]) -> Resume:
+def prepare_resume(
+    run_dir: str | Path, checkpoint: str | None, overrides: list[str], world_size: int = 1
+) -> Resume:
+    """`world_size`: the processes of the resumed run (torchrun's WORLD_SIZE), which may differ from
+    the saved run's."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run folder '{run_dir}' not found")
@@ -81,6 +87,12 @@ def prepare_resume(run_dir: str | Path, checkpoint: str | None, overrides: list[
     inside_epoch = int(state.get("step_in_epoch", 0)) > 0
     if inside_epoch:
         frozen += [key for key in changed if key in FROZEN_INSIDE_EPOCH]
+        saved_world = int(state.get("world_size", 1))
+        if saved.train.batch_size * saved_world != config.train.batch_size * world_size:
+            frozen.append("global batch (train.batch_size x processes)")
+            changed[frozen[-1]] = (
+                f"{saved.train.batch_size} x {saved_world}", f"{config.train.batch_size} x {world_size}"
+            )
     if frozen:
         where = " inside an epoch (use --checkpoint epoch_N for an epoch boundary)" if inside_epoch else ""
         raise ConfigError(

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ExponentialLR
 from tqdm import tqdm
@@ -22,12 +23,16 @@ from image_autoencoding.data.batches import Normalizer, steps_per_epoch, trainin
 from image_autoencoding.data.image_data import ImageData
 from image_autoencoding.errors import UserError
 from image_autoencoding.evaluation.evaluate import evaluate_split
-from image_autoencoding.models.vae import VAE, build_model, loss_terms, training_objective
+from image_autoencoding.models.vae import VAE, build_model
 from image_autoencoding.training.checkpoint import prune_epoch_checkpoints, publish_as, save_checkpoint
-from image_autoencoding.training.device import autocast_factory, resolve_device, resolve_precision
+from image_autoencoding.training.device import autocast_factory, resolve_precision
+from image_autoencoding.training.distributed import SINGLE, Distributed
 from image_autoencoding.training.fault_injection import SignalAtStep
-from image_autoencoding.training.interrupts import StopRequests, TrainingInterrupted, interrupted_message
+from image_autoencoding.training.interrupts import HANDLED, StopRequests, TrainingInterrupted, interrupted_message
 from image_autoencoding.training.metrics_log import MetricsLog
+from image_autoencoding.training.objective import VAEObjective
+from image_autoencoding.training.sharded_evaluation import evaluate_split_across_ranks
+from image_autoencoding.training.sync_batchnorm import convert_batchnorm
 from image_autoencoding.visualization.grids import save_reconstruction_grid, save_sample_grid
 
 logger = logging.getLogger("image_autoencoding")
@@ -45,9 +50,11 @@ class EpochProgress:
     epoch skips the batches already done and ends the epoch with the loss sums (and metrics.csv
     row) an uninterrupted run would have had."""
 
-    steps: int = 0  # batches of this epoch done, skipped ones included
-    sums: Tensor = field(default_factory=lambda: torch.zeros(2))  # recon, kl summed over images
-    images: int = 0  # images in the steps that were not skipped
+    # Global batches (batch_size x processes) of this epoch done, skipped ones included: the same
+    # count whatever the number of processes, so a resume with another number continues right.
+    steps: int = 0
+    sums: Tensor = field(default_factory=lambda: torch.zeros(2))  # recon, kl summed over images, all ranks
+    images: int = 0  # images (of all ranks) in the steps that were not skipped
     skipped: int = 0  # steps skipped for a non-finite loss or gradient
     seconds: float = 0.0
 
@@ -92,6 +99,9 @@ def rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+        # The GPU this process trains on: under torchrun rank r draws on cuda:r, and a resume with
+        # another number of GPUs per node puts this state on each rank's own device.
+        state["cuda_current"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -103,28 +113,48 @@ def set_rng_state(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        if len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        if "cuda_current" in state:
+            torch.cuda.set_rng_state(state["cuda_current"])
 
 
 class Trainer:
-    def __init__(self, config: Config, run_dir: Path, data: ImageData, resume: dict[str, Any] | None = None):
+    """`dist` says which of the torchrun processes this is; every rank trains, rank 0 alone writes
+    the run folder (`self.writes`)."""
+
+    def __init__(
+        self, config: Config, run_dir: Path, data: ImageData, resume: dict[str, Any] | None = None,
+        dist: Distributed = SINGLE,
+    ):
         self.config = config
         self.cfg = config.train
         self.run_dir = run_dir
         self.data = data
-        self.device = resolve_device(self.cfg.device)
+        self.dist = dist
+        self.writes = dist.is_main
+        self.device = dist.device(self.cfg.device)
         self.precision = resolve_precision(self.cfg.precision, self.device)
         self.autocast = autocast_factory(self.device, self.precision)
         self.normalize = Normalizer(config.data, self.device)
-        self.alpha = self.cfg.kl_weight
+        self.alpha = self.cfg.kl_weight_for(dist.world_size)
 
         seed_everything(self.cfg.seed)
         self.model = build_model(config.model, config.data.image_size).to(self.device)
+        if dist.enabled and self.cfg.sync_batchnorm:
+            self.model = convert_batchnorm(self.model, self.device)
         if self.cfg.channels_last:
             # Batches from `Normalizer` are NHWC in memory already (a permuted uint8 NHWC array).
             self.model = self.model.to(memory_format=torch.channels_last)
-        # The module that runs training steps; self.model stays the one whose weights are saved.
-        self.forward = torch.compile(self.model) if self.cfg.compile else self.model
+        # The module that runs training steps: the whole loss inside one forward, compiled as a
+        # whole, and under torchrun wrapped in DDP. self.model stays the plain VAE whose weights
+        # are saved (the same parameters).
+        objective = VAEObjective(self.model, self.alpha, self.autocast, dist.rank, dist.world_size)
+        self.forward = torch.compile(objective) if self.cfg.compile else objective
+        if dist.enabled:
+            self.forward = DistributedDataParallel(
+                self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self.encoder_optimizer, self.decoder_optimizer = build_optimizers(self.model, self.cfg)
         # Loss scaling for fp16 only; disabled, it passes the loss and the steps through unchanged,
         # so bf16 / fp32 and CPU tests run the same code as a GPU fp16 run.
@@ -170,7 +200,9 @@ class Trainer:
             "epoch_progress": self.progress.state(),
             "bad_steps_in_a_row": self.bad_steps_in_a_row,
             "scaler": self.scaler.state_dict(),
+            # Every rank's RNG state is rank 0's (see VAEObjective), so one state resumes them all.
             "rng": rng_state(),
+            "world_size": self.dist.world_size,
             "best_ssim": self.best_ssim,
             "config": self.config.to_dict(),
         }
@@ -192,7 +224,8 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        self.metrics.keep_epochs_up_to(self.epoch)
+        if self.writes:
+            self.metrics.keep_epochs_up_to(self.epoch)
 
     def _apply_changed_optimizer_settings(self, saved: dict[str, Any]) -> None:
         """Optimizer state dicts carry the old lr and weight decay; a resume that changes them
@@ -213,27 +246,35 @@ class Trainer:
         or a gradient is not finite: then neither optimizer steps, and weights, optimizer state and
         BatchNorm statistics are exactly as before."""
         torch._foreach_copy_(self._buffer_backup, self._buffers)
-        with self.autocast():
-            x_hat, posterior = self.forward(x)
-        recon, kl = loss_terms(x, x_hat, posterior)
-        loss = training_objective(recon, kl, self.alpha)
+        loss, recon, kl = self.forward(x)
         self.encoder_optimizer.zero_grad(set_to_none=True)
         self.decoder_optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.step += 1
+        sums = torch.stack([recon, kl]).detach()
         if self.scaler.is_enabled():
             # fp16: overflowing gradients are expected while the loss scale settles; GradScaler skips
             # those steps itself and lowers the scale, so only a non-finite loss counts as bad here.
             finite = bool(torch.isfinite(loss.detach()))
         else:
             finite = self._loss_and_gradients_finite(loss)
+        if self.dist.enabled:
+            finite, sums = self._agree_across_ranks(finite, sums)
         if not finite:
             torch._foreach_copy_(self._buffers, self._buffer_backup)
             return None
         self.scaler.step(self.encoder_optimizer)
         self.scaler.step(self.decoder_optimizer)
         self.scaler.update()
-        return torch.stack([recon.sum(), kl.sum()]).detach()
+        return sums
+
+    def _agree_across_ranks(self, finite: bool, sums: Tensor) -> tuple[bool, Tensor]:
+        """One all-reduce: the loss sums of the global batch, and whether any rank saw a non-finite
+        loss. Gradients are equal on all ranks after DDP's all-reduce, but losses are per rank; a
+        step skipped on one rank and taken on another would split the replicas for good."""
+        packet = torch.cat([sums.float(), torch.tensor([0.0 if finite else 1.0], device=sums.device)])
+        self.dist.all_reduce_sum(packet)
+        return bool(packet[2] == 0), packet[:2]
 
     def _loss_and_gradients_finite(self, loss: Tensor) -> bool:
         """The one host sync per step: skipping an optimizer step is a host decision, so it must wait
@@ -248,16 +289,17 @@ class Trainer:
         """The rest of `epoch`: all of it, or what follows the checkpoint this run resumed from."""
         self.model.train()
         images = self.data.train.images
-        total_steps = steps_per_epoch(len(images), self.cfg.batch_size, self.cfg.max_steps_per_epoch)
+        world = self.dist.world_size
+        total_steps = steps_per_epoch(len(images), self.cfg.batch_size, self.cfg.max_steps_per_epoch, world)
         progress = self.progress
         start = time.perf_counter() - progress.seconds
         bar = tqdm(
             total=total_steps, initial=progress.steps, desc=f"epoch {epoch}/{self.cfg.epochs}", unit="step",
-            disable=not self.cfg.progress, leave=False, dynamic_ncols=True,
+            disable=not (self.cfg.progress and self.writes), leave=False, dynamic_ncols=True,
         )
         batches = training_batches(
             images, self.cfg.batch_size, self.cfg.seed, epoch, self.device, self.normalize,
-            self.cfg.max_steps_per_epoch, start_step=progress.steps,
+            self.cfg.max_steps_per_epoch, start_step=progress.steps, rank=self.dist.rank, world_size=world,
         )
         for x in batches:
             sums = self.train_step(x)
@@ -267,14 +309,15 @@ class Trainer:
             else:
                 self.bad_steps_in_a_row = 0
                 progress.sums += sums
-                progress.images += x.shape[0]
+                progress.images += x.shape[0] * world  # every rank's share is full (see training_batches)
             bar.update(1)
             progress.seconds = time.perf_counter() - start
             if (progress.steps % LOG_EVERY == 0 or progress.steps == total_steps) and progress.images:
                 recon, kl = (progress.sums / progress.images).tolist()
                 rate = progress.images / progress.seconds
                 bar.set_postfix(loss=f"{recon + self.alpha * kl:.1f}", img_s=f"{rate:.0f}")
-                writer.add_scalar("train/step_encoder_loss", recon + self.alpha * kl, self.step)
+                if writer is not None:
+                    writer.add_scalar("train/step_encoder_loss", recon + self.alpha * kl, self.step)
             self._after_step()
         bar.close()
         seconds = time.perf_counter() - start
@@ -292,7 +335,15 @@ class Trainer:
         }
 
     def validate(self) -> dict[str, float]:
-        """Losses and per-image metrics on the validation split (the first train.eval_images)."""
+        """Losses and per-image metrics on the validation split (the first train.eval_images); under
+        torchrun each rank scores a contiguous share and the per-image values are gathered, so the
+        means are those of one process scoring every image."""
+        if self.dist.enabled:
+            per_image = evaluate_split_across_ranks(
+                self.model, self.data.valid.images, self.normalize, self.device, self.cfg.batch_size,
+                self.autocast, self.cfg.eval_images, self.dist,
+            )
+            return {f"valid_{name}": float(values.mean()) for name, values in per_image.items()}
         evaluation = evaluate_split(
             self.model, self.data.valid.images, self.normalize, self.device, self.cfg.batch_size, self.autocast,
             self.cfg.eval_images,
@@ -317,20 +368,34 @@ class Trainer:
         if every is not None and self.step % every == 0:
             self.save_last_checkpoint()
         self.faults.after_step(self.step)
-        if self.stop.requested:
-            self._stop_on_signal()
+        signum = self._stop_signal()
+        if signum is not None:
+            self._stop_on_signal(signum)
 
-    def _stop_on_signal(self) -> None:
-        assert self.stop.signum is not None
+    def _stop_signal(self) -> int | None:
+        """The signal to stop on, agreed by all ranks: a SIGTERM that reached one rank first (or
+        only) stops every rank after the same step, so no rank waits forever in a collective."""
+        if not self.dist.enabled:
+            return self.stop.signum
+        flags = torch.zeros(len(HANDLED), device=self.device)
+        if self.stop.signum is not None:
+            flags[HANDLED.index(self.stop.signum)] = 1
+        self.dist.all_reduce_sum(flags)
+        raised = [signum for signum, count in zip(HANDLED, flags.tolist(), strict=True) if count > 0]
+        return int(raised[-1]) if raised else None  # SIGTERM over SIGINT
+
+    def _stop_on_signal(self, signum: int) -> None:
         path = self.save_last_checkpoint()
-        message = interrupted_message(self.stop.signum, self.run_dir, path)
+        message = interrupted_message(signum, self.run_dir, path)
         logger.info(message)
-        raise TrainingInterrupted(self.stop.signum, message)
+        raise TrainingInterrupted(signum, message)
 
     def save_pictures(self, epoch: int) -> None:
         """Pictures are derived from the weights and can be made again: a full disk here is
         reported and training goes on (the checkpoint or metrics.csv write that follows reports it
         as an error if the disk stays full)."""
+        if not self.writes:
+            return
         try:
             self._write_pictures(epoch)
         except OSError as exc:
@@ -358,6 +423,8 @@ class Trainer:
         """epoch_N.pt, with last.pt as a second name for the same file (no second write)."""
         folder = self.run_dir / "checkpoints"
         path = folder / f"epoch_{self.epoch}.pt"
+        if not self.writes:
+            return path
         save_checkpoint(self.state(), path)
         publish_as(path, folder / "last.pt")
         prune_epoch_checkpoints(folder, self.cfg.keep_checkpoints)
@@ -366,21 +433,29 @@ class Trainer:
     def save_last_checkpoint(self) -> Path:
         """last.pt alone, possibly inside an epoch (the epoch_N.pt it may name stays as it was)."""
         path = self.run_dir / "checkpoints" / "last.pt"
-        save_checkpoint(self.state(), path)
+        if self.writes:
+            save_checkpoint(self.state(), path)
         return path
 
     def fit(self) -> Path:
         from torch.utils.tensorboard import SummaryWriter
 
-        save_config(self.config, self.run_dir / "config.yaml")
+        if self.writes:
+            save_config(self.config, self.run_dir / "config.yaml")
         logger.info(
             "run folder %s | device %s | precision %s | %d train / %d valid images | alpha %g | %.1fM parameters",
             self.run_dir, self.device, self.precision, len(self.data.train.images),
             len(self.data.valid.images), self.alpha, sum(p.numel() for p in self.model.parameters()) / 1e6,
         )
+        if self.dist.enabled:
+            logger.info(
+                "%d processes, global batch %d (%d per process), BatchNorm %s", self.dist.world_size,
+                self.cfg.batch_size * self.dist.world_size, self.cfg.batch_size,
+                "synchronised" if self.cfg.sync_batchnorm else "per process",
+            )
         if self.epoch >= self.cfg.epochs:
             logger.info("nothing to do: %d of %d epochs already done", self.epoch, self.cfg.epochs)
-        writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        writer = SummaryWriter(str(self.run_dir / "tensorboard")) if self.writes else None
         self.stop.install()
         try:
             for epoch in range(self.epoch + 1, self.cfg.epochs + 1):
@@ -389,10 +464,11 @@ class Trainer:
                 self.decoder_scheduler.step()
                 values.update(self.validate())
                 self.epoch = epoch
-                self.metrics.append({"epoch": epoch, "step": self.step, **values})
-                for key, value in values.items():
-                    writer.add_scalar(f"epoch/{key}", value, epoch)
-                writer.flush()
+                if writer is not None:
+                    self.metrics.append({"epoch": epoch, "step": self.step, **values})
+                    for key, value in values.items():
+                        writer.add_scalar(f"epoch/{key}", value, epoch)
+                    writer.flush()
                 self.save_pictures(epoch)
                 logger.info(
                     "epoch %d/%d  encoder loss %.2f  recon %.2f  kl %.2f  valid recon %.2f  %.0f img/s",
@@ -406,18 +482,22 @@ class Trainer:
                     saved = self.save_epoch_checkpoint()
                 if improved:
                     self.save_best(saved)
-                if self.stop.requested and epoch < self.cfg.epochs:
-                    self._stop_on_signal()
+                signum = self._stop_signal()
+                if signum is not None and epoch < self.cfg.epochs:
+                    self._stop_on_signal(signum)
         finally:
             self.stop.restore()
-            writer.close()
-        if self.epoch >= self.cfg.epochs:
-            self.final_report()
+            if writer is not None:
+                writer.close()
+        if self.epoch >= self.cfg.epochs and self.writes:
+            self.final_report()  # one process scoring the whole split; the other ranks are done
         return self.run_dir
 
     def save_best(self, saved: Path | None) -> None:
         """checkpoints/best.pt: the epoch with the highest validation SSIM so far."""
         best = self.run_dir / "checkpoints" / "best.pt"
+        if not self.writes:
+            return
         if saved is not None:
             publish_as(saved, best)  # the same bytes under a second name; pruning epoch_N.pt keeps them
         else:

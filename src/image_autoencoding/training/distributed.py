@@ -1,0 +1,98 @@
+"""torchrun and DistributedDataParallel: which process this is, the process group, and the few
+collective operations the trainer needs.
+
+A run started without torchrun, or by torchrun with one process, never creates a process group:
+every helper here is then a no-op returning its input, so single-process training is exactly what
+it was before this module existed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from image_autoencoding.training.device import resolve_device
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place among the training processes (torchrun's RANK, LOCAL_RANK, WORLD_SIZE)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes the run folder: logs, metrics.csv, TensorBoard, pictures, checkpoints."""
+        return self.rank == 0
+
+    def device(self, name: str) -> torch.device:
+        """The configured device; on GPUs each process of a node takes the GPU of its local rank."""
+        device = resolve_device(name)
+        if self.enabled and device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        return device
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place (the tensor must live on the process group's device)."""
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def broadcast_from_main(self, value: Any) -> Any:
+        """Rank 0's value on every rank (a run folder path, a config): picklable objects only."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's value, in rank order, on every rank."""
+        if not self.enabled:
+            return [value]
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+
+SINGLE = Distributed()
+
+
+def from_environment() -> Distributed:
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each process it starts."""
+    env = os.environ
+    return Distributed(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+
+
+@contextlib.contextmanager
+def process_group(device_name: str) -> Iterator[Distributed]:
+    """Join the process group for the length of a run: nccl between GPUs, gloo between CPUs. The
+    rendezvous (MASTER_ADDR / MASTER_PORT, or torchrun's c10d store) comes from the environment."""
+    place = from_environment()
+    if not place.enabled:
+        yield place
+        return
+    device = place.device(device_name)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield place
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,60 @@
+"""The VAE and its training loss as one module: the thing DistributedDataParallel wraps.
+
+DDP synchronises gradients through hooks that its forward sets up; a loss computed from a second
+call into the unwrapped model would silently train each rank on its own gradients. Putting the whole
+objective inside this module's forward rules that out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+from torch import Tensor, nn
+
+from image_autoencoding.models.vae import VAE, loss_terms, training_objective
+
+
+class VAEObjective(nn.Module):
+    """x -> (objective, sum of recon, sum of kl) over this rank's images.
+
+    `rank` and `world_size` place this rank's images inside the global batch: the reparametrisation
+    noise is drawn for the whole global batch (the same draw on every rank, since every rank's
+    generator starts from the run seed) and each rank takes its rows. A W-process run therefore
+    samples exactly the noise a one-process run with the global batch samples, and all ranks' RNG
+    states stay equal, so rank 0's checkpoint holds the RNG state of every rank.
+
+    `scale` multiplies the objective by the number of ranks: the objective is a sum over the global
+    batch, and DDP averages the ranks' gradients, so W x (average of per-rank sums) = the gradient of
+    the global sum, as one process with the global batch computes it."""
+
+    def __init__(
+        self,
+        vae: VAE,
+        alpha: float,
+        autocast: Callable[[], AbstractContextManager],
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__()
+        self.vae = vae
+        self.alpha = alpha
+        self.autocast = autocast
+        self.rank = rank
+        self.world_size = world_size
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        with self.autocast():
+            posterior = self.vae.encoder(x)
+            mean = posterior.mean
+            n = mean.shape[0]
+            noise = torch.randn((n * self.world_size, *mean.shape[1:]), device=mean.device, dtype=mean.dtype)
+            z = mean + posterior.std * noise[self.rank * n : (self.rank + 1) * n]
+            x_hat = self.vae.decoder(z)
+        # The loss in fp32 outside autocast, as before: loss_terms casts its inputs itself.
+        recon, kl = loss_terms(x, x_hat, posterior)
+        objective = training_objective(recon, kl, self.alpha)
+        if self.world_size > 1:
+            objective = objective * self.world_size
+        return objective, recon.sum(), kl.sum()

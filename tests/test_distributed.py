@@ -1,0 +1,220 @@
+"""Many processes (issue 7): torchrun with 2 CPU processes over gloo, against one process with the
+same global batch (2 x 16 = 1 x 32) and seed.
+
+Two torchrun runs are made once per module (each costs ~15 s on two cores): a whole one, and one
+stopped by SIGTERM on the first step of epoch 2. Reference runs with one process are made in-process.
+The model is the tiny one from conftest.py in fp32, with SyncBatchNorm on so that the BatchNorm
+statistics are those of the global batch, as in the one-process run.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import TINY
+from image_autoencoding.cli import main
+from image_autoencoding.config import load_config
+from image_autoencoding.data.batches import Normalizer, steps_per_epoch, training_batches
+from image_autoencoding.data.image_data import load_image_data
+from image_autoencoding.evaluation.evaluate import evaluate_split
+from image_autoencoding.evaluation.run_report import load_run_model
+from image_autoencoding.training.checkpoint import load_checkpoint
+from image_autoencoding.training.distributed import Distributed
+from image_autoencoding.training.fault_injection import ENV as SIGNAL_AT_STEP
+from image_autoencoding.training.sharded_evaluation import shard_range
+from image_autoencoding.training.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Per-process batch 16; the one-process references use 32. 2 epochs of 3 steps, 50 valid images.
+COMMON = [
+    "data.dataset=digits", *[o for o in TINY if not o.startswith("train.batch_size")], "train.epochs=2",
+    "train.precision=fp32", "train.device=cpu", "train.eval_images=50", "train.checkpoint_every=1",
+]
+TWO = [*COMMON, "train.batch_size=16", "train.sync_batchnorm=true"]
+ONE = [*COMMON, "train.batch_size=32"]
+
+
+def _torchrun(args: list[str], signal_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in (SIGNAL_AT_STEP, "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), env.get("PYTHONPATH")) if p)
+    env["OMP_NUM_THREADS"] = "1"
+    if signal_at:
+        env[SIGNAL_AT_STEP] = signal_at
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "image_autoencoding", "train", "--quiet", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+
+
+def _run_dir(output: Path) -> Path:
+    (run,) = (output / "results" / "vae").iterdir()  # exactly one run folder
+    return run
+
+
+def _metrics(run: Path) -> list[dict[str, str]]:
+    with (run / "metrics.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _one_process(args: list[str]) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", "--quiet", *args]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("distributed")
+    two = _torchrun([*TWO, f"train.output_dir={root / 'two'}"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    stopped = _torchrun([*TWO, f"train.output_dir={root / 'stopped'}"], "SIGTERM@4")
+    assert stopped.returncode != 0 and "SIGTERM" in stopped.stderr, stopped.stderr[-3000:]
+    _one_process([*ONE, f"train.output_dir={root / 'one'}"])
+    return {"two": _run_dir(root / "two"), "stopped": _run_dir(root / "stopped"), "one": _run_dir(root / "one"),
+            "root": root, "two_stdout": two.stdout}
+
+
+def _assert_rows_close(rows: list[dict[str, str]], reference: list[dict[str, str]], rel: float) -> None:
+    assert [r["epoch"] for r in rows] == [r["epoch"] for r in reference]
+    for row, expected in zip(rows, reference, strict=True):
+        for column in expected:
+            if column not in ("images_per_s", "seconds"):
+                assert float(row[column]) == pytest.approx(float(expected[column]), rel=rel, abs=1e-6), column
+
+
+def test_two_processes_train_as_one_process_with_the_global_batch(runs):
+    two, one = _metrics(runs["two"]), _metrics(runs["one"])
+    # The first epoch's 3 steps agree to the 6 digits metrics.csv keeps; the differences are float
+    # summation order (two half-batch sums, all-reduced), which RMSprop's early steps amplify a little.
+    _assert_rows_close(two[:1], one[:1], rel=2e-5)
+    _assert_rows_close(two, one, rel=1e-3)
+    weights_two = load_checkpoint(runs["two"] / "checkpoints/epoch_1.pt")["model"]
+    weights_one = load_checkpoint(runs["one"] / "checkpoints/epoch_1.pt")["model"]
+    for key, value in weights_one.items():
+        torch.testing.assert_close(weights_two[key], value, rtol=1e-3, atol=1e-4, msg=key)
+    state = load_checkpoint(runs["two"] / "checkpoints/last.pt")
+    assert state["world_size"] == 2 and state["step"] == 6 and state["config"]["train"]["batch_size"] == 16
+
+
+def test_only_rank_0_writes_one_complete_run_folder(runs):
+    run = runs["two"]
+    assert runs["two_stdout"].strip() == str(run)  # printed once, by rank 0
+    assert [r["epoch"] for r in _metrics(run)] == ["1", "2"]
+    for name in ("config.yaml", "train.log", "report.md", "metrics.json", "checkpoints/best.pt",
+                 "checkpoints/epoch_1.pt", "checkpoints/epoch_2.pt", "checkpoints/last.pt",
+                 "images/valid/reconstruction_epoch_002.png", "images/samples/samples_epoch_002.png"):
+        assert (run / name).is_file(), name
+    assert len(list((run / "tensorboard").iterdir())) == 1  # one events file: one writer
+    log = (run / "train.log").read_text()
+    assert log.count("epoch 2/2") == 1 and "2 processes, global batch 32 (16 per process)" in log
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_validation_across_ranks_equals_one_process_scoring_every_image(runs):
+    """The last metrics.csv row was scored 25 images per rank; here one process scores the same 50
+    images with the same weights, as `vae evaluate` does."""
+    config, model, _, _ = load_run_model(runs["two"], "last")
+    data = load_image_data(config.data, progress=False)
+    normalize = Normalizer(config.data, torch.device("cpu"))
+    evaluation = evaluate_split(model, data.valid.images, normalize, torch.device("cpu"), 32, limit=50)
+    assert evaluation.n == 50
+    last = _metrics(runs["two"])[-1]
+    for name, value in evaluation.means().items():
+        assert float(last[f"valid_{name}"]) == pytest.approx(value, rel=1e-5), name
+
+
+def test_a_two_process_run_resumes_inside_an_epoch_with_one_process(runs, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(runs["stopped"], run)
+    state = load_checkpoint(run / "checkpoints/last.pt")
+    assert (state["step"], state["step_in_epoch"], state["world_size"]) == (4, 1, 2)
+    # Inside an epoch the global batch must stay: 1 x 16 is refused, naming it; 1 x 32 continues.
+    assert main(["train", "--quiet", "--resume", str(run), "train.batch_size=16"]) == 2
+    assert "global batch" in capsys.readouterr().err
+    _one_process(["--resume", str(run), "train.batch_size=32"])
+
+    # It ends where the uninterrupted two-process run ended (to float summation order: measured
+    # 1.2e-7 at most), and its epoch rows are that run's.
+    resumed = load_checkpoint(run / "checkpoints/last.pt")
+    uninterrupted = load_checkpoint(runs["two"] / "checkpoints/last.pt")
+    assert resumed["step"] == uninterrupted["step"] == 6 and resumed["world_size"] == 1
+    for key, value in uninterrupted["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    _assert_rows_close(_metrics(run), _metrics(runs["two"]), rel=2e-5)
+
+
+def test_alpha_one_over_batch_size_is_over_the_global_batch():
+    cfg = load_config(None, ["train.batch_size=16", "train.alpha=1/batch_size"]).train
+    assert cfg.kl_weight_for(world_size=2) == cfg.kl_weight_for(1) / 2 == 1 / 32
+    assert load_config(None, ["train.alpha=0.5"]).train.kl_weight_for(world_size=8) == 0.5
+
+
+@pytest.mark.parametrize("start_step", [0, 2])
+def test_ranks_take_contiguous_shares_of_each_global_batch_with_its_flips(start_step):
+    """Rank 0's and rank 1's batches side by side are the one-process batch of twice the size:
+    same images, same flips, same order, and the same step count (global batches)."""
+    images = np.random.default_rng(0).integers(0, 256, size=(70, 4, 4, 3), dtype=np.uint8)
+    device = torch.device("cpu")
+    normalize = Normalizer(load_config().data, device)
+    one = list(training_batches(images, 8, 3, 2, device, normalize, start_step=start_step))
+    ranks = [list(training_batches(images, 4, 3, 2, device, normalize, start_step=start_step, rank=r, world_size=2))
+             for r in (0, 1)]
+    # 70 images in global batches of 8: one process keeps the partial 9th batch (6 images), two
+    # processes drop it so both have a full share.
+    assert len(one) == 9 - start_step and len(ranks[0]) == len(ranks[1]) == 8 - start_step
+    assert steps_per_epoch(70, 4, None, world_size=2) == 8
+    for whole, first, second in zip(one, *ranks, strict=False):
+        assert torch.equal(torch.cat([first, second]), whole)
+
+
+def test_validation_shares_cover_the_split_once_in_order():
+    for n in (0, 1, 5, 50, 51):
+        for world in (1, 2, 3, 8):
+            shares = [shard_range(n, r, world) for r in range(world)]
+            assert shares[0][0] == 0 and shares[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(shares, shares[1:], strict=False))
+            assert max(b - a for a, b in shares) - min(b - a for a, b in shares) <= 1
+
+
+def _train_one_epoch_with_a_bad_step_on_rank_1(rank: int, root: Path) -> None:
+    """One of two gloo ranks (spawned), per-rank BatchNorm: rank 1 alone finds step 2 non-finite.
+    (A NaN in one rank's batch would reach every rank through DDP's gradient average; a loss that
+    overflows on one rank alone need not, which is what the agreement is for.)"""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2)
+    try:
+        config = load_config(None, [*COMMON, "train.batch_size=16", f"train.output_dir={root}"])
+        check = Trainer._loss_and_gradients_finite
+
+        def finite_except_step_2_on_rank_1(self, loss):
+            return check(self, loss) and not (rank == 1 and self.step == 2)
+
+        Trainer._loss_and_gradients_finite = finite_except_step_2_on_rank_1
+        trainer = Trainer(config, root / "run", load_image_data(config.data, progress=False),
+                          dist=Distributed(rank, rank, 2))
+        values = trainer.train_epoch(1, writer=None)
+        weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        torch.save({"skipped": values["skipped_steps"], "weights": weights}, root / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_step_found_non_finite_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    mp.spawn(_train_one_epoch_with_a_bad_step_on_rank_1, args=(tmp_path,), nprocs=2)
+    first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert first["skipped"] == second["skipped"] == 1  # rank 0 found its own step finite
+    assert torch.equal(first["weights"], second["weights"])  # the replicas did not drift apart
