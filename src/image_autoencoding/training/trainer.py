@@ -22,12 +22,13 @@ from image_autoencoding.data.batches import Normalizer, steps_per_epoch, trainin
 from image_autoencoding.data.image_data import ImageData
 from image_autoencoding.errors import UserError
 from image_autoencoding.evaluation.evaluate import evaluate_split
-from image_autoencoding.models.vae import VAE, build_model, loss_terms, training_objective
+from image_autoencoding.models.vae import VAE, build_model, kl_for_objective, loss_terms, training_objective
 from image_autoencoding.training.checkpoint import prune_epoch_checkpoints, publish_as, save_checkpoint
 from image_autoencoding.training.device import autocast_factory, resolve_device, resolve_precision
 from image_autoencoding.training.fault_injection import SignalAtStep
 from image_autoencoding.training.interrupts import StopRequests, TrainingInterrupted, interrupted_message
 from image_autoencoding.training.metrics_log import MetricsLog
+from image_autoencoding.training.vae_gan import VaeGanStep
 from image_autoencoding.visualization.grids import save_reconstruction_grid, save_sample_grid
 
 logger = logging.getLogger("image_autoencoding")
@@ -128,6 +129,8 @@ class Trainer:
         self.encoder_optimizer, self.decoder_optimizer = build_optimizers(self.model, self.cfg)
         self.encoder_scheduler = ExponentialLR(self.encoder_optimizer, gamma=self.cfg.decay_lr)
         self.decoder_scheduler = ExponentialLR(self.decoder_optimizer, gamma=self.cfg.decay_lr)
+        # model.mode=vae-gan: the discriminator, its optimizer and the step live in training/vae_gan.py.
+        self.gan = VaeGanStep(config, self.device, self.cfg.channels_last) if config.model.mode == "vae-gan" else None
         self.epoch = 0  # epochs completed
         self.step = 0  # training steps done (batches drawn), skipped ones included
         self.progress = EpochProgress.from_state(None, self.device)
@@ -167,6 +170,7 @@ class Trainer:
             "rng": rng_state(),
             "best_ssim": self.best_ssim,
             "config": self.config.to_dict(),
+            **(self.gan.state() if self.gan is not None else {}),
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -185,6 +189,8 @@ class Trainer:
         self._apply_changed_optimizer_settings(state["config"]["train"])
         set_rng_state(state["rng"])
         self.metrics.keep_epochs_up_to(self.epoch)
+        if self.gan is not None:
+            self.gan.load_state(state)
 
     def _apply_changed_optimizer_settings(self, saved: dict[str, Any]) -> None:
         """Optimizer state dicts carry the old lr and weight decay; a resume that changes them
@@ -204,11 +210,18 @@ class Trainer:
         """One optimisation step. Returns detached per-batch sums (recon, kl), or None when the loss
         or a gradient is not finite: then neither optimizer steps, and weights, optimizer state and
         BatchNorm statistics are exactly as before."""
+        alpha = self.cfg.kl_weight_at(self.step)  # KL warm-up: ramps from 0 over train.kl_warmup_steps
+        if self.gan is not None:
+            self.step += 1
+            return self.gan.train_step(self.model, x, alpha, self.autocast,
+                                       [self.encoder_optimizer, self.decoder_optimizer])
         torch._foreach_copy_(self._buffer_backup, self._buffers)
         with self.autocast():
             x_hat, posterior = self.forward(x)
         recon, kl = loss_terms(x, x_hat, posterior)
-        loss = training_objective(recon, kl, self.alpha)
+        # Free bits change what the objective sees of the KL; the returned sums keep the true KL.
+        objective_kl = kl_for_objective(posterior, self.cfg.free_bits) if self.cfg.free_bits > 0 else kl
+        loss = training_objective(recon, objective_kl, alpha)
         self.encoder_optimizer.zero_grad(set_to_none=True)
         self.decoder_optimizer.zero_grad(set_to_none=True)
         loss.backward()
