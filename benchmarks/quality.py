@@ -69,8 +69,8 @@ def recipe_overrides(recipe: str, warmup_fraction: float, steps: int) -> tuple[s
 def photo_crops(count: int, image_size: int, seed: int, valid: bool) -> np.ndarray:
     """Square crops (side between a quarter and all of the photo's short side, like a COCO image
     centre-cropped and shrunk to 64 px), resized to image_size; every fourth photograph is held out."""
-    from PIL import Image
     from photo_sets import source_photographs
+    from PIL import Image
 
     photos = [p for i, p in enumerate(source_photographs()) if (i % 4 == 3) == valid]
     rng = np.random.default_rng(seed)
@@ -81,8 +81,8 @@ def photo_crops(count: int, image_size: int, seed: int, valid: bool) -> np.ndarr
         side = int(rng.integers(short // 4, short + 1))
         left = int(rng.integers(0, photo.width - side + 1))
         top = int(rng.integers(0, photo.height - side + 1))
-        crop = photo.resize((image_size, image_size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side),
-                            reducing_gap=2.0)
+        box = (left, top, left + side, top + side)
+        crop = photo.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box, reducing_gap=2.0)
         crops[k] = np.asarray(crop)
     return crops
 
@@ -181,10 +181,12 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images-seen", type=int, default=20000, help="training images per recipe (rounded up to batches of 64)")
+    parser.add_argument("--images-seen", type=int, default=20000,
+                        help="training images per recipe (rounded up to batches of 64)")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--photo-crops", type=int, default=8000, help="training crops (a quarter as many validate)")
-    parser.add_argument("--datasets", nargs="+", default=["fashion-mnist", "photos"], choices=["fashion-mnist", "photos"])
+    parser.add_argument("--datasets", nargs="+", default=["fashion-mnist", "photos"],
+                        choices=["fashion-mnist", "photos"])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     parser.add_argument("--warmup-fraction", type=float, default=0.25,
                         help="KL warm-up of the default recipe as a share of the run (negative: the config's steps)")
@@ -192,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--pictures", type=Path, help="folder for reconstruction and sample grids")
     args = parser.parse_args(argv)
-    command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    given = argv if argv is not None else sys.argv[1:]
+    command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in given)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -213,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        document = {"command": command, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-                    "threads": torch.get_num_threads(), "results": results}
+        document = {"command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "machine": platform.processor() or platform.machine(), "results": results}
         args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     return 0
 
