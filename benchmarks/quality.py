@@ -5,7 +5,8 @@
 
 Recipes (each trains the same architecture from the same seed, at the default precision):
   seed     configs/seed.yaml: the original (RMSprop lr 1e-3, x0.75 per epoch, alpha 1)
-  default  the train section of configs/coco.yaml (the recipe every shipped config uses)
+  default  the train section of configs/coco.yaml (the shipped default), or the candidate recipe
+           given with --default-overrides (e.g. train.optimizer=adam train.decay_lr=0.97)
   vae-gan  the default recipe with model.mode=vae-gan (Larsen et al. 2016)
 
 Datasets:
@@ -48,11 +49,15 @@ RECIPES = ("seed", "default", "vae-gan")
 SAMPLES = 1000
 
 
-def recipe_overrides(recipe: str, warmup_fraction: float, steps: int) -> tuple[str | None, list[str]]:
+def recipe_overrides(
+    recipe: str, warmup_fraction: float, steps: int, default_overrides: list[str] | None = None
+) -> tuple[str | None, list[str]]:
     """(config file, overrides) of a recipe, before the dataset's overrides."""
     if recipe == "seed":
         return str(REPO / "configs/seed.yaml"), []
     train = read_yaml(REPO / "configs/coco.yaml").get("train", {})
+    if default_overrides is not None:
+        train = {key.removeprefix("train."): value for key, _, value in (o.partition("=") for o in default_overrides)}
     keep = ("optimizer", "lr", "decay_lr", "weight_decay", "alpha", "kl_warmup_steps", "free_bits", "batch_size")
     overrides = [f"train.{key}={train[key]}" for key in keep if key in train]
     if warmup_fraction >= 0 and train.get("kl_warmup_steps"):
@@ -109,7 +114,7 @@ class _NoWriter:
 def train_recipe(recipe: str, data: ImageData, data_overrides: list[str], args, work: Path) -> tuple[Trainer, dict]:
     batch = 64
     steps = math.ceil(args.images_seen / batch)
-    path, overrides = recipe_overrides(recipe, args.warmup_fraction, steps)
+    path, overrides = recipe_overrides(recipe, args.warmup_fraction, steps, args.default_overrides)
     config = load_config(path, [
         *overrides, *data_overrides, "train.precision=auto", "train.progress=false", f"train.seed={args.seed}",
         f"train.output_dir={work}", "train.batch_size=64",
@@ -190,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     parser.add_argument("--warmup-fraction", type=float, default=0.25,
                         help="KL warm-up of the default recipe as a share of the run (negative: the config's steps)")
+    parser.add_argument("--default-overrides", nargs="+", metavar="train.KEY=VALUE",
+                        help="train the default recipe with these train settings instead of configs/coco.yaml's")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--pictures", type=Path, help="folder for reconstruction and sample grids")
