@@ -157,3 +157,16 @@ def test_sharpness_ranks_a_blurred_image_below_the_original():
     assert relative_sharpness(photo, photo) == pytest.approx(1.0)
     assert relative_sharpness(blurred, photo) < 0.5
     assert laplacian_variance(torch.full((1, 3, 8, 8), 0.3)).item() == 0.0
+
+
+def test_quality_benchmark_recipes_read_the_configs(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import quality
+
+    assert quality.recipe_overrides("seed", 0.25, 100) == (str(REPO / "configs/seed.yaml"), [])
+    path, overrides = quality.recipe_overrides(
+        "vae-gan", 0.25, 100, ["train.optimizer=adam", "train.kl_warmup_steps=2000"])
+    # The candidate's warm-up is rescaled to a quarter of the (reduced) run; the last override wins.
+    assert path is None and overrides[-2:] == ["train.kl_warmup_steps=25", "model.mode=vae-gan"]
+    config = load_config(None, overrides)
+    assert (config.train.optimizer, config.train.kl_warmup_steps, config.model.mode) == ("adam", 25, "vae-gan")
