@@ -64,6 +64,9 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
+    # vae: the original's VAE. vae-gan: Larsen et al. 2016, the same VAE plus a discriminator whose
+    # hidden layer measures the reconstruction error (training/vae_gan.py).
+    mode: Literal["vae", "vae-gan"] = "vae"
     kernel_size: int = Field(5, ge=1)
     stride: int = Field(2, ge=1)
     padding: int = Field(2, ge=0)
@@ -78,8 +81,11 @@ class ModelConfig(_Section):
     # exp(logvar) overflows or underflows in fp32 / bf16 outside this range (diffusers clamps the same).
     logvar_min: float = -30.0
     logvar_max: float = 20.0
+    # VAE-GAN discriminator (the original's models config): conv widths, then the fully connected
+    # width. Strides adapt to the image size (models/discriminator.py).
+    discriminator_channels: list[int] = Field(default_factory=lambda: [32, 128, 256, 256, 512], min_length=3)
 
-    @field_validator("encoder_channels", "decoder_channels")
+    @field_validator("encoder_channels", "decoder_channels", "discriminator_channels")
     @classmethod
     def _channels_positive(cls, value: list[int]) -> list[int]:
         if min(value) < 1:
@@ -166,6 +172,22 @@ class TrainConfig(_Section):
     # BatchNorm statistics over the global batch (all ranks) instead of each rank's own images.
     sync_batchnorm: bool = False
 
+    # --- KL schedule (issue 8) ---
+    # The KL weight ramps linearly from 0 to alpha over this many optimizer steps (KL warm-up,
+    # Bowman et al. 2016); 0 uses alpha from the first step (the original).
+    kl_warmup_steps: int = Field(0, ge=0)
+    # Free bits (Kingma et al. 2016): in the objective only, each latent unit's KL (averaged over the
+    # batch) counts as at least this many nats; metrics still report the true KL. 0 turns it off.
+    free_bits: float = Field(0.0, ge=0.0)
+    # --- VAE-GAN (model.mode=vae-gan; Larsen et al. 2016) ---
+    # Decoder and encoder reconstruction error: feature_weight * (discriminator-layer error) +
+    # pixel_weight * (pixel error, the VAE's recon). Decoder: + adversarial_weight * GAN loss.
+    gan_feature_weight: float = Field(1.0, ge=0.0)
+    gan_pixel_weight: float = Field(1.0, ge=0.0)
+    gan_adversarial_weight: float = Field(1.0, ge=0.0)
+    # The discriminator's learning rate (None: train.lr); it is not decayed with train.decay_lr.
+    discriminator_lr: float | None = Field(None, gt=0.0)
+
     @field_validator("alpha")
     @classmethod
     def _alpha_not_negative(cls, value: Alpha) -> Alpha:
@@ -181,6 +203,12 @@ class TrainConfig(_Section):
         """alpha; '1/batch_size' means 1 / the global batch (batch_size x processes), so that a run
         on W processes optimises the same objective as one process with the global batch."""
         return 1.0 / (self.batch_size * world_size) if self.alpha == "1/batch_size" else float(self.alpha)
+
+    def kl_weight_at(self, step: int) -> float:
+        """The KL weight for the step after `step` steps done: alpha * min(1, step / kl_warmup_steps)."""
+        if self.kl_warmup_steps == 0:
+            return self.kl_weight
+        return self.kl_weight * min(1.0, step / self.kl_warmup_steps)
 
 
 class Config(_Section):

@@ -158,3 +158,20 @@ def training_objective(recon: Tensor, kl: Tensor, alpha: float) -> Tensor:
     prior for every image.)
     """
     return recon.sum() + alpha * kl.sum()
+
+
+def kl_for_objective(posterior: DiagonalGaussian, free_bits: float = 0.0) -> Tensor:
+    """Per-image KL as the objective sees it, shape (N,), in fp32.
+
+    With free bits (Kingma et al. 2016) each latent unit's KL, averaged over the batch, counts as at
+    least `free_bits` nats: below that the unit gets no push towards the prior, so the encoder can
+    use it to carry information instead of collapsing it (posterior collapse). Each image gets the
+    batch's clamped total, so sum() over the batch is N * sum_j max(free_bits, mean_i KL_ij) and the
+    gradient of a unit above the floor is exactly that of the true KL. Only the objective changes:
+    metrics and logs keep reporting `posterior.kl()`.
+    """
+    if free_bits <= 0:
+        return posterior.kl().float()
+    per_unit = posterior.kl_per_dim().float()
+    clamped_total = per_unit.mean(dim=0).clamp_min(free_bits).sum()
+    return clamped_total.expand(per_unit.shape[0])

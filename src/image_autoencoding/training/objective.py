@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager
 import torch
 from torch import Tensor, nn
 
-from image_autoencoding.models.vae import VAE, loss_terms, training_objective
+from image_autoencoding.models.vae import VAE, kl_for_objective, loss_terms, training_objective
 
 
 class VAEObjective(nn.Module):
@@ -36,6 +36,7 @@ class VAEObjective(nn.Module):
         autocast: Callable[[], AbstractContextManager],
         rank: int = 0,
         world_size: int = 1,
+        free_bits: float = 0.0,
     ):
         super().__init__()
         self.vae = vae
@@ -43,8 +44,11 @@ class VAEObjective(nn.Module):
         self.autocast = autocast
         self.rank = rank
         self.world_size = world_size
+        self.free_bits = free_bits
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, alpha: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """`alpha` overrides the KL weight for this step (KL warm-up); a tensor, so torch.compile
+        does not recompile for every new value."""
         with self.autocast():
             posterior = self.vae.encoder(x)
             mean = posterior.mean
@@ -54,7 +58,9 @@ class VAEObjective(nn.Module):
             x_hat = self.vae.decoder(z)
         # The loss in fp32 outside autocast, as before: loss_terms casts its inputs itself.
         recon, kl = loss_terms(x, x_hat, posterior)
-        objective = training_objective(recon, kl, self.alpha)
+        # Free bits change what the objective sees of the KL; the returned sums keep the true KL.
+        objective_kl = kl_for_objective(posterior, self.free_bits) if self.free_bits > 0 else kl
+        objective = training_objective(recon, objective_kl, self.alpha if alpha is None else alpha)
         if self.world_size > 1:
             objective = objective * self.world_size
         return objective, recon.sum(), kl.sum()

@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ExponentialLR
 from tqdm import tqdm
 
-from image_autoencoding.config import Config, TrainConfig, save_config
+from image_autoencoding.config import Config, ConfigError, TrainConfig, save_config
 from image_autoencoding.data.batches import Normalizer, steps_per_epoch, training_batches
 from image_autoencoding.data.image_data import ImageData
 from image_autoencoding.errors import UserError
@@ -33,6 +33,7 @@ from image_autoencoding.training.metrics_log import MetricsLog
 from image_autoencoding.training.objective import VAEObjective
 from image_autoencoding.training.sharded_evaluation import evaluate_split_across_ranks
 from image_autoencoding.training.sync_batchnorm import convert_batchnorm
+from image_autoencoding.training.vae_gan import VaeGanStep
 from image_autoencoding.visualization.grids import save_reconstruction_grid, save_sample_grid
 
 logger = logging.getLogger("image_autoencoding")
@@ -149,7 +150,9 @@ class Trainer:
         # The module that runs training steps: the whole loss inside one forward, compiled as a
         # whole, and under torchrun wrapped in DDP. self.model stays the plain VAE whose weights
         # are saved (the same parameters).
-        objective = VAEObjective(self.model, self.alpha, self.autocast, dist.rank, dist.world_size)
+        objective = VAEObjective(
+            self.model, self.alpha, self.autocast, dist.rank, dist.world_size, free_bits=self.cfg.free_bits
+        )
         self.forward = torch.compile(objective) if self.cfg.compile else objective
         if dist.enabled:
             self.forward = DistributedDataParallel(
@@ -163,6 +166,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=1.0, enabled=self.precision == "fp16")
         self.encoder_scheduler = ExponentialLR(self.encoder_optimizer, gamma=self.cfg.decay_lr)
         self.decoder_scheduler = ExponentialLR(self.decoder_optimizer, gamma=self.cfg.decay_lr)
+        # model.mode=vae-gan: the discriminator, its optimizer and the step live in training/vae_gan.py.
+        self.gan = VaeGanStep(config, self.device, self.cfg.channels_last) if config.model.mode == "vae-gan" else None
+        if self.gan is not None and dist.enabled:
+            # Its three networks step outside the DDP-wrapped objective: gradients would not sync.
+            raise ConfigError("model.mode=vae-gan runs in one process; torchrun with several is not supported yet")
         self.epoch = 0  # epochs completed
         self.step = 0  # training steps done (batches drawn), skipped ones included
         self.progress = EpochProgress.from_state(None, self.device)
@@ -205,6 +213,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "best_ssim": self.best_ssim,
             "config": self.config.to_dict(),
+            **(self.gan.state() if self.gan is not None else {}),
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -226,6 +235,8 @@ class Trainer:
         set_rng_state(state["rng"])
         if self.writes:
             self.metrics.keep_epochs_up_to(self.epoch)
+        if self.gan is not None:
+            self.gan.load_state(state)
 
     def _apply_changed_optimizer_settings(self, saved: dict[str, Any]) -> None:
         """Optimizer state dicts carry the old lr and weight decay; a resume that changes them
@@ -245,8 +256,13 @@ class Trainer:
         """One optimisation step. Returns detached per-batch sums (recon, kl), or None when the loss
         or a gradient is not finite: then neither optimizer steps, and weights, optimizer state and
         BatchNorm statistics are exactly as before."""
+        alpha = self.cfg.kl_weight_at(self.step)  # KL warm-up: ramps from 0 over train.kl_warmup_steps
+        if self.gan is not None:
+            self.step += 1
+            return self.gan.train_step(self.model, x, alpha, self.autocast,
+                                       [self.encoder_optimizer, self.decoder_optimizer])
         torch._foreach_copy_(self._buffer_backup, self._buffers)
-        loss, recon, kl = self.forward(x)
+        loss, recon, kl = self.forward(x, torch.tensor(alpha, device=self.device))
         self.encoder_optimizer.zero_grad(set_to_none=True)
         self.decoder_optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

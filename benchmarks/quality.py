@@ -1,0 +1,234 @@
+"""Model quality: the original recipe against the default recipe and VAE-GAN, same images seen.
+
+    python benchmarks/quality.py [--images-seen 20000] [--image-size 64] [--photo-crops 8000]
+                                 [--datasets fashion-mnist photos] [--json out.json] [--pictures DIR]
+
+Recipes (each trains the same architecture from the same seed, at the default precision):
+  seed     configs/seed.yaml: the original (RMSprop lr 1e-3, x0.75 per epoch, alpha 1)
+  default  the train section of configs/coco.yaml (the shipped default), or the candidate recipe
+           given with --default-overrides (e.g. train.optimizer=adam train.decay_lr=0.97)
+  vae-gan  the default recipe with model.mode=vae-gan (Larsen et al. 2016)
+
+Datasets:
+  fashion-mnist  60,000 train / 10,000 test (Debian dataset-fashion-mnist), resized to --image-size
+  photos         COCO-like square crops of natural photographs (/usr/share/backgrounds and
+                 scikit-image's photos), resized to --image-size; whole photographs are held out for
+                 validation (every fourth one), so no validation crop overlaps a training crop
+
+Each trained model is scored on the whole validation split with evaluate_split (per-image SSIM,
+PCC, MSE, PSNR; means), plus sharpness: the mean Laplacian variance of reconstructions and of
+samples from the prior, relative to the real validation images (1.0 = as sharp as the data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from image_autoencoding.config import load_config, read_yaml
+from image_autoencoding.data.batches import evaluation_batches, steps_per_epoch
+from image_autoencoding.data.image_data import ImageData, Split, load_image_data
+from image_autoencoding.evaluation.evaluate import evaluate_split
+from image_autoencoding.evaluation.sharpness import laplacian_variance
+from image_autoencoding.training.trainer import Trainer
+from image_autoencoding.visualization.grids import save_reconstruction_grid, save_sample_grid
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RECIPES = ("seed", "default", "vae-gan")
+SAMPLES = 1000
+
+
+def recipe_overrides(
+    recipe: str, warmup_fraction: float, steps: int, default_overrides: list[str] | None = None
+) -> tuple[str | None, list[str]]:
+    """(config file, overrides) of a recipe, before the dataset's overrides."""
+    if recipe == "seed":
+        return str(REPO / "configs/seed.yaml"), []
+    train = read_yaml(REPO / "configs/coco.yaml").get("train", {})
+    if default_overrides is not None:
+        train = {key.removeprefix("train."): value for key, _, value in (o.partition("=") for o in default_overrides)}
+    keep = ("optimizer", "lr", "decay_lr", "weight_decay", "alpha", "kl_warmup_steps", "free_bits", "batch_size")
+    overrides = [f"train.{key}={train[key]}" for key in keep if key in train]
+    if warmup_fraction >= 0 and train.get("kl_warmup_steps"):
+        # The shipped warm-up is sized for full runs; a reduced run ramps over the same share of it.
+        overrides.append(f"train.kl_warmup_steps={max(1, round(warmup_fraction * steps))}")
+    if recipe == "vae-gan":
+        overrides.append("model.mode=vae-gan")
+    return None, overrides
+
+
+# -- data ---------------------------------------------------------------------------------------------
+
+
+def photo_crops(count: int, image_size: int, seed: int, valid: bool) -> np.ndarray:
+    """Square crops (side between a quarter and all of the photo's short side, like a COCO image
+    centre-cropped and shrunk to 64 px), resized to image_size; every fourth photograph is held out."""
+    from photo_sets import source_photographs
+    from PIL import Image
+
+    photos = [p for i, p in enumerate(source_photographs()) if (i % 4 == 3) == valid]
+    rng = np.random.default_rng(seed)
+    crops = np.empty((count, image_size, image_size, 3), dtype=np.uint8)
+    for k in range(count):
+        photo = photos[rng.integers(len(photos))]
+        short = min(photo.width, photo.height)
+        side = int(rng.integers(short // 4, short + 1))
+        left = int(rng.integers(0, photo.width - side + 1))
+        top = int(rng.integers(0, photo.height - side + 1))
+        box = (left, top, left + side, top + side)
+        crop = photo.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box, reducing_gap=2.0)
+        crops[k] = np.asarray(crop)
+    return crops
+
+
+def dataset(name: str, args, work: Path) -> tuple[ImageData, list[str]]:
+    common = [f"data.image_size={args.image_size}", f"data.cache_dir={work / 'cache'}"]
+    if name == "fashion-mnist":
+        config = load_config(None, ["data.dataset=fashion-mnist", *common])
+        return load_image_data(config.data, progress=False), ["data.dataset=fashion-mnist", *common]
+    train = photo_crops(args.photo_crops, args.image_size, 1, valid=False)
+    valid = photo_crops(args.photo_crops // 4, args.image_size, 2, valid=True)
+    no_labels = lambda a: np.full(len(a), -1, dtype=np.int64)  # noqa: E731
+    return ImageData(Split(train, no_labels(train)), Split(valid, no_labels(valid)), []), common
+
+
+# -- one recipe ---------------------------------------------------------------------------------------
+
+
+class _NoWriter:
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+
+def train_recipe(recipe: str, data: ImageData, data_overrides: list[str], args, work: Path) -> tuple[Trainer, dict]:
+    batch = 64
+    steps = math.ceil(args.images_seen / batch)
+    path, overrides = recipe_overrides(recipe, args.warmup_fraction, steps, args.default_overrides)
+    config = load_config(path, [
+        *overrides, *data_overrides, "train.precision=auto", "train.progress=false", f"train.seed={args.seed}",
+        f"train.output_dir={work}", "train.batch_size=64",
+    ])
+    run_dir = work / f"{recipe}-{time.time_ns()}"
+    run_dir.mkdir(parents=True)
+    trainer = Trainer(config, run_dir, data)
+    per_epoch = steps_per_epoch(len(data.train.images), batch, None)
+    start, epoch, done = time.perf_counter(), 0, 0
+    while done < steps:
+        epoch += 1
+        trainer.cfg.max_steps_per_epoch = min(per_epoch, steps - done)
+        trainer.train_epoch(epoch, _NoWriter())
+        done += trainer.cfg.max_steps_per_epoch
+        trainer.encoder_scheduler.step()  # per epoch, as Trainer.fit does
+        trainer.decoder_scheduler.step()
+    seconds = time.perf_counter() - start
+    info = {"config": path or "configs/coco.yaml (train section)", "overrides": overrides, "steps": steps,
+            "images_seen": steps * batch, "epochs": epoch, "train_seconds": round(seconds, 1),
+            "final_lr": trainer.encoder_optimizer.param_groups[0]["lr"]}
+    if trainer.gan is not None:
+        info.update(trainer.gan.take_stats())
+    return trainer, info
+
+
+@torch.no_grad()
+def score(trainer: Trainer, data: ImageData, picture_prefix: Path | None) -> dict:
+    evaluation = evaluate_split(trainer.model, data.valid.images, trainer.normalize, trainer.device, 256,
+                                trainer.autocast)
+    row = {key: float(v) for key, v in evaluation.means().items()}
+    model = trainer.model.eval()
+    real, recon = [], []
+    for x in evaluation_batches(data.valid.images, 256, trainer.device, trainer.normalize):
+        with trainer.autocast():
+            x_hat = model.reconstruct(x)
+        real.append(laplacian_variance(trainer.normalize.to_unit(x)))
+        recon.append(laplacian_variance(trainer.normalize.to_unit(x_hat)))
+    generator = torch.Generator().manual_seed(0)
+    with trainer.autocast():
+        samples = trainer.normalize.to_unit(model.sample(SAMPLES, generator=generator))
+    real_sharp = float(torch.cat(real).mean())
+    row["sharpness_recon"] = float(torch.cat(recon).mean()) / real_sharp
+    row["sharpness_samples"] = float(laplacian_variance(samples).mean()) / real_sharp
+    if picture_prefix is not None:
+        x = trainer.normalize(torch.from_numpy(np.array(data.valid.images[:16])).to(trainer.device))
+        with trainer.autocast():
+            x_hat = model.reconstruct(x)
+        save_reconstruction_grid(trainer.normalize.to_unit(x), trainer.normalize.to_unit(x_hat),
+                                 f"{picture_prefix}_reconstructions.png")
+        save_sample_grid(samples[:64], f"{picture_prefix}_samples.png")
+    return row
+
+
+# -- the table ----------------------------------------------------------------------------------------
+
+COLUMNS = (("ssim", "SSIM", ".4f"), ("pcc", "PCC", ".4f"), ("psnr", "PSNR dB", ".2f"), ("kl", "KL", ".1f"),
+           ("sharpness_recon", "sharp. recon", ".3f"), ("sharpness_samples", "sharp. samples", ".3f"),
+           ("train_seconds", "train s", ".0f"))
+
+
+def table(results: list[dict]) -> str:
+    head = "| dataset | recipe | images seen | " + " | ".join(name for _, name, _ in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (3 + len(COLUMNS))]
+    for r in results:
+        cells = [format(r[key], fmt) for key, _, fmt in COLUMNS]
+        lines.append(f"| {r['dataset']} | {r['recipe']} | {r['images_seen']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images-seen", type=int, default=20000,
+                        help="training images per recipe (rounded up to batches of 64)")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--photo-crops", type=int, default=8000, help="training crops (a quarter as many validate)")
+    parser.add_argument("--datasets", nargs="+", default=["fashion-mnist", "photos"],
+                        choices=["fashion-mnist", "photos"])
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
+    parser.add_argument("--warmup-fraction", type=float, default=0.25,
+                        help="KL warm-up of the default recipe as a share of the run (negative: the config's steps)")
+    parser.add_argument("--default-overrides", nargs="+", metavar="train.KEY=VALUE",
+                        help="train the default recipe with these train settings instead of configs/coco.yaml's")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--pictures", type=Path, help="folder for reconstruction and sample grids")
+    args = parser.parse_args(argv)
+    given = argv if argv is not None else sys.argv[1:]
+    command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in given)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name in args.datasets:
+            data, data_overrides = dataset(name, args, work)
+            print(f"{name}: {len(data.train.images)} train / {len(data.valid.images)} valid images", flush=True)
+            for recipe in args.recipes:
+                trainer, info = train_recipe(recipe, data, data_overrides, args, work)
+                prefix = None
+                if args.pictures is not None:
+                    args.pictures.mkdir(parents=True, exist_ok=True)
+                    prefix = args.pictures / f"{name}_{recipe}"
+                row = {"dataset": name, "recipe": recipe, **info, **score(trainer, data, prefix),
+                       "valid_images": len(data.valid.images), "train_images": len(data.train.images)}
+                results.append(row)
+                print(table([row]).splitlines()[-1], flush=True)
+    print(f"\n{command}\n")
+    print(table(results))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        document = {"command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "machine": platform.processor() or platform.machine(), "results": results}
+        args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    raise SystemExit(main())

@@ -1,0 +1,133 @@
+"""One VAE-GAN training step (Larsen et al. 2016, "Autoencoding beyond pixels using a learned
+similarity metric"), used by `Trainer.train_step` when `model.mode` is `vae-gan`.
+
+Per batch x, with z ~ q(z|x), x~ = Dec(z) and x_p = Dec(z_p), z_p ~ N(0, I) (Larsen et al. alg. 1):
+
+    encoder:        alpha * KL + recon
+    decoder:        recon + adversarial_weight * GAN(x~, x_p)     (non-saturating: -log D(fake))
+    discriminator:  -log D(x) - log(1 - D(x~)) - log(1 - D(x_p))
+    recon = feature_weight * 0.5 |Dis_l(x) - Dis_l(x~)|^2 + pixel_weight * 0.5 |x - x~|^2
+
+Dis_l is the discriminator's last conv block (models/discriminator.py). As in the paper the encoder
+gets no GAN gradient and the discriminator no reconstruction gradient. One forward pass builds one
+graph; `torch.autograd.grad` takes each network's gradient of its own loss from it (the
+discriminator's loss, differentiated only with respect to its own weights, never reaches the
+generator), and the three optimizers step only after all gradients exist. Stepping between backward
+passes through one graph is what breaks the original VAE-GAN code on modern PyTorch (weights
+modified in place that a later backward still needs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.optim import Optimizer
+
+from image_autoencoding.config import Config, TrainConfig
+from image_autoencoding.models.discriminator import Discriminator, build_discriminator, feature_error
+from image_autoencoding.models.vae import VAE, kl_for_objective, loss_terms
+
+
+def build_discriminator_optimizer(discriminator: Discriminator, cfg: TrainConfig) -> Optimizer:
+    """The same kind of optimizer as the encoder and decoder (Larsen et al. used RMSprop for all three)."""
+    lr = cfg.discriminator_lr if cfg.discriminator_lr is not None else cfg.lr
+    params = discriminator.parameters()
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=1e-8, weight_decay=cfg.weight_decay)
+
+
+class VaeGanStep:
+    """The discriminator, its optimizer, and the step that trains all three networks."""
+
+    def __init__(self, config: Config, device: torch.device, channels_last: bool):
+        self.cfg = config.train
+        self.discriminator = build_discriminator(config.model, config.data.image_size).to(device)
+        if channels_last:
+            self.discriminator = self.discriminator.to(memory_format=torch.channels_last)
+        self.optimizer = build_discriminator_optimizer(self.discriminator, self.cfg)
+        # Running means over the steps since the last reset, for logs and the collapse check:
+        # D(x) near 1 and D(fake) near 0 for long means the discriminator has won.
+        self.stats = torch.zeros(3, device=device)  # sum of D(x), sum of D(x~), images
+        self._buffers = list(self.discriminator.buffers())
+        self._backup = [b.detach().clone() for b in self._buffers]
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {"discriminator": self.discriminator.state_dict(),
+                "discriminator_optimizer": self.optimizer.state_dict()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.optimizer.load_state_dict(state["discriminator_optimizer"])
+
+    # -- the step --------------------------------------------------------------------------------
+
+    def losses(self, model: VAE, x: Tensor, alpha: float, autocast) -> dict[str, Tensor]:
+        n = x.shape[0]
+        with autocast():
+            posterior = model.encoder(x)
+            z_prior = torch.randn(n, model.cfg.latent_dim, device=x.device)
+            # One decoder pass for both kinds of fake (a batch of 2N for BatchNorm), one
+            # discriminator pass for real and both fakes.
+            decoded = model.decoder(torch.cat([posterior.sample(), z_prior]))
+            x_tilde = decoded[:n]
+            logits, features = self.discriminator(torch.cat([x, decoded]))
+        real_logit, recon_logit, prior_logit = logits.float().split(n)
+        real_features, recon_features, _ = features.split(n)
+        pixel, kl = loss_terms(x, x_tilde, posterior)
+        # Dis_l(x) is the target, not something to move (no reconstruction gradient reaches D).
+        feature = feature_error(real_features.detach(), recon_features)
+        recon = self.cfg.gan_feature_weight * feature + self.cfg.gan_pixel_weight * pixel
+        ones, zeros = torch.ones_like(real_logit), torch.zeros_like(real_logit)
+        fakes = torch.cat([recon_logit, prior_logit])
+        generator_gan = F.binary_cross_entropy_with_logits(fakes, torch.ones_like(fakes), reduction="sum")
+        discriminator_gan = (F.binary_cross_entropy_with_logits(real_logit, ones, reduction="sum")
+                             + F.binary_cross_entropy_with_logits(fakes, zeros.repeat(2), reduction="sum"))
+        with torch.no_grad():
+            self.stats += torch.stack([torch.sigmoid(real_logit).sum(), torch.sigmoid(recon_logit).sum(),
+                                       torch.tensor(float(n), device=x.device)])
+        return {
+            "encoder": recon.sum() + alpha * kl_for_objective(posterior, self.cfg.free_bits).sum(),
+            "decoder": recon.sum() + self.cfg.gan_adversarial_weight * generator_gan,
+            "discriminator": discriminator_gan,
+            "pixel": pixel, "kl": kl,
+        }
+
+    def train_step(self, model: VAE, x: Tensor, alpha: float, autocast, optimizers: list[Optimizer]) -> Tensor | None:
+        """Returns detached batch sums (pixel recon, kl) like the VAE step, or None when a loss or
+        gradient is not finite: then no optimizer steps and every BatchNorm statistic is put back.
+        `optimizers`: the encoder's and the decoder's."""
+        model_buffers = list(model.buffers())
+        model_backup = [b.detach().clone() for b in model_buffers]
+        torch._foreach_copy_(self._backup, self._buffers)
+        loss = self.losses(model, x, alpha, autocast)
+        groups = [list(model.encoder.parameters()), list(model.decoder.parameters()),
+                  list(self.discriminator.parameters())]
+        names = ("encoder", "decoder", "discriminator")
+        grads = []
+        for index, (name, params) in enumerate(zip(names, groups, strict=True)):
+            grads.append(torch.autograd.grad(loss[name], params, retain_graph=index < 2))
+        flat = [g for group in grads for g in group]
+        total_norm = torch.nn.utils.get_total_norm(flat, error_if_nonfinite=False)
+        finite = torch.isfinite(torch.stack([loss[n].detach() for n in names])).all() & torch.isfinite(total_norm)
+        if not bool(finite):
+            torch._foreach_copy_(model_buffers, model_backup)
+            torch._foreach_copy_(self._buffers, self._backup)
+            return None
+        for params, group_grads in zip(groups, grads, strict=True):
+            for param, grad in zip(params, group_grads, strict=True):
+                param.grad = grad
+        for optimizer in (*optimizers, self.optimizer):
+            optimizer.step()
+        return torch.stack([loss["pixel"].sum(), loss["kl"].sum()]).detach()
+
+    def take_stats(self) -> dict[str, float]:
+        """Mean D(x) and D(x~) since the last call (then reset)."""
+        real, recon, n = self.stats.tolist()
+        self.stats.zero_()
+        return {"d_real": real / max(n, 1), "d_recon": recon / max(n, 1)}

@@ -1,0 +1,172 @@
+"""Issue 8: the original recipe as a config, KL warm-up, free bits, VAE-GAN mode, sharpness."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import image_autoencoding.training.trainer as trainer_module
+from image_autoencoding.cli import main
+from image_autoencoding.config import load_config
+from image_autoencoding.data.batches import training_batches
+from image_autoencoding.data.image_data import load_image_data
+from image_autoencoding.evaluation.sharpness import laplacian_variance, relative_sharpness
+from image_autoencoding.models.vae import DiagonalGaussian, kl_for_objective
+from image_autoencoding.training.checkpoint import load_checkpoint
+from image_autoencoding.training.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DISCRIMINATOR = "model.discriminator_channels=[8,16,16,16,32]"
+
+
+def _trainer(tiny, tmp_path, *overrides: str) -> Trainer:
+    config = load_config(None, [*tiny, *overrides])
+    run = tmp_path / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    return Trainer(config, run, load_image_data(config.data))
+
+
+def _batches(trainer: Trainer, steps: int) -> list[torch.Tensor]:
+    data = trainer.data.train.images
+    return list(training_batches(data, 32, 0, 1, trainer.device, trainer.normalize, steps))
+
+
+def test_seed_config_is_the_original_recipe():
+    config = load_config(REPO / "configs/seed.yaml")
+    train = config.train
+    assert (train.optimizer, train.lr, train.decay_lr, train.alpha, train.batch_size, train.weight_decay) == (
+        "rmsprop", 1e-3, 0.75, 1.0, 64, 1e-7)
+    assert (train.kl_warmup_steps, train.free_bits, train.precision) == (0, 0.0, "fp32")
+    assert config.model.mode == "vae"
+    assert config.model.encoder_channels == [64, 128, 256] and config.model.latent_dim == 128
+    assert (config.data.dataset, config.data.image_crop, config.data.image_size) == ("coco", 375, 64)
+
+
+def test_kl_warmup_ramps_alpha_linearly_from_zero(tiny, tmp_path, monkeypatch):
+    cfg = load_config(None, ["train.alpha=2.0", "train.kl_warmup_steps=4"]).train
+    assert [cfg.kl_weight_at(step) for step in range(6)] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.0]
+    assert load_config(None, ["train.alpha=2.0"]).train.kl_weight_at(0) == 2.0  # off by default
+
+    seen = []
+    objective = trainer_module.training_objective
+    monkeypatch.setattr(trainer_module, "training_objective",
+                        lambda recon, kl, alpha: seen.append(alpha) or objective(recon, kl, alpha))
+    trainer = _trainer(tiny, tmp_path, "train.kl_warmup_steps=2")
+    for x in _batches(trainer, 3):
+        trainer.train_step(x)
+    assert seen == [0.0, 0.5, 1.0]
+
+
+def test_free_bits_floor_each_unit_in_the_objective_only():
+    mean = torch.tensor([[2.0, 0.0], [0.0, 0.0]], requires_grad=True)
+    posterior = DiagonalGaussian(mean, torch.zeros(2, 2))
+    true_kl = posterior.kl()  # unit 0: 2.0 and 0.0 nats (mean 1.0), unit 1: 0 nats
+    assert torch.equal(kl_for_objective(posterior, 0.0), true_kl)
+    floored = kl_for_objective(posterior, 0.5)
+    assert floored.tolist() == [1.5, 1.5]  # max(0.5, 1.0) + max(0.5, 0.0) for each image
+    floored.sum().backward()
+    assert mean.grad[:, 1].abs().sum() == 0  # a unit under the floor is not pushed to the prior
+    assert mean.grad[0, 0] == pytest.approx(2.0)  # one above it gets the true KL's gradient
+
+
+def test_free_bits_change_the_step_but_not_the_reported_kl(tiny, tmp_path):
+    plain = _trainer(tiny, tmp_path / "plain")
+    free = _trainer(tiny, tmp_path / "free", "train.free_bits=2.0")
+    x = _batches(plain, 1)[0]
+    torch.manual_seed(0)  # the same reparametrisation noise for both
+    plain_sums = plain.train_step(x)
+    torch.manual_seed(0)
+    free_sums = free.train_step(x)
+    # Same weights and batch: the same true KL and reconstruction are reported ...
+    assert torch.allclose(plain_sums, free_sums)
+    # ... but the objectives differ, so the encoders moved differently.
+    moved = [not torch.equal(a, b) for a, b in zip(plain.model.encoder.parameters(), free.model.encoder.parameters(),
+                                                   strict=True)]
+    assert any(moved)
+
+
+def test_vae_gan_steps_move_all_three_networks(tiny, tmp_path):
+    trainer = _trainer(tiny, tmp_path, "model.mode=vae-gan", TINY_DISCRIMINATOR)
+    networks = {"encoder": trainer.model.encoder, "decoder": trainer.model.decoder,
+                "discriminator": trainer.gan.discriminator}
+    before = {name: [p.detach().clone() for p in net.parameters()] for name, net in networks.items()}
+    for x in _batches(trainer, 3):
+        sums = trainer.train_step(x)
+        assert sums is not None and torch.isfinite(sums).all()
+    for name, net in networks.items():
+        assert any(not torch.equal(a, b) for a, b in zip(before[name], net.parameters(), strict=True)), name
+    stats = trainer.gan.take_stats()
+    assert 0 < stats["d_real"] < 1 and 0 < stats["d_recon"] < 1
+
+
+def test_vae_gan_skips_a_non_finite_step_leaving_the_discriminator_unchanged(tiny, tmp_path):
+    trainer = _trainer(tiny, tmp_path, "model.mode=vae-gan", TINY_DISCRIMINATOR)
+    x = _batches(trainer, 1)[0]
+    trainer.train_step(x)
+    before = {k: v.clone() for k, v in trainer.gan.discriminator.state_dict().items()}
+    x = x.clone()
+    x[0, 0, 0, 0] = float("nan")
+    assert trainer.train_step(x) is None
+    after = trainer.gan.discriminator.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics included
+
+
+def test_vae_gan_checkpoints_hold_the_discriminator_and_resume_exactly(tiny, tmp_path):
+    trainer = _trainer(tiny, tmp_path, "model.mode=vae-gan", TINY_DISCRIMINATOR)
+    first, second = _batches(trainer, 2)
+    trainer.train_step(first)
+    trainer.epoch = 1
+    state = load_checkpoint(trainer.save_epoch_checkpoint())
+    assert {"discriminator", "discriminator_optimizer"} <= set(state)
+    assert state["discriminator_optimizer"]["state"]  # it has stepped
+
+    resumed = Trainer(trainer.config, tmp_path / "resumed", trainer.data, resume=state)
+    saved = state["discriminator"]
+    assert all(torch.equal(v, saved[k]) for k, v in resumed.gan.discriminator.state_dict().items())
+    # Resuming sets the RNG to the checkpoint's: the next step of both trainers must agree exactly.
+    rng = torch.get_rng_state()
+    trainer.train_step(second)
+    torch.set_rng_state(rng)
+    resumed.train_step(second)
+    for net in ("discriminator",):
+        a, b = getattr(trainer.gan, net).state_dict(), getattr(resumed.gan, net).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = trainer.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = trainer.gan.optimizer.state_dict()["state"], resumed.gan.optimizer.state_dict()["state"]
+    assert all(torch.equal(a[i]["square_avg"], b[i]["square_avg"]) for i in a)
+
+
+def test_vae_gan_trains_end_to_end_from_the_command_line(tiny, tmp_path):
+    overrides = [*tiny, "model.mode=vae-gan", TINY_DISCRIMINATOR, "train.max_steps_per_epoch=2", "train.epochs=1"]
+    assert main(["train", "--config", str(REPO / "configs/demo.yaml"), *overrides]) == 0
+    (run,) = (tmp_path / "results" / "vae").iterdir()
+    assert "discriminator" in load_checkpoint(run / "checkpoints" / "last.pt")
+
+
+def test_sharpness_ranks_a_blurred_image_below_the_original():
+    from skimage import data
+
+    photo = torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].double() / 255
+    photo = F.interpolate(photo, size=(64, 64), mode="area")
+    blurred = F.avg_pool2d(F.pad(photo, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    assert laplacian_variance(blurred).item() < 0.5 * laplacian_variance(photo).item()
+    assert relative_sharpness(photo, photo) == pytest.approx(1.0)
+    assert relative_sharpness(blurred, photo) < 0.5
+    assert laplacian_variance(torch.full((1, 3, 8, 8), 0.3)).item() == 0.0
+
+
+def test_quality_benchmark_recipes_read_the_configs(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import quality
+
+    assert quality.recipe_overrides("seed", 0.25, 100) == (str(REPO / "configs/seed.yaml"), [])
+    path, overrides = quality.recipe_overrides(
+        "vae-gan", 0.25, 100, ["train.optimizer=adam", "train.kl_warmup_steps=2000"])
+    # The candidate's warm-up is rescaled to a quarter of the (reduced) run; the last override wins.
+    assert path is None and overrides[-2:] == ["train.kl_warmup_steps=25", "model.mode=vae-gan"]
+    config = load_config(None, overrides)
+    assert (config.train.optimizer, config.train.kl_warmup_steps, config.model.mode) == ("adam", 25, "vae-gan")
