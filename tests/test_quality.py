@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import image_autoencoding.training.trainer as trainer_module
 from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
 from image_autoencoding.data.batches import training_batches
 from image_autoencoding.data.image_data import load_image_data
 from image_autoencoding.evaluation.sharpness import laplacian_variance, relative_sharpness
 from image_autoencoding.models.vae import DiagonalGaussian, kl_for_objective
+from image_autoencoding.training import objective as objective_module
 from image_autoencoding.training.checkpoint import load_checkpoint
 from image_autoencoding.training.trainer import Trainer
 
@@ -51,9 +51,9 @@ def test_kl_warmup_ramps_alpha_linearly_from_zero(tiny, tmp_path, monkeypatch):
     assert load_config(None, ["train.alpha=2.0"]).train.kl_weight_at(0) == 2.0  # off by default
 
     seen = []
-    objective = trainer_module.training_objective
-    monkeypatch.setattr(trainer_module, "training_objective",
-                        lambda recon, kl, alpha: seen.append(alpha) or objective(recon, kl, alpha))
+    objective = objective_module.training_objective  # the loss lives in the module DDP wraps
+    monkeypatch.setattr(objective_module, "training_objective",
+                        lambda recon, kl, alpha: seen.append(float(alpha)) or objective(recon, kl, alpha))
     trainer = _trainer(tiny, tmp_path, "train.kl_warmup_steps=2")
     for x in _batches(trainer, 3):
         trainer.train_step(x)
