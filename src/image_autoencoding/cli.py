@@ -167,6 +167,7 @@ def _add_sample(subparsers) -> None:
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
+    from image_autoencoding.data.batches import Normalizer
     from image_autoencoding.evaluation.run_report import load_run_model
     from image_autoencoding.visualization.grids import save_sample_grid
     from image_autoencoding.visualization.images import save_images
@@ -178,8 +179,7 @@ def _sample(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else run_dir / "samples" / f"seed_{args.seed}_t{args.temperature:g}"
     model.eval()
     samples = model.sample(args.n, torch.Generator().manual_seed(args.seed), args.temperature)
-    images = (samples.float() * torch.tensor(config.data.std).view(1, 3, 1, 1)
-              + torch.tensor(config.data.mean).view(1, 3, 1, 1)).clamp(0, 1)
+    images = Normalizer(config.data, torch.device("cpu")).to_unit(samples)
     save_sample_grid(images, out / "samples_grid.png")
     save_images(images, [out / f"sample_{i:04d}.png" for i in range(args.n)])
     print(out)

@@ -19,6 +19,7 @@ from image_autoencoding.evaluation.evaluate import SplitEvaluation, evaluate_spl
 from image_autoencoding.models.vae import VAE, build_model
 from image_autoencoding.training.checkpoint import CheckpointError, load_checkpoint
 from image_autoencoding.training.device import autocast_factory, resolve_device, resolve_precision
+from image_autoencoding.training.resume import checkpoint_path
 from image_autoencoding.visualization import plots
 
 logger = logging.getLogger("image_autoencoding")
@@ -47,16 +48,12 @@ def load_run_config(run_dir: Path) -> Config:
 
 def resolve_checkpoint(run_dir: Path, name: str) -> Path:
     """best | last | epoch_N | a path. `best` falls back to `last` for runs without validation metrics."""
-    folder = run_dir / "checkpoints"
-    if name == "best" and not (folder / "best.pt").is_file():
+    if name == "best" and not (run_dir / "checkpoints" / "best.pt").is_file():
         name = "last"
-    candidate = folder / (name if name.endswith(".pt") else f"{name}.pt")
-    if candidate.is_file():
-        return candidate
-    path = Path(name)
-    if path.is_file():
-        return path
-    raise CheckpointError(f"checkpoint '{candidate}' not found (expected best, last, epoch_N or a .pt path)")
+    path = checkpoint_path(run_dir, name)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' not found (expected best, last, epoch_N or a .pt path)")
+    return path
 
 
 def load_run_model(run_dir: Path, checkpoint: str = "best") -> tuple[Config, VAE, Path, dict[str, Any]]:
