@@ -34,12 +34,9 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=generator)
 
 
-def random_flip(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Flip each image left-right with probability 1/2 (the original's RandomHorizontalFlip)."""
-    return _flip_where(x, torch.rand(x.shape[0], generator=generator) < 0.5)
-
-
-def _flip_where(x: Tensor, flip: Tensor) -> Tensor:
+def flip_where(x: Tensor, flip: Tensor) -> Tensor:
+    """Flip left-right the images whose `flip` is true (drawn with probability 1/2 per image: the
+    original's RandomHorizontalFlip)."""
     flip = flip.to(x.device).view(-1, 1, 1, 1)
     return torch.where(flip, x.flip(-1), x)
 
@@ -87,7 +84,7 @@ def training_batches(
         if pin:
             pixels = pixels.pin_memory()
         x = normalize(pixels.to(device, non_blocking=True))
-        yield _flip_where(x, flip[mine])
+        yield flip_where(x, flip[mine])
 
 
 def steps_per_epoch(n: int, batch_size: int, max_steps: int | None, world_size: int = 1) -> int:

@@ -185,11 +185,6 @@ def write_bad_files(bad: list[BadFile], path: Path) -> None:
         writer.writerows([item.path, item.reason] for item in bad)
 
 
-def read_bad_files(path: Path) -> list[BadFile]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        return [BadFile(row["path"], row["reason"]) for row in csv.DictReader(handle)]
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -52,7 +52,7 @@ def load_image_data(cfg: DataConfig, progress: bool = True) -> ImageData:
         if cached.reused:
             logger.info("using cache %s (%d images)", cached.directory, len(cached.labels))
         splits[name] = Split(cached.images, cached.labels, cached.directory)
-        bad += [BadFile(item.path, item.reason) for item in cached.bad_files]
+        bad += cached.bad_files
     if bad:
         logger.warning("skipped %d unreadable files (listed in bad_files.csv)", len(bad))
     return ImageData(splits["train"], splits["valid"], source.class_names, bad)

@@ -94,11 +94,6 @@ def _require_dir(path: Path, layout: str) -> None:
         raise DatasetLayoutError(f"dataset folder '{path}' not found; expected layout: {layout}")
 
 
-def _require_file(path: Path, layout: str) -> None:
-    if not path.is_file():
-        raise DatasetLayoutError(f"dataset file '{path}' not found; expected layout: {layout}")
-
-
 # -- digits (bundled) ---------------------------------------------------------------------------------
 
 
