@@ -25,6 +25,7 @@ from image_autoencoding.errors import UserError
 from image_autoencoding.evaluation.evaluate import evaluate_split
 from image_autoencoding.models.vae import VAE, build_model
 from image_autoencoding.training.checkpoint import prune_epoch_checkpoints, publish_as, save_checkpoint
+from image_autoencoding.training.cpu_memory import keep_freed_memory
 from image_autoencoding.training.device import autocast_factory, resolve_precision
 from image_autoencoding.training.distributed import SINGLE, Distributed
 from image_autoencoding.training.fault_injection import SignalAtStep
@@ -137,6 +138,8 @@ class Trainer:
         self.device = dist.device(self.cfg.device)
         self.precision = resolve_precision(self.cfg.precision, self.device)
         self.autocast = autocast_factory(self.device, self.precision)
+        if self.device.type == "cpu" and self.cfg.reuse_cpu_memory:
+            keep_freed_memory()
         self.normalize = Normalizer(config.data, self.device)
         self.alpha = self.cfg.kl_weight_for(dist.world_size)
 
