@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import describe
 from photo_sets import COCO_SHAPE, FOOD101_SHAPE, make_jpeg_set, original_loader
 
 BATCH_SIZE = 64
@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         })
 
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; {args.workers} decode workers; {args.image_size} px; command: {command}")
+    print(f"machine: {describe()}; {args.workers} decode workers; {args.image_size} px; command: {command}")
     header = ("set", "images", "original epoch img/s", "prepare img/s", "cache epoch img/s", "prepare x",
               "cache epoch x")
     print("| " + " | ".join(header) + " |")

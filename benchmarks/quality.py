@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import shlex
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import describe
 
 from image_autoencoding.config import load_config, read_yaml
 from image_autoencoding.data.batches import evaluation_batches, steps_per_epoch
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         document = {"command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "machine": platform.processor() or platform.machine(), "results": results}
+                    "machine": describe(), "results": results}
         args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     return 0
 
