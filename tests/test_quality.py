@@ -54,7 +54,7 @@ def test_kl_warmup_ramps_alpha_linearly_from_zero(tiny, tmp_path, monkeypatch):
     objective = objective_module.training_objective  # the loss lives in the module DDP wraps
     monkeypatch.setattr(objective_module, "training_objective",
                         lambda recon, kl, alpha: seen.append(float(alpha)) or objective(recon, kl, alpha))
-    trainer = _trainer(tiny, tmp_path, "train.kl_warmup_steps=2")
+    trainer = _trainer(tiny, tmp_path, "train.alpha=1.0", "train.kl_warmup_steps=2")
     for x in _batches(trainer, 3):
         trainer.train_step(x)
     assert seen == [0.0, 0.5, 1.0]
