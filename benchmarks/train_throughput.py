@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     results["ratio_to_model_step"] = results["end_to_end_img_s"] / best_step
     if args.memory_images:
         results["memory"] = {"images": args.memory_images, **peak_memory(work, args.memory_images, 20)}
-    if args.quality_steps:
+    if args.quality_steps and results["default_precision"] != "fp32":  # else it compares fp32 with itself
         results["quality"] = quality(work, data, args.quality_steps)
     results["seconds"] = time.perf_counter() - started
     results["command"] = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
