@@ -5,8 +5,8 @@ kernel once more than M_TRIM_THRESHOLD of it is free. A training step frees and 
 large temporaries every time (activations of a batch; the optimizer's temporaries for the 16.8 M
 weights of the encoder's FC layer: a 64 MiB `sqrt` alone), so each step paid for tens of thousands of
 page faults on freshly zeroed pages (tests/test_cpu_memory.py counts them). With mmap off and a
-256 MiB trim threshold the heap settles after a few steps and the blocks are reused: on the reference
-machine bf16 training went from ~160 to ~184 img/s, for ~60 MB more peak memory. It is the same cure
+256 MiB trim threshold the heap settles after a few steps and the blocks are reused: on an AVX-512
+BF16 machine, bf16 training went from ~160 to ~184 img/s, for ~60 MB more peak memory. It is the same cure
 as LD_PRELOADing tcmalloc (measured equal here; jemalloc was slower), done from inside the process,
 so it applies to `vae train` and to library use alike, with nothing to install.
 """
