@@ -12,22 +12,24 @@ from pathlib import Path
 import torch
 
 
-def cpu_model() -> str:
+def _cpuinfo_field(name: str) -> str | None:
+    """The first `name : value` line of /proc/cpuinfo (every core repeats them), or None."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(name)), None)
+
+
+def cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def vector_extensions() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
+    flags = _cpuinfo_field("flags")
+    if flags is None:
         return "unknown"
-    present = set(flags.split(":", 1)[1].split())
+    present = set(flags.split())
     names = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if name in present]
     return "+".join(names) or "no AVX2"
 
