@@ -3,6 +3,8 @@ per-epoch data pipeline (PIL decode + torchvision transforms in a DataLoader).""
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +28,24 @@ def source_photographs() -> list[Image.Image]:
 
 
 def make_jpeg_set(folder: Path, count: int, shape: tuple[int, int] | None, seed: int) -> list[Path]:
-    """`count` JPEGs cut at random places and scales from the photographs (kept between runs)."""
+    """`count` JPEGs cut at random places and scales from the photographs (kept between runs), written
+    by one process per core; image i depends only on (seed, i), not on the number of processes."""
     paths = [folder / f"{i:06d}.jpg" for i in range(count)]
-    if all(path.exists() for path in paths):
+    missing = [i for i, path in enumerate(paths) if not path.exists()]
+    if not missing:
         return paths
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    workers = min(os.cpu_count() or 1, max(1, len(missing) // 200))
+    chunks = [missing[k::workers] for k in range(workers)]
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_write_jpegs, [folder] * workers, chunks, [shape] * workers, [seed] * workers))
+    return paths
+
+
+def _write_jpegs(folder: Path, indices: list[int], shape: tuple[int, int] | None, seed: int) -> None:
     photos = source_photographs()
-    for path in paths:
+    for i in indices:
+        rng = np.random.default_rng([seed, i])
         photo = photos[rng.integers(len(photos))]
         if shape is None:  # Food-101: longest side 512, aspect between 3:4 and 4:3
             long, short = 512, int(rng.integers(384, 513))
@@ -46,8 +58,7 @@ def make_jpeg_set(folder: Path, count: int, shape: tuple[int, int] | None, seed:
         left = int(rng.integers(0, photo.width - box_w + 1))
         top = int(rng.integers(0, photo.height - box_h + 1))
         crop = photo.resize((width, height), Image.Resampling.BILINEAR, box=(left, top, left + box_w, top + box_h))
-        crop.save(path, quality=90)
-    return paths
+        crop.save(folder / f"{i:06d}.jpg", quality=90)
 
 
 class OriginalDataset(torch.utils.data.Dataset):

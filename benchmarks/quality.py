@@ -8,6 +8,7 @@ Recipes (each trains the same architecture from the same seed, at the default pr
   default  the train section of configs/coco.yaml (the shipped default), or the candidate recipe
            given with --default-overrides (e.g. train.optimizer=adam train.decay_lr=0.97)
   vae-gan  the default recipe with model.mode=vae-gan (Larsen et al. 2016)
+  --variant NAME RECIPE KEY=VALUE...  one more row: RECIPE with these config overrides (screening)
 
 Datasets:
   fashion-mnist  60,000 train / 10,000 test (Debian dataset-fashion-mnist), resized to --image-size
@@ -17,7 +18,9 @@ Datasets:
 
 Each trained model is scored on the whole validation split with evaluate_split (per-image SSIM,
 PCC, MSE, PSNR; means), plus sharpness: the mean Laplacian variance of reconstructions and of
-samples from the prior, relative to the real validation images (1.0 = as sharp as the data).
+samples from the prior, relative to the real validation images (1.0 = as sharp as the data), and the
+diversity of the prior samples: their mean pairwise distance relative to the real images' (near 0
+when a generator has collapsed to one picture).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from machine import describe
 from image_autoencoding.config import load_config, read_yaml
 from image_autoencoding.data.batches import evaluation_batches, steps_per_epoch
 from image_autoencoding.data.image_data import ImageData, Split, load_image_data
+from image_autoencoding.evaluation.diversity import relative_diversity
 from image_autoencoding.evaluation.evaluate import evaluate_split
 from image_autoencoding.evaluation.sharpness import laplacian_variance
 from image_autoencoding.training.trainer import Trainer
@@ -111,13 +115,16 @@ class _NoWriter:
         pass
 
 
-def train_recipe(recipe: str, data: ImageData, data_overrides: list[str], args, work: Path) -> tuple[Trainer, dict]:
+def train_recipe(
+    recipe: str, data: ImageData, data_overrides: list[str], args, work: Path, extra: list[str] = ()
+) -> tuple[Trainer, dict]:
     batch = 64
     steps = math.ceil(args.images_seen / batch)
     path, overrides = recipe_overrides(recipe, args.warmup_fraction, steps, args.default_overrides)
+    overrides += extra  # last, so that a variant may also change the seed or the precision
     config = load_config(path, [
-        *overrides, *data_overrides, "train.precision=auto", "train.progress=false", f"train.seed={args.seed}",
-        f"train.output_dir={work}", "train.batch_size=64",
+        *data_overrides, "train.precision=auto", "train.progress=false", f"train.seed={args.seed}",
+        f"train.output_dir={work}", "train.batch_size=64", *overrides,
     ])
     run_dir = work / f"{recipe}-{time.time_ns()}"
     run_dir.mkdir(parents=True)
@@ -146,18 +153,21 @@ def score(trainer: Trainer, data: ImageData, picture_prefix: Path | None) -> dic
                                 trainer.autocast)
     row = {key: float(v) for key, v in evaluation.means().items()}
     model = trainer.model.eval()
-    real, recon = [], []
+    real, recon, real_images = [], [], []
     for x in evaluation_batches(data.valid.images, 256, trainer.device, trainer.normalize):
         with trainer.autocast():
             x_hat = model.reconstruct(x)
         real.append(laplacian_variance(trainer.normalize.to_unit(x)))
         recon.append(laplacian_variance(trainer.normalize.to_unit(x_hat)))
+        if sum(len(r) for r in real_images) < SAMPLES:
+            real_images.append(trainer.normalize.to_unit(x).float().cpu())
     generator = torch.Generator().manual_seed(0)
     with trainer.autocast():
         samples = trainer.normalize.to_unit(model.sample(SAMPLES, generator=generator))
     real_sharp = float(torch.cat(real).mean())
     row["sharpness_recon"] = float(torch.cat(recon).mean()) / real_sharp
     row["sharpness_samples"] = float(laplacian_variance(samples).mean()) / real_sharp
+    row["diversity_samples"] = relative_diversity(samples, torch.cat(real_images)[:SAMPLES])
     if picture_prefix is not None:
         x = trainer.normalize(torch.from_numpy(np.array(data.valid.images[:16])).to(trainer.device))
         with trainer.autocast():
@@ -172,6 +182,7 @@ def score(trainer: Trainer, data: ImageData, picture_prefix: Path | None) -> dic
 
 COLUMNS = (("ssim", "SSIM", ".4f"), ("pcc", "PCC", ".4f"), ("psnr", "PSNR dB", ".2f"), ("kl", "KL", ".1f"),
            ("sharpness_recon", "sharp. recon", ".3f"), ("sharpness_samples", "sharp. samples", ".3f"),
+           ("diversity_samples", "divers. samples", ".3f"),
            ("train_seconds", "train s", ".0f"))
 
 
@@ -179,7 +190,7 @@ def table(results: list[dict]) -> str:
     head = "| dataset | recipe | images seen | " + " | ".join(name for _, name, _ in COLUMNS) + " |"
     lines = [head, "|" + "---|" * (3 + len(COLUMNS))]
     for r in results:
-        cells = [format(r[key], fmt) for key, _, fmt in COLUMNS]
+        cells = [format(r[key], fmt) if key in r else "-" for key, _, fmt in COLUMNS]
         lines.append(f"| {r['dataset']} | {r['recipe']} | {r['images_seen']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -197,10 +208,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="KL warm-up of the default recipe as a share of the run (negative: the config's steps)")
     parser.add_argument("--default-overrides", nargs="+", metavar="train.KEY=VALUE",
                         help="train the default recipe with these train settings instead of configs/coco.yaml's")
+    parser.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME RECIPE KEY=VALUE",
+                        help="one more row: RECIPE (seed, default, vae-gan) with these config overrides; repeatable")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--pictures", type=Path, help="folder for reconstruction and sample grids")
     args = parser.parse_args(argv)
+    for variant in args.variant:
+        if len(variant) < 2 or variant[1] not in RECIPES:
+            parser.error(f"--variant {' '.join(variant)}: expected NAME RECIPE KEY=VALUE... with RECIPE one of "
+                         f"{', '.join(RECIPES)}")
+    runs = [(recipe, recipe, []) for recipe in args.recipes] + [(v[0], v[1], v[2:]) for v in args.variant]
     given = argv if argv is not None else sys.argv[1:]
     command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in given)
     results = []
@@ -209,13 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.datasets:
             data, data_overrides = dataset(name, args, work)
             print(f"{name}: {len(data.train.images)} train / {len(data.valid.images)} valid images", flush=True)
-            for recipe in args.recipes:
-                trainer, info = train_recipe(recipe, data, data_overrides, args, work)
+            for label, recipe, extra in runs:
+                trainer, info = train_recipe(recipe, data, data_overrides, args, work, extra)
                 prefix = None
                 if args.pictures is not None:
                     args.pictures.mkdir(parents=True, exist_ok=True)
-                    prefix = args.pictures / f"{name}_{recipe}"
-                row = {"dataset": name, "recipe": recipe, **info, **score(trainer, data, prefix),
+                    prefix = args.pictures / f"{name}_{label}"
+                row = {"dataset": name, "recipe": label, **info, **score(trainer, data, prefix),
                        "valid_images": len(data.valid.images), "train_images": len(data.train.images)}
                 results.append(row)
                 print(table([row]).splitlines()[-1], flush=True)

@@ -1,6 +1,6 @@
 """Training throughput: the original recipe against our model step and our end-to-end epoch.
 
-    python benchmarks/train_throughput.py [--images 2000] [--steps 30] [--json out.json]
+    python benchmarks/train_throughput.py [--images 2000] [--steps 30] [--device auto] [--json out.json]
 
 On one JPEG set shaped like Food-101 (cut from real photographs), in one run:
 
@@ -8,9 +8,12 @@ On one JPEG set shaped like Food-101 (cut from real photographs), in one run:
    DataLoader, fp32, an extra decoder pass on random latents every step, and two backward passes
    per step (encoder objective with retain_graph, then decoder objective; both optimizers step after
    both backwards, since the original's step-between-backwards order fails on modern PyTorch);
-   timed once with the C library's default malloc and once more under our malloc settings;
+   on the CPU timed once with the C library's default malloc and once more under our malloc settings;
 2. our model step alone (batches already in memory), in each precision this device supports;
 3. our end-to-end epoch: cache -> batches -> step, default settings, after a short warm-up.
+
+Everything runs on --device (auto: the GPU when there is one), the original recipe too, as the
+original moved its model and batches to the GPU.
 
 Then, unless skipped: peak memory of training on a 100,000-image cache (a subprocess), and the
 quality check: validation SSIM and the loss curve after the same number of images seen, fp32
@@ -35,13 +38,15 @@ from photo_sets import FOOD101_SHAPE, make_jpeg_set, original_loader
 
 HERE = Path(__file__).resolve().parent
 BATCH_SIZE = 64
+DEVICE = "auto"  # set from --device in main
 
 
 def build_config(work: Path, *overrides: str):
     from image_autoencoding.config import load_config
 
     return load_config(None, [
-        "data.dataset=folder", f"data.data_root={work / 'photos'}", f"data.cache_dir={work / 'cache'}",
+        f"train.device={DEVICE}", "data.dataset=folder", f"data.data_root={work / 'photos'}",
+        f"data.cache_dir={work / 'cache'}",
         f"train.output_dir={work / 'runs'}", "train.progress=false", f"train.batch_size={BATCH_SIZE}", *overrides,
     ])
 
@@ -56,14 +61,14 @@ def make_trainer(config, data, run_dir: Path):
 # -- 1. the original recipe ---------------------------------------------------------------------------
 
 
-def original_recipe(paths: list[Path], workers: int, max_steps: int | None) -> float:
+def original_recipe(paths: list[Path], workers: int, max_steps: int | None, device: torch.device) -> float:
     """images/s of the original's training epoch, reimplemented faithfully (see the module docstring)."""
     from image_autoencoding.config import load_config
     from image_autoencoding.models.vae import build_model, loss_terms
 
     cfg = load_config(None, []).model
     torch.manual_seed(0)
-    model = build_model(cfg, 64)
+    model = build_model(cfg, 64).to(device)
     encoder_optimizer = torch.optim.RMSprop(model.encoder.parameters(), lr=1e-3, alpha=0.9, eps=1e-8)
     decoder_optimizer = torch.optim.RMSprop(model.decoder.parameters(), lr=1e-3, alpha=0.9, eps=1e-8)
     model.train()
@@ -71,9 +76,10 @@ def original_recipe(paths: list[Path], workers: int, max_steps: int | None) -> f
     for step, x in enumerate(original_loader(paths, BATCH_SIZE, workers, drop_last=True)):
         if max_steps is not None and step >= max_steps:
             break
+        x = x.to(device)
         posterior = model.encoder(x)
         x_hat = model.decoder(posterior.sample())
-        x_p = model.decoder(torch.randn(len(x), cfg.latent_dim))  # the original's "samples" pass, every step
+        x_p = model.decoder(torch.randn(len(x), cfg.latent_dim, device=device))  # the original's samples pass
         recon, kl = loss_terms(x, x_hat, posterior)
         loss_encoder = recon.sum() + kl.sum()
         loss_decoder = recon.sum()
@@ -84,6 +90,8 @@ def original_recipe(paths: list[Path], workers: int, max_steps: int | None) -> f
         decoder_optimizer.step()
         seen += len(x)
         del x_p
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return seen / (time.perf_counter() - start)
 
 
@@ -91,28 +99,36 @@ def original_recipe(paths: list[Path], workers: int, max_steps: int | None) -> f
 
 
 def model_step_alone(work: Path, data, variant: str, steps: int) -> float:
-    """`variant`: a precision, optionally with '+compile' or '+nchw' (channels_last off)."""
+    """`variant`: a precision, optionally with '+compile', '+nchw' (channels_last off) or '+autotune'
+    (cuDNN benchmarks its convolution algorithms for these shapes first: torch.backends.cudnn.benchmark)."""
     precision, *flags = variant.split("+")
+    torch.backends.cudnn.benchmark = "autotune" in flags
     config = build_config(work, f"train.precision={precision}", f"train.compile={'compile' in flags}",
                           f"train.channels_last={'nchw' not in flags}")
     trainer = make_trainer(config, data, work / "runs" / f"step-{variant}")
     from image_autoencoding.data.batches import training_batches
 
-    batches = list(training_batches(data.train.images, BATCH_SIZE, 0, 1, trainer.device, trainer.normalize, 4))
+    batches = list(training_batches(data.train.images, BATCH_SIZE, 0, 1, trainer.device, trainer.normalize, 16))
     for x in batches[:3]:
-        trainer.train_step(x)  # warm-up: allocator, oneDNN kernels, torch.compile when on
-    last = None
+        trainer.train_step(x)  # warm-up: allocator, oneDNN / cuDNN kernels, torch.compile when on
+    skipped = 0
     start = time.perf_counter()
     for i in range(steps):
-        last = trainer.train_step(batches[i % len(batches)])
-    last.cpu()  # one wait for the device at the end, none per step
-    return steps * BATCH_SIZE / (time.perf_counter() - start)
+        skipped += trainer.train_step(batches[i % len(batches)]) is None
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()  # one wait for the device at the end, none per step
+    rate = steps * BATCH_SIZE / (time.perf_counter() - start)
+    if skipped:  # a skipped step does no optimizer work: the rate would flatter the variant
+        print(f"warning: {variant}: {skipped} of {steps} steps skipped (loss or gradient not finite)")
+    torch.backends.cudnn.benchmark = False
+    return rate
 
 
 # -- 3. our end-to-end epoch --------------------------------------------------------------------------
 
 
-def end_to_end_epoch(work: Path, data) -> tuple[float, str, float]:
+def end_to_end_epoch(work: Path, data, epochs: int) -> tuple[float, str, float]:
+    """Mean images/s over `epochs` epochs after a 3-step warm-up (several epochs where one is short)."""
     from torch.utils.tensorboard import SummaryWriter
 
     config = build_config(work)
@@ -123,9 +139,9 @@ def end_to_end_epoch(work: Path, data) -> tuple[float, str, float]:
     trainer.train_epoch(0, writer)  # warm-up (and compile) outside the timed epoch
     warm = time.perf_counter() - warm
     trainer.cfg.max_steps_per_epoch = None
-    values = trainer.train_epoch(1, writer)
+    rates = [trainer.train_epoch(epoch, writer)["images_per_s"] for epoch in range(1, epochs + 1)]
     writer.close()
-    return values["images_per_s"], trainer.precision, warm
+    return float(np.mean(rates)), trainer.precision, warm
 
 
 # -- memory on a 100,000-image cache ------------------------------------------------------------------
@@ -194,9 +210,9 @@ def quality(work: Path, data, steps: int) -> dict:
                 scores.append(ssim(trainer.normalize.to_unit(x), trainer.normalize.to_unit(x_hat)))
         return losses, float(torch.cat(scores).mean())
 
-    from image_autoencoding.training.device import resolve_precision
+    from image_autoencoding.training.device import resolve_device, resolve_precision
 
-    default = resolve_precision(build_config(work).train.precision, torch.device("cpu"))
+    default = resolve_precision(build_config(work).train.precision, resolve_device(DEVICE))
     fp32_losses, fp32_ssim = run("fp32", 1)
     default_losses, default_ssim = run(default, 1)
     other_losses, other_ssim = run(default, 2)
@@ -221,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=2000, help="JPEGs in the training set")
     parser.add_argument("--valid-images", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the original recipe")
+    parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:N")
+    parser.add_argument("--epochs", type=int, default=1, help="timed end-to-end epochs (mean images/s)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps of the model step alone")
     parser.add_argument("--original-steps", type=int, help="stop the original recipe's epoch after this many steps")
     parser.add_argument("--compile", action="store_true", help="also time the model step under torch.compile")
@@ -232,25 +250,33 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     from image_autoencoding.data.image_data import load_image_data
-    from image_autoencoding.training.device import bf16_supported
+    from image_autoencoding.training.device import bf16_supported, resolve_device
+
+    global DEVICE
+    DEVICE = args.device
+    device = resolve_device(args.device)
 
     work = args.work_dir
     paths = make_jpeg_set(work / "photos" / "train", args.images, FOOD101_SHAPE, seed=1)
     make_jpeg_set(work / "photos" / "valid", args.valid_images, FOOD101_SHAPE, seed=2)
     data = load_image_data(build_config(work).data, progress=False)
 
-    results: dict = {"machine": describe()}
-    results["original_img_s"] = original_recipe(paths, args.workers, args.original_steps)
+    results: dict = {"machine": describe(), "device": str(device)}
+    results["original_img_s"] = original_recipe(paths, args.workers, args.original_steps, device)
     variants = ["fp32+nchw", "fp32"]
-    if bf16_supported(torch.device("cpu")):
+    if bf16_supported(device):
         variants += ["bf16+nchw", "bf16"]
+    if device.type == "cuda":
+        variants += ["fp16", "bf16+autotune"]  # fp16 with the gradient scaler, as train.precision=fp16 trains
     if args.compile:
-        variants.append(variants[-1] + "+compile")
+        variants.append(("bf16" if bf16_supported(device) else "fp32") + "+compile")
     results["model_step_img_s"] = {v: model_step_alone(work, data, v, args.steps) for v in variants}
-    # The Trainers above tuned this process's malloc (train.reuse_cpu_memory): the original recipe
-    # again under the same settings, so the table shows how much of the ratio that tuning is.
-    results["original_img_s_reused_memory"] = original_recipe(paths, args.workers, args.original_steps)
-    results["end_to_end_img_s"], results["default_precision"], results["warm_up_s"] = end_to_end_epoch(work, data)
+    if device.type == "cpu":
+        # The Trainers above tuned this process's malloc (train.reuse_cpu_memory): the original recipe
+        # again under the same settings, so the table shows how much of the ratio that tuning is.
+        results["original_img_s_reused_memory"] = original_recipe(paths, args.workers, args.original_steps, device)
+    results["end_to_end_img_s"], results["default_precision"], results["warm_up_s"] = end_to_end_epoch(
+        work, data, args.epochs)
     best_step = max(results["model_step_img_s"].values())
     results["ratio_vs_original"] = results["end_to_end_img_s"] / results["original_img_s"]
     results["ratio_to_model_step"] = results["end_to_end_img_s"] / best_step
@@ -261,16 +287,18 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = time.perf_counter() - started
     results["command"] = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
 
-    print(f"{results['machine']}; {args.images} Food-101-shaped JPEGs at 64 px, batch {BATCH_SIZE}")
+    print(f"{results['machine']}; device {device}; {args.images} Food-101-shaped JPEGs at 64 px, batch {BATCH_SIZE}")
     print("| pipeline | images/s | vs original |")
     print("|---|---|---|")
     original = results["original_img_s"]
     print(f"| original recipe (JPEG DataLoader, fp32, 2 backward passes) | {original:.1f} | 1.0x |")
-    reused = results["original_img_s_reused_memory"]
-    print(f"| original recipe, with our malloc settings (train.reuse_cpu_memory) | {reused:.1f} | "
-          f"{reused / original:.1f}x |")
+    if "original_img_s_reused_memory" in results:
+        reused = results["original_img_s_reused_memory"]
+        print(f"| original recipe, with our malloc settings (train.reuse_cpu_memory) | {reused:.1f} | "
+              f"{reused / original:.1f}x |")
     for variant, rate in results["model_step_img_s"].items():
         name = variant.replace("+nchw", ", NCHW").replace("+compile", ", torch.compile")
+        name = name.replace("+autotune", ", cudnn.benchmark")
         name += "" if "nchw" in variant else ", channels_last"
         print(f"| our model step alone, {name} | {rate:.1f} | {rate / original:.1f}x |")
     e2e = results["end_to_end_img_s"]

@@ -54,3 +54,14 @@ def test_prior_samples_are_standard_normal_scaled_by_temperature():
 def test_logvar_is_clamped_so_exp_stays_finite():
     posterior = DiagonalGaussian(torch.zeros(1, 2), torch.tensor([[500.0, -500.0]]))
     assert torch.isfinite(posterior.kl()).all() and torch.isfinite(posterior.sample()).all()
+
+
+def test_posterior_from_fp16_activations_keeps_a_finite_kl():
+    """Under fp16 autocast the encoder's outputs are fp16; mean^2 and exp(logvar) overflow there
+    (every fp16 step on an H200 was skipped as non-finite before the posterior moved to fp32)."""
+    from image_autoencoding.models.vae import DiagonalGaussian
+
+    posterior = DiagonalGaussian(torch.full((2, 4), 300.0, dtype=torch.float16),
+                                 torch.full((2, 4), 15.0, dtype=torch.float16))
+    assert posterior.mean.dtype == torch.float32
+    assert torch.isfinite(posterior.kl()).all() and torch.isfinite(posterior.sample()).all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
 from image_autoencoding.data.batches import training_batches
 from image_autoencoding.data.image_data import load_image_data
+from image_autoencoding.evaluation.diversity import relative_diversity
 from image_autoencoding.evaluation.sharpness import laplacian_variance, relative_sharpness
 from image_autoencoding.models.vae import DiagonalGaussian, kl_for_objective
 from image_autoencoding.training import objective as objective_module
@@ -102,6 +104,22 @@ def test_vae_gan_steps_move_all_three_networks(tiny, tmp_path):
     assert 0 < stats["d_real"] < 1 and 0 < stats["d_recon"] < 1
 
 
+def test_vae_gan_without_prior_samples_decodes_and_discriminates_reconstructions_only(tiny, tmp_path, monkeypatch):
+    trainer = _trainer(tiny, tmp_path, "model.mode=vae-gan", TINY_DISCRIMINATOR, "train.gan_prior_samples=false")
+    x = _batches(trainer, 1)[0]
+    decoded, judged = [], []
+    trainer.model.decoder.register_forward_hook(lambda m, i, out: decoded.append(len(out)))
+    trainer.gan.discriminator.register_forward_hook(lambda m, i, out: judged.append(len(out[0])))
+    assert trainer.train_step(x) is not None
+    assert decoded == [len(x)] and judged == [2 * len(x)]  # real + reconstructed, no prior samples
+    with_prior = _trainer(tiny, tmp_path / "prior", "model.mode=vae-gan", TINY_DISCRIMINATOR,
+                          "train.gan_prior_samples=true")
+    with_prior.model.decoder.register_forward_hook(lambda m, i, out: decoded.append(len(out)))
+    with_prior.train_step(x)
+    assert decoded[-1] == 2 * len(x)  # Larsen et al.'s algorithm: posterior and prior samples
+    assert load_config(None, ["model.mode=vae-gan"]).train.gan_prior_samples is False  # off by default
+
+
 def test_vae_gan_skips_a_non_finite_step_leaving_the_discriminator_unchanged(tiny, tmp_path):
     trainer = _trainer(tiny, tmp_path, "model.mode=vae-gan", TINY_DISCRIMINATOR)
     x = _batches(trainer, 1)[0]
@@ -157,6 +175,38 @@ def test_sharpness_ranks_a_blurred_image_below_the_original():
     assert relative_sharpness(photo, photo) == pytest.approx(1.0)
     assert relative_sharpness(blurred, photo) < 0.5
     assert laplacian_variance(torch.full((1, 3, 8, 8), 0.3)).item() == 0.0
+
+
+def test_diversity_is_one_for_real_images_and_zero_for_a_collapsed_generator():
+    from skimage import data
+
+    photo = torch.from_numpy(data.astronaut()).permute(2, 0, 1)[None].double() / 255
+    crops = torch.cat([photo[..., i : i + 64, j : j + 64] for i in range(0, 448, 64) for j in range(0, 448, 64)])
+    assert relative_diversity(crops, crops) == pytest.approx(1.0)
+    collapsed = crops[:1].repeat(len(crops), 1, 1, 1) + 0.001 * torch.randn_like(crops)
+    assert relative_diversity(collapsed, crops) < 0.05
+    assert relative_diversity(crops * 0.25 + 0.4, crops) == pytest.approx(0.25)  # greyed-out samples vary less
+
+
+def test_quality_benchmark_variants_add_rows_with_their_overrides(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import quality
+
+    calls = []
+    tiny = SimpleNamespace(train=SimpleNamespace(images=[0] * 8), valid=SimpleNamespace(images=[0] * 2))
+    monkeypatch.setattr(quality, "dataset", lambda name, args, work: (tiny, []))
+    monkeypatch.setattr(quality, "train_recipe", lambda recipe, data, data_overrides, args, work, extra=():
+                        calls.append((recipe, list(extra))) or (None, {"images_seen": 64}))
+    monkeypatch.setattr(quality, "score", lambda trainer, data, prefix: {"ssim": 0.5})
+    assert quality.main(["--datasets", "photos", "--recipes", "seed", "--variant", "gan-a1", "vae-gan",
+                         "train.alpha=1", "--json", str(tmp_path / "q.json")]) == 0
+    assert calls == [("seed", []), ("vae-gan", ["train.alpha=1"])]
+    import json
+
+    rows = json.loads((tmp_path / "q.json").read_text())["results"]
+    assert [r["recipe"] for r in rows] == ["seed", "gan-a1"]
+    with pytest.raises(SystemExit):
+        quality.main(["--variant", "x", "nonsense"])
 
 
 def test_quality_benchmark_recipes_read_the_configs(monkeypatch):

@@ -19,9 +19,11 @@ class DiagonalGaussian:
     """q(z|x) = N(mu, diag(exp(logvar))), the posterior as an object (as diffusers does)."""
 
     def __init__(self, mean: Tensor, logvar: Tensor, logvar_min: float = -30.0, logvar_max: float = 20.0):
-        self.mean = mean
-        # Clamped so exp() stays finite in fp32 and bf16; gradients stop outside the range.
-        self.logvar = logvar.clamp(logvar_min, logvar_max)
+        # In fp32 even under autocast: in fp16, mean^2 overflows past 256 and exp(logvar) past 11,
+        # which made every fp16 step on the H200 non-finite after the first optimizer steps.
+        self.mean = mean.float()
+        # Clamped so exp() stays finite; gradients stop outside the range.
+        self.logvar = logvar.float().clamp(logvar_min, logvar_max)
 
     @property
     def std(self) -> Tensor:
@@ -129,7 +131,10 @@ class VAE(nn.Module):
     ) -> Tensor:
         """Decode n latent vectors drawn from the prior N(0, temperature^2 I)."""
         device = next(self.parameters()).device
-        z = torch.randn(n, self.cfg.latent_dim, generator=generator, device=device) * temperature
+        # Drawn on the generator's device (the CPU for torch.Generator()), then moved: a CPU generator
+        # cannot fill a CUDA tensor, and the same seed then gives the same latents on every device.
+        where = generator.device if generator is not None else device
+        z = torch.randn(n, self.cfg.latent_dim, generator=generator, device=where).to(device) * temperature
         return self.decoder(z)
 
 
