@@ -140,8 +140,9 @@ class TrainConfig(_Section):
     alpha: Alpha = 0.1
     seed: int = 12345
     device: str = "auto"
-    # auto: bf16 autocast where the device has native bf16 (measured 1.8x fp32 on an AVX-512 BF16
-    # CPU, same quality: benchmarks/train_throughput.py), else fp32.
+    # auto: on a CPU with native bf16, bf16 autocast (measured 1.8x fp32 on an AVX-512 BF16 CPU, same
+    # quality); elsewhere fp32, GPUs included: on an H200 this model's fp32 step was 13% faster than
+    # bf16 (kernel launches, not arithmetic, bound it) and validated better (benchmarks/train_throughput.py).
     # fp16 (with loss scaling) is for GPUs without bf16; on CPU it runs, slowly.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # NHWC weights and activations: oneDNN's and cuDNN's preferred layout for convolutions.

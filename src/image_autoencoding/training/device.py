@@ -35,8 +35,11 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 on a CPU with native bf16, else fp32. Not bf16 on GPUs: at this model's size a GPU
+    step is bound by kernel launches, and autocast's casts only add to them (H200, batch 64: fp32
+    11,138 img/s, bf16 9,850; validation SSIM after 300 steps 0.470 against 0.451)."""
     if precision == "auto":
-        return "bf16" if bf16_supported(device) else "fp32"
+        return "bf16" if device.type == "cpu" and bf16_supported(device) else "fp32"
     return precision
 
 
