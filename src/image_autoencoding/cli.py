@@ -120,19 +120,25 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_command(subparsers, name: str, handler, help: str, description: str) -> argparse.ArgumentParser:
+    """A command that reads a run folder and one of its checkpoints (evaluate, sample, reconstruct)."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    parser.add_argument("run_dir", metavar="RUN_DIR")
+    parser.add_argument("--checkpoint", default="best", help="best (default), last, epoch_N or a .pt path")
+    parser.set_defaults(handler=handler)
+    return parser
+
+
 def _add_evaluate(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "evaluate",
+    parser = _add_run_command(
+        subparsers, "evaluate", _evaluate,
         help="PCC, SSIM, MSE, PSNR of a run on a whole split; pictures and report.md",
         description="Score a run's checkpoint on every image of a split (mean, std, 95%% CI), write "
         "metrics.json, the latent-space pictures and report.md into the run folder, print a table.",
     )
-    parser.add_argument("run_dir", metavar="RUN_DIR")
-    parser.add_argument("--checkpoint", default="best", help="best (default), last, epoch_N or a .pt path")
     parser.add_argument("--split", choices=["valid", "train"], default="valid")
     parser.add_argument("--limit", type=int, metavar="N", help="score only the first N images")
     parser.add_argument("--device", help="auto, cpu, cuda[:N] (default: the run's)")
-    parser.set_defaults(handler=_evaluate)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -149,19 +155,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_sample(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "sample",
+    parser = _add_run_command(
+        subparsers, "sample", _sample,
         help="decode random latent vectors into images",
         description="Decode n latent vectors drawn from N(0, T^2 I) with a run's decoder; writes a grid "
         "and each image as PNG.",
     )
-    parser.add_argument("run_dir", metavar="RUN_DIR")
     parser.add_argument("-n", type=int, default=64, help="number of images (default 64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=1.0, help="scale of the prior's std (default 1)")
-    parser.add_argument("--checkpoint", default="best", help="best (default), last, epoch_N or a .pt path")
     parser.add_argument("--out", help="output folder (default RUN_DIR/samples/seed_S_tT)")
-    parser.set_defaults(handler=_sample)
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -187,17 +190,14 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _add_reconstruct(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "reconstruct",
+    parser = _add_run_command(
+        subparsers, "reconstruct", _reconstruct,
         help="encode and decode your own image files",
         description="Preprocess each image as the run's data (crop, resize), encode it, decode the "
         "posterior mean, and save the input beside its reconstruction.",
     )
-    parser.add_argument("run_dir", metavar="RUN_DIR")
     parser.add_argument("images", nargs="+", metavar="IMAGE")
-    parser.add_argument("--checkpoint", default="best", help="best (default), last, epoch_N or a .pt path")
     parser.add_argument("--out", help="output folder (default RUN_DIR/reconstructions)")
-    parser.set_defaults(handler=_reconstruct)
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
