@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     from image_autoencoding.data.image_data import load_image_data
-    from image_autoencoding.training.device import bf16_supported, resolve_device
+    from image_autoencoding.training.device import bf16_supported, resolve_device, resolve_precision
 
     global DEVICE
     DEVICE = args.device
@@ -266,10 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     variants = ["fp32+nchw", "fp32"]
     if bf16_supported(device):
         variants += ["bf16+nchw", "bf16"]
+    default = resolve_precision("auto", device)
     if device.type == "cuda":
-        variants += ["fp16", "bf16+autotune"]  # fp16 with the gradient scaler, as train.precision=fp16 trains
+        variants += ["fp16", f"{default}+autotune"]  # fp16 with the gradient scaler, as train.precision=fp16 trains
     if args.compile:
-        variants.append(("bf16" if bf16_supported(device) else "fp32") + "+compile")
+        variants.append(f"{default}+compile")
     results["model_step_img_s"] = {v: model_step_alone(work, data, v, args.steps) for v in variants}
     if device.type == "cpu":
         # The Trainers above tuned this process's malloc (train.reuse_cpu_memory): the original recipe

@@ -59,8 +59,6 @@ def test_logvar_is_clamped_so_exp_stays_finite():
 def test_posterior_from_fp16_activations_keeps_a_finite_kl():
     """Under fp16 autocast the encoder's outputs are fp16; mean^2 and exp(logvar) overflow there
     (every fp16 step on an H200 was skipped as non-finite before the posterior moved to fp32)."""
-    from image_autoencoding.models.vae import DiagonalGaussian
-
     posterior = DiagonalGaussian(torch.full((2, 4), 300.0, dtype=torch.float16),
                                  torch.full((2, 4), 15.0, dtype=torch.float16))
     assert posterior.mean.dtype == torch.float32

@@ -12,8 +12,9 @@ z_p ~ N(0, I) (Larsen et al. alg. 1):
 The prior-sample terms are off by default: with them, the decoder's only signal on prior samples is
 the adversarial one, and it learned to map the whole prior to one or a few striped patterns that
 fool the discriminator (GAN mode collapse), on Fashion-MNIST and photographs, at 32 and 64 px, with
-alpha 0.1 and 1 (benchmarks/results/quality_h200.json). Without them the GAN sharpens reconstructions only (as
-the autoencoder of Esser et al. 2021 does), and samples from the prior are as varied as the VAE's.
+alpha 0.1 and 1 (benchmarks/results/quality_h200.json). Without them the GAN sharpens
+reconstructions only (as the autoencoder of Esser et al. 2021 does), and samples from the prior are
+as varied as the VAE's.
 
 Dis_l is the discriminator's last conv block (models/discriminator.py). As in the paper the encoder
 gets no GAN gradient and the discriminator no reconstruction gradient. One forward pass builds one
