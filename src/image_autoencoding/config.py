@@ -199,8 +199,8 @@ class TrainConfig(_Section):
     discriminator_lr: float | None = Field(1e-4, gt=0.0)
     # Also decode prior samples z ~ N(0, I) and train the decoder to make them fool the
     # discriminator (Larsen et al.'s third GAN term). Off by default: with it, the decoder maps the
-    # prior to one or a few patterns (measured on Fashion-MNIST and photos; README, Quality); without it the
-    # GAN sharpens reconstructions only, as in Esser et al. 2021's autoencoder.
+    # prior to one or a few patterns (measured on Fashion-MNIST and photos; README, Quality);
+    # without it the GAN sharpens reconstructions only, as in Esser et al. 2021's autoencoder.
     gan_prior_samples: bool = False
 
     @field_validator("alpha")

@@ -94,12 +94,11 @@ class VaeGanStep:
         # Dis_l(x) is the target, not something to move (no reconstruction gradient reaches D).
         feature = feature_error(real_features.detach(), recon_features)
         recon = self.cfg.gan_feature_weight * feature + self.cfg.gan_pixel_weight * pixel
-        ones, zeros = torch.ones_like(real_logit), torch.zeros_like(real_logit)
         fakes = torch.cat(fake_logits)
         generator_gan = F.binary_cross_entropy_with_logits(fakes, torch.ones_like(fakes), reduction="sum")
-        discriminator_gan = (F.binary_cross_entropy_with_logits(real_logit, ones, reduction="sum")
-                             + F.binary_cross_entropy_with_logits(fakes, zeros.repeat(len(fake_logits)),
-                                                                  reduction="sum"))
+        discriminator_gan = (
+            F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit), reduction="sum")
+            + F.binary_cross_entropy_with_logits(fakes, torch.zeros_like(fakes), reduction="sum"))
         with torch.no_grad():
             self.stats += torch.stack([torch.sigmoid(real_logit).sum(), torch.sigmoid(recon_logit).sum(),
                                        torch.tensor(float(n), device=x.device)])
