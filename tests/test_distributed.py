@@ -198,12 +198,12 @@ def _train_one_epoch_with_a_bad_step_on_rank_1(rank: int, root: Path) -> None:
     dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2)
     try:
         config = load_config(None, [*COMMON, "train.batch_size=16", f"train.output_dir={root}"])
-        check = Trainer._loss_and_gradients_finite
+        check = Trainer._loss_or_gradients_not_finite
 
-        def finite_except_step_2_on_rank_1(self, loss):
-            return check(self, loss) and not (rank == 1 and self.step == 2)
+        def bad_at_step_2_on_rank_1(self, loss):
+            return check(self, loss) | (rank == 1 and self.step == 2)
 
-        Trainer._loss_and_gradients_finite = finite_except_step_2_on_rank_1
+        Trainer._loss_or_gradients_not_finite = bad_at_step_2_on_rank_1
         trainer = Trainer(config, root / "run", load_image_data(config.data, progress=False),
                           dist=Distributed(rank, rank, 2))
         values = trainer.train_epoch(1, writer=None)

@@ -11,9 +11,14 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from image_autoencoding.cli import main
+from image_autoencoding.config import load_config
+from image_autoencoding.data.batches import training_batches
+from image_autoencoding.data.image_data import load_image_data
 from image_autoencoding.training.checkpoint import load_checkpoint
+from image_autoencoding.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,3 +148,37 @@ def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16():
     # GPUs train this model in fp32 by default: faster and better than bf16 where it was measured (H200).
     assert resolve_precision("auto", torch.device("cuda")) == "fp32"
     assert resolve_precision("bf16", torch.device("cuda")) == "bf16"
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Counts the operations that make the host wait for a GPU: reading a tensor's value on the
+    host (`.item()`, `bool()`, `float()`) and making a tensor from host data (`torch.tensor(...,
+    device=...)`, a copy from pageable memory that waits for every queued kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = self.host_tensors = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        self.host_tensors += func is torch.ops.aten.lift_fresh.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_training_step_waits_for_the_device_once(tiny, tmp_path, precision):
+    """Issue 5: no host synchronisation per step beyond the one that decides whether the optimizers
+    step (the non-finite guard). Counted on the CPU, where the same code runs as on a GPU: batch
+    drawing, the KL weight (warm-up changes it every step), the step itself. (fp16 adds GradScaler's
+    own check, one per optimizer, as PyTorch does for optimizers without a fused kernel.)"""
+    config = load_config(None, [*tiny, f"train.precision={precision}", "train.kl_warmup_steps=10"])
+    run = tmp_path / "run"
+    run.mkdir()
+    trainer = Trainer(config, run, load_image_data(config.data))
+    batches = training_batches(trainer.data.train.images, 32, 0, 1, trainer.device, trainer.normalize, 4)
+    trainer.train_step(next(batches))  # the first step may set up lazily (optimizer state)
+    with _HostSyncs() as syncs:
+        for x in batches:
+            assert trainer.train_step(x) is not None
+    assert syncs.reads == 3  # the guard, once per step
+    assert syncs.host_tensors == 3  # the batch's pixels, once per step (pinned, copied without waiting)

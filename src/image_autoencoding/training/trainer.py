@@ -24,6 +24,7 @@ from image_autoencoding.data.image_data import ImageData
 from image_autoencoding.errors import UserError
 from image_autoencoding.evaluation.evaluate import evaluate_split
 from image_autoencoding.models.vae import VAE, build_model
+from image_autoencoding.training.buffer_snapshot import BufferSnapshot
 from image_autoencoding.training.checkpoint import prune_epoch_checkpoints, publish_as, save_checkpoint
 from image_autoencoding.training.cpu_memory import keep_freed_memory
 from image_autoencoding.training.device import autocast_factory, resolve_precision
@@ -170,7 +171,7 @@ class Trainer:
         self.encoder_scheduler = ExponentialLR(self.encoder_optimizer, gamma=self.cfg.decay_lr)
         self.decoder_scheduler = ExponentialLR(self.decoder_optimizer, gamma=self.cfg.decay_lr)
         # model.mode=vae-gan: the discriminator, its optimizer and the step live in training/vae_gan.py.
-        self.gan = VaeGanStep(config, self.device, self.cfg.channels_last) if config.model.mode == "vae-gan" else None
+        self.gan = VaeGanStep(config, self.model, self.device) if config.model.mode == "vae-gan" else None
         if self.gan is not None and dist.enabled:
             # Its three networks step outside the DDP-wrapped objective: gradients would not sync.
             raise ConfigError("model.mode=vae-gan runs in one process; torchrun with several is not supported yet")
@@ -182,10 +183,10 @@ class Trainer:
         self.best_ssim = float("-inf")
         self.stop = StopRequests()  # installed for the duration of fit()
         self.faults = SignalAtStep.from_environment()
-        # BatchNorm running statistics change during the forward pass, before the loss can be
-        # checked; a skipped step puts them back from this copy.
-        self._buffers = list(self.model.buffers())
-        self._buffer_backup = [b.detach().clone() for b in self._buffers]
+        self._buffers = BufferSnapshot(self.model)
+        # This step's KL weight, filled in place: torch.tensor(alpha, device=...) would be a copy
+        # from pageable host memory, which on a GPU waits for all queued work before every step.
+        self._alpha = torch.zeros((), device=self.device)
         if resume is not None:
             self._restore(resume)
 
@@ -264,8 +265,8 @@ class Trainer:
             self.step += 1
             return self.gan.train_step(self.model, x, alpha, self.autocast,
                                        [self.encoder_optimizer, self.decoder_optimizer])
-        torch._foreach_copy_(self._buffer_backup, self._buffers)
-        loss, recon, kl = self.forward(x, torch.tensor(alpha, device=self.device))
+        self._buffers.take()
+        loss, recon, kl = self.forward(x, self._alpha.fill_(alpha))
         self.encoder_optimizer.zero_grad(set_to_none=True)
         self.decoder_optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -274,35 +275,36 @@ class Trainer:
         if self.scaler.is_enabled():
             # fp16: overflowing gradients are expected while the loss scale settles; GradScaler skips
             # those steps itself and lowers the scale, so only a non-finite loss counts as bad here.
-            finite = bool(torch.isfinite(loss.detach()))
+            bad = ~torch.isfinite(loss.detach())
         else:
-            finite = self._loss_and_gradients_finite(loss)
+            bad = self._loss_or_gradients_not_finite(loss)
         if self.dist.enabled:
-            finite, sums = self._agree_across_ranks(finite, sums)
-        if not finite:
-            torch._foreach_copy_(self._buffers, self._buffer_backup)
+            bad, sums = self._agree_across_ranks(bad, sums)
+        # The one host sync per step: skipping an optimizer step is a host decision, so it waits for
+        # the device here (GradScaler does the same for optimizers without a fused kernel, such as
+        # RMSprop). Everything before it only queues work. On CPU the sync costs nothing.
+        if bool(bad):
+            self._buffers.restore()
             return None
         self.scaler.step(self.encoder_optimizer)
         self.scaler.step(self.decoder_optimizer)
         self.scaler.update()
         return sums
 
-    def _agree_across_ranks(self, finite: bool, sums: Tensor) -> tuple[bool, Tensor]:
+    def _agree_across_ranks(self, bad: Tensor, sums: Tensor) -> tuple[Tensor, Tensor]:
         """One all-reduce: the loss sums of the global batch, and whether any rank saw a non-finite
         loss. Gradients are equal on all ranks after DDP's all-reduce, but losses are per rank; a
         step skipped on one rank and taken on another would split the replicas for good."""
-        packet = torch.cat([sums.float(), torch.tensor([0.0 if finite else 1.0], device=sums.device)])
+        packet = torch.cat([sums.float(), bad.float().view(1)])
         self.dist.all_reduce_sum(packet)
-        return bool(packet[2] == 0), packet[:2]
+        return packet[2] > 0, packet[:2]
 
-    def _loss_and_gradients_finite(self, loss: Tensor) -> bool:
-        """The one host sync per step: skipping an optimizer step is a host decision, so it must wait
-        for the device (GradScaler's inf check does the same). Checked after backward, so a finite
-        loss with an overflowing gradient is caught too; one fused norm over all gradients keeps it
-        to a few kernels. On CPU the sync costs nothing."""
+    def _loss_or_gradients_not_finite(self, loss: Tensor) -> Tensor:
+        """A device flag, checked after backward so a finite loss with an overflowing gradient is
+        caught too; one fused norm over all gradients keeps it to a few kernels."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         total_norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
-        return bool(torch.isfinite(loss.detach()) & torch.isfinite(total_norm))
+        return ~(torch.isfinite(loss.detach()) & torch.isfinite(total_norm))
 
     def train_epoch(self, epoch: int, writer) -> dict[str, float]:
         """The rest of `epoch`: all of it, or what follows the checkpoint this run resumed from."""

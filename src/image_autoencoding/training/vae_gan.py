@@ -37,6 +37,7 @@ from torch.optim import Optimizer
 from image_autoencoding.config import Config, TrainConfig
 from image_autoencoding.models.discriminator import Discriminator, build_discriminator, feature_error
 from image_autoencoding.models.vae import VAE, kl_for_objective, loss_terms
+from image_autoencoding.training.buffer_snapshot import BufferSnapshot
 
 
 def build_discriminator_optimizer(discriminator: Discriminator, cfg: TrainConfig) -> Optimizer:
@@ -51,17 +52,16 @@ def build_discriminator_optimizer(discriminator: Discriminator, cfg: TrainConfig
 class VaeGanStep:
     """The discriminator, its optimizer, and the step that trains all three networks."""
 
-    def __init__(self, config: Config, device: torch.device, channels_last: bool):
+    def __init__(self, config: Config, model: VAE, device: torch.device):
         self.cfg = config.train
         self.discriminator = build_discriminator(config.model, config.data.image_size).to(device)
-        if channels_last:
+        if self.cfg.channels_last:
             self.discriminator = self.discriminator.to(memory_format=torch.channels_last)
         self.optimizer = build_discriminator_optimizer(self.discriminator, self.cfg)
         # Running means over the steps since the last reset, for logs and the collapse check:
         # D(x) near 1 and D(fake) near 0 for long means the discriminator has won.
         self.stats = torch.zeros(3, device=device)  # sum of D(x), sum of D(x~), images
-        self._buffers = list(self.discriminator.buffers())
-        self._backup = [b.detach().clone() for b in self._buffers]
+        self._buffers = BufferSnapshot(model, self.discriminator)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -101,7 +101,7 @@ class VaeGanStep:
             + F.binary_cross_entropy_with_logits(fakes, torch.zeros_like(fakes), reduction="sum"))
         with torch.no_grad():
             self.stats += torch.stack([torch.sigmoid(real_logit).sum(), torch.sigmoid(recon_logit).sum(),
-                                       torch.tensor(float(n), device=x.device)])
+                                       torch.full((), float(n), device=x.device)])
         return {
             "encoder": recon.sum() + alpha * kl_for_objective(posterior, self.cfg.free_bits).sum(),
             "decoder": recon.sum() + self.cfg.gan_adversarial_weight * generator_gan,
@@ -113,9 +113,7 @@ class VaeGanStep:
         """Returns detached batch sums (pixel recon, kl) like the VAE step, or None when a loss or
         gradient is not finite: then no optimizer steps and every BatchNorm statistic is put back.
         `optimizers`: the encoder's and the decoder's."""
-        model_buffers = list(model.buffers())
-        model_backup = [b.detach().clone() for b in model_buffers]
-        torch._foreach_copy_(self._backup, self._buffers)
+        self._buffers.take()
         loss = self.losses(model, x, alpha, autocast)
         groups = [list(model.encoder.parameters()), list(model.decoder.parameters()),
                   list(self.discriminator.parameters())]
@@ -127,8 +125,7 @@ class VaeGanStep:
         total_norm = torch.nn.utils.get_total_norm(flat, error_if_nonfinite=False)
         finite = torch.isfinite(torch.stack([loss[n].detach() for n in names])).all() & torch.isfinite(total_norm)
         if not bool(finite):
-            torch._foreach_copy_(model_buffers, model_backup)
-            torch._foreach_copy_(self._buffers, self._backup)
+            self._buffers.restore()
             return None
         for params, group_grads in zip(groups, grads, strict=True):
             for param, grad in zip(params, group_grads, strict=True):

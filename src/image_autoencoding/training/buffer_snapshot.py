@@ -1,0 +1,23 @@
+"""A copy of modules' buffers to put back when a training step is skipped.
+
+BatchNorm updates its running statistics during the forward pass, before the loss can be checked;
+a step skipped for a non-finite loss or gradient must leave them as they were, or the next
+checkpoint could hold the NaN the skipped batch produced."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class BufferSnapshot:
+    def __init__(self, *modules: nn.Module):
+        self._buffers = [b for module in modules for b in module.buffers()]
+        self._copy = [b.detach().clone() for b in self._buffers]
+
+    def take(self) -> None:
+        """Before the forward pass: device copies only, nothing waits for the device."""
+        torch._foreach_copy_(self._copy, self._buffers)
+
+    def restore(self) -> None:
+        torch._foreach_copy_(self._buffers, self._copy)

@@ -1,0 +1,54 @@
+"""Training batches: every image once per epoch, about half of them mirrored, the cache untouched,
+and a resumed epoch sees the batches an uninterrupted one would."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from image_autoencoding.config import load_config
+from image_autoencoding.data.batches import Normalizer, training_batches
+
+
+@pytest.fixture
+def images(tmp_path) -> np.ndarray:
+    """200 distinct 6x6 images in a read-only memory map, like the cache."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "pixels.npy"
+    pixels = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(200, 6, 6, 3))
+    pixels[:] = rng.integers(0, 256, size=pixels.shape, dtype=np.uint8)
+    pixels.flush()
+    return np.load(path, mmap_mode="r")
+
+
+def _to_pixels(x: torch.Tensor, normalize: Normalizer) -> np.ndarray:
+    return (normalize.to_unit(x) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def test_each_image_once_per_epoch_about_half_mirrored(images):
+    device = torch.device("cpu")
+    normalize = Normalizer(load_config().data, device)
+    before = np.array(images)
+    seen = np.concatenate([_to_pixels(x, normalize) for x in training_batches(images, 32, 5, 1, device, normalize)])
+    assert len(seen) == len(images)
+    as_stored = {image.tobytes(): i for i, image in enumerate(images)}
+    mirrored = {image[:, ::-1].tobytes(): i for i, image in enumerate(images)}
+    which = [as_stored.get(image.tobytes(), mirrored.get(image.tobytes())) for image in seen]
+    assert sorted(which) == list(range(len(images)))  # each image once, as stored or mirrored
+    flipped = sum(image.tobytes() in mirrored for image in seen)
+    assert 70 <= flipped <= 130  # RandomHorizontalFlip(p=0.5): 100 expected, sd 7
+    assert np.array_equal(np.asarray(images), before)  # flipped on a copy, never in the cache
+
+    # Another epoch: another order and other flips, each image still once.
+    other = np.concatenate([_to_pixels(x, normalize) for x in training_batches(images, 32, 5, 2, device, normalize)])
+    assert not np.array_equal(other, seen)
+
+
+def test_a_resumed_epoch_sees_the_same_batches_and_flips(images):
+    device = torch.device("cpu")
+    normalize = Normalizer(load_config().data, device)
+    whole = list(training_batches(images, 32, 5, 1, device, normalize))
+    rest = list(training_batches(images, 32, 5, 1, device, normalize, start_step=3))
+    assert len(rest) == len(whole) - 3
+    assert all(torch.equal(a, b) for a, b in zip(whole[3:], rest, strict=True))
