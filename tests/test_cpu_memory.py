@@ -18,10 +18,15 @@ optimizer = torch.optim.RMSprop([p], lr=1e-3, alpha=0.9, eps=1e-8, weight_decay=
 p.grad = torch.rand_like(p)
 for _ in range(4):  # the heap settles
     optimizer.step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    optimizer.step()
-print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+# The quieter of two windows of 5 steps: once in a full-suite run, something outside the steps
+# faulted in exactly one 64 MiB block during the window (not reproduced in 30 runs alone).
+windows = []
+for _ in range(2):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        optimizer.step()
+    windows.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(tuned, min(windows))
 """
 
 

@@ -34,16 +34,12 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=generator)
 
 
-def flip_where(pixels: np.ndarray, flip: np.ndarray) -> np.ndarray:
-    """Flip left-right, in place, the NHWC images whose `flip` is true (drawn with probability 1/2
-    per image: the original's RandomHorizontalFlip).
-
-    Done on the uint8 pixels on the host, before the one copy to the device: flipping commutes
-    with the per-channel normalisation, and a flip mask sent to a GPU on its own would be a copy
-    from pageable memory, which waits for every queued kernel (CUDA runtime API, "API
-    synchronization behavior") and so stalled each training step."""
-    pixels[flip] = pixels[flip, :, ::-1]
-    return pixels
+def flip_where(x: Tensor, flip: Tensor) -> Tensor:
+    """Flip left-right the images whose `flip` is true (drawn with probability 1/2 per image: the
+    original's RandomHorizontalFlip). `flip` is on x's device already: moved there from pageable
+    memory, it would be a copy that waits for every kernel already queued (CUDA runtime API, "API
+    synchronization behavior"), which stalled every training step on a GPU."""
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
 def training_batches(
@@ -75,6 +71,7 @@ def training_batches(
     global_batch = batch_size * world_size
     order = epoch_permutation(n, seed, epoch).numpy()
     flip_generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 500_009)
+    # Pinned host memory lets both copies to a GPU run without waiting for it.
     pin = device.type == "cuda"
     total = steps_per_epoch(n, batch_size, max_steps, world_size)
     for step in range(min(start_step, total)):
@@ -84,12 +81,13 @@ def training_batches(
         start = step * global_batch
         # Sorted indices read a memory-mapped array front to back; the batch is shuffled anyway.
         index = np.sort(order[start : start + global_batch])
-        flip = (torch.rand(len(index), generator=flip_generator) < 0.5).numpy()
-        # Fancy indexing copies, so the flip in place never touches the cache.
-        pixels = torch.from_numpy(flip_where(images[index[mine]], flip[mine]))
+        flip = torch.rand(len(index), generator=flip_generator) < 0.5
+        # Fancy indexing copies the rows into a new array, which a tensor can share.
+        pixels, flip = torch.from_numpy(images[index[mine]]), flip[mine]
         if pin:
-            pixels = pixels.pin_memory()
-        yield normalize(pixels.to(device, non_blocking=True))
+            pixels, flip = pixels.pin_memory(), flip.pin_memory()
+        x = normalize(pixels.to(device, non_blocking=True))
+        yield flip_where(x, flip.to(device, non_blocking=True))
 
 
 def steps_per_epoch(n: int, batch_size: int, max_steps: int | None, world_size: int = 1) -> int:
