@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,11 @@ from image_autoencoding.data.batches import Normalizer, steps_per_epoch, trainin
 from image_autoencoding.data.image_data import load_image_data
 from image_autoencoding.evaluation.evaluate import evaluate_split
 from image_autoencoding.evaluation.run_report import load_run_model
+from image_autoencoding.models.vae import build_model
 from image_autoencoding.training.checkpoint import load_checkpoint
 from image_autoencoding.training.distributed import Distributed
 from image_autoencoding.training.fault_injection import ENV as SIGNAL_AT_STEP
+from image_autoencoding.training.objective import VAEObjective
 from image_autoencoding.training.sharded_evaluation import shard_range
 from image_autoencoding.training.trainer import Trainer
 
@@ -218,3 +221,53 @@ def test_a_step_found_non_finite_on_one_rank_is_skipped_on_every_rank(tmp_path):
     first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert first["skipped"] == second["skipped"] == 1  # rank 0 found its own step finite
     assert torch.equal(first["weights"], second["weights"])  # the replicas did not drift apart
+
+
+def _free_bits_gradients(rank: int, root: Path, world: int, free_bits: float) -> None:
+    """This rank's share of the batch through VAEObjective with free bits; then, for two processes,
+    the gradient average DDP takes. Saved as root/grads<world>.pt (rank 0)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        # eval(): BatchNorm from running statistics, so halves of the batch see what the whole sees.
+        model = build_model(load_config(None, COMMON).model, 16).eval()
+        x = torch.load(root / "batch.pt")
+        share = len(x) // world
+        objective = VAEObjective(model, 1.0, nullcontext, rank, world, free_bits=free_bits)
+        torch.manual_seed(1)  # the reparametrisation noise: drawn for the global batch on every rank
+        objective(x[rank * share : (rank + 1) * share])[0].backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        if world > 1:
+            dist.all_reduce(grads)
+            grads /= world
+        if rank == 0:
+            torch.save(grads, root / f"grads{world}.pt")
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+        torch.set_num_threads(threads)
+
+
+def test_free_bits_clamp_the_global_batch_means_under_torchrun(tmp_path):
+    """Free bits clamp each latent unit's KL averaged over the batch: under torchrun, the global
+    batch, so two processes of 16 images train as one process of 32."""
+    x = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    torch.save(x, tmp_path / "batch.pt")
+    torch.manual_seed(0)
+    model = build_model(load_config(None, COMMON).model, 16).eval()
+    with torch.no_grad():
+        per_unit = model.encoder(x).kl_per_dim()
+    whole, first_half = per_unit.mean(dim=0), per_unit[:16].mean(dim=0)
+    # A floor between the global mean of one unit and rank 0's mean of it: clamping each rank's
+    # own mean would treat that unit differently on rank 0.
+    unit = int((whole - first_half).abs().argmax())
+    free_bits = float(whole[unit] + first_half[unit]) / 2
+    assert (whole[unit] > free_bits) != (first_half[unit] > free_bits)
+
+    _free_bits_gradients(0, tmp_path, 1, free_bits)
+    mp.spawn(_free_bits_gradients, args=(tmp_path, 2, free_bits), nprocs=2)
+    one, two = torch.load(tmp_path / "grads1.pt"), torch.load(tmp_path / "grads2.pt")
+    assert torch.allclose(two, one, rtol=1e-4, atol=1e-5)

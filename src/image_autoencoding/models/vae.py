@@ -9,6 +9,8 @@ Shapes for the defaults (image 64, latent 128):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -165,7 +167,10 @@ def training_objective(recon: Tensor, kl: Tensor, alpha: float) -> Tensor:
     return recon.sum() + alpha * kl.sum()
 
 
-def kl_for_objective(posterior: DiagonalGaussian, free_bits: float = 0.0) -> Tensor:
+def kl_for_objective(
+    posterior: DiagonalGaussian, free_bits: float = 0.0, sum_over_ranks: Callable[[Tensor], Tensor] | None = None,
+    world_size: int = 1,
+) -> Tensor:
     """Per-image KL as the objective sees it, shape (N,), in fp32.
 
     With free bits (Kingma et al. 2016) each latent unit's KL, averaged over the batch, counts as at
@@ -174,9 +179,17 @@ def kl_for_objective(posterior: DiagonalGaussian, free_bits: float = 0.0) -> Ten
     batch's clamped total, so sum() over the batch is N * sum_j max(free_bits, mean_i KL_ij) and the
     gradient of a unit above the floor is exactly that of the true KL. Only the objective changes:
     metrics and logs keep reporting `posterior.kl()`.
+
+    Under torchrun the batch is the global one: `sum_over_ranks` (a differentiable all-reduce) adds
+    up the per-unit sums of the `world_size` ranks, each holding an equal share, so every rank clamps
+    the same global means and the ranks' objectives add up to the one-process objective.
     """
     if free_bits <= 0:
         return posterior.kl().float()
     per_unit = posterior.kl_per_dim().float()
-    clamped_total = per_unit.mean(dim=0).clamp_min(free_bits).sum()
+    if sum_over_ranks is None:
+        unit_means = per_unit.mean(dim=0)
+    else:
+        unit_means = sum_over_ranks(per_unit.sum(dim=0)) / (per_unit.shape[0] * world_size)
+    clamped_total = unit_means.clamp_min(free_bits).sum()
     return clamped_total.expand(per_unit.shape[0])
