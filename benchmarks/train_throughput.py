@@ -10,7 +10,8 @@ On one JPEG set shaped like Food-101 (cut from real photographs), in one run:
    both backwards, since the original's step-between-backwards order fails on modern PyTorch);
    on the CPU timed once with the C library's default malloc and once more under our malloc settings;
 2. our model step alone (batches already in memory), in each precision this device supports;
-3. our end-to-end epoch: cache -> batches -> step, default settings, after a short warm-up.
+3. our end-to-end epoch: cache -> batches -> step, default settings, after a short warm-up;
+   on a GPU also how often a step makes the host wait for the GPU, and at which source lines.
 
 Everything runs on --device (auto: the GPU when there is one), the original recipe too, as the
 original moved its model and batches to the GPU.
@@ -142,6 +143,31 @@ def end_to_end_epoch(work: Path, data, epochs: int) -> tuple[float, str, float]:
     rates = [trainer.train_epoch(epoch, writer)["images_per_s"] for epoch in range(1, epochs + 1)]
     writer.close()
     return float(np.mean(rates)), trainer.precision, warm
+
+
+def host_waits(work: Path, data, steps: int = 5) -> dict:
+    """GPU only: how often, and where, `steps` end-to-end steps (batches included) made the host wait
+    for the GPU, counted by CUDA's sync debug mode. One per step is the non-finite check; each wait
+    stops the CPU from queueing the next step's kernels while the GPU works."""
+    import warnings
+    from collections import Counter
+
+    from image_autoencoding.data.batches import training_batches
+
+    trainer = make_trainer(build_config(work), data, work / "runs" / "host-waits")
+    batches = training_batches(data.train.images, BATCH_SIZE, 0, 1, trainer.device, trainer.normalize, steps + 2)
+    for _ in range(2):
+        trainer.train_step(next(batches))  # lazily made optimizer state is not a per-step cost
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for x in batches:
+                trainer.train_step(x)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    where = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    return {"steps": steps, "per_step": sum(where.values()) / steps, "where": dict(where)}
 
 
 # -- memory on a 100,000-image cache ------------------------------------------------------------------
@@ -281,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     best_step = max(results["model_step_img_s"].values())
     results["ratio_vs_original"] = results["end_to_end_img_s"] / results["original_img_s"]
     results["ratio_to_model_step"] = results["end_to_end_img_s"] / best_step
+    if device.type == "cuda":
+        try:
+            results["host_waits"] = host_waits(work, data)
+        except Exception as error:  # noqa: BLE001 - a diagnostic: the figures above still count
+            results["host_waits"] = {"error": repr(error)}
     if args.memory_images:
         results["memory"] = {"images": args.memory_images, **peak_memory(work, args.memory_images, 20)}
     if args.quality_steps and results["default_precision"] != "fp32":  # else it compares fp32 with itself
@@ -305,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     e2e = results["end_to_end_img_s"]
     print(f"| our end-to-end epoch (cache, {results['default_precision']}) | {e2e:.1f} | {e2e / original:.1f}x |")
     print(f"end-to-end / best model step: {results['ratio_to_model_step']:.0%}; warm-up {results['warm_up_s']:.0f} s")
+    if "host_waits" in results:
+        print(f"host waits for the GPU per end-to-end step: {results['host_waits']}")
     if "memory" in results:
         m = results["memory"]
         print(f"peak memory training on a {m['images']:,}-image cache ({m['cache_mb']:.0f} MB): "
