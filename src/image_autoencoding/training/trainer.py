@@ -14,16 +14,15 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ExponentialLR
 from tqdm import tqdm
 
-from image_autoencoding.config import Config, ConfigError, TrainConfig, save_config
+from image_autoencoding.config import Config, ConfigError, save_config
 from image_autoencoding.data.batches import Normalizer, steps_per_epoch, training_batches
 from image_autoencoding.data.image_data import ImageData
 from image_autoencoding.errors import UserError
 from image_autoencoding.evaluation.evaluate import evaluate_split
-from image_autoencoding.models.vae import VAE, build_model
+from image_autoencoding.models.vae import build_model
 from image_autoencoding.training.buffer_snapshot import BufferSnapshot
 from image_autoencoding.training.checkpoint import prune_epoch_checkpoints, publish_as, save_checkpoint
 from image_autoencoding.training.cpu_memory import keep_freed_memory
@@ -33,6 +32,7 @@ from image_autoencoding.training.fault_injection import SignalAtStep
 from image_autoencoding.training.interrupts import HANDLED, StopRequests, TrainingInterrupted, interrupted_message
 from image_autoencoding.training.metrics_log import MetricsLog
 from image_autoencoding.training.objective import VAEObjective
+from image_autoencoding.training.optimizers import build_optimizers
 from image_autoencoding.training.sharded_evaluation import evaluate_split_across_ranks
 from image_autoencoding.training.sync_batchnorm import convert_batchnorm
 from image_autoencoding.training.vae_gan import VaeGanStep
@@ -71,17 +71,6 @@ class EpochProgress:
             return cls(sums=torch.zeros(2, device=device))
         return cls(int(state["steps"]), state["sums"].to(device), int(state["images"]),
                    int(state["skipped"]), float(state["seconds"]))
-
-
-def build_optimizers(model: VAE, cfg: TrainConfig) -> tuple[Optimizer, Optimizer]:
-    """One optimizer per network, as in the original (RMSprop alpha 0.9, eps 1e-8)."""
-
-    def make(params) -> Optimizer:
-        if cfg.optimizer == "adam":
-            return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.9, eps=1e-8, weight_decay=cfg.weight_decay)
-
-    return make(model.encoder.parameters()), make(model.decoder.parameters())
 
 
 def seed_everything(seed: int) -> None:

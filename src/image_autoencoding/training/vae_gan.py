@@ -34,19 +34,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim import Optimizer
 
-from image_autoencoding.config import Config, TrainConfig
-from image_autoencoding.models.discriminator import Discriminator, build_discriminator, feature_error
+from image_autoencoding.config import Config
+from image_autoencoding.models.discriminator import build_discriminator, feature_error
 from image_autoencoding.models.vae import VAE, kl_for_objective, loss_terms
 from image_autoencoding.training.buffer_snapshot import BufferSnapshot
-
-
-def build_discriminator_optimizer(discriminator: Discriminator, cfg: TrainConfig) -> Optimizer:
-    """The same kind of optimizer as the encoder and decoder (Larsen et al. used RMSprop for all three)."""
-    lr = cfg.discriminator_lr if cfg.discriminator_lr is not None else cfg.lr
-    params = discriminator.parameters()
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
-    return torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=1e-8, weight_decay=cfg.weight_decay)
+from image_autoencoding.training.optimizers import make_optimizer
 
 
 class VaeGanStep:
@@ -57,7 +49,9 @@ class VaeGanStep:
         self.discriminator = build_discriminator(config.model, config.data.image_size).to(device)
         if self.cfg.channels_last:
             self.discriminator = self.discriminator.to(memory_format=torch.channels_last)
-        self.optimizer = build_discriminator_optimizer(self.discriminator, self.cfg)
+        # The same kind of optimizer as the encoder's and decoder's (Larsen et al. used RMSprop for all
+        # three), at train.discriminator_lr.
+        self.optimizer = make_optimizer(self.discriminator.parameters(), self.cfg, self.cfg.discriminator_lr)
         # Running means over the steps since the last reset, for logs and the collapse check:
         # D(x) near 1 and D(fake) near 0 for long means the discriminator has won.
         self.stats = torch.zeros(3, device=device)  # sum of D(x), sum of D(x~), images
