@@ -2,7 +2,8 @@
 same global batch (2 x 16 = 1 x 32) and seed.
 
 Two torchrun runs are made once per module (each costs ~15 s on two cores): a whole one, and one
-stopped by SIGTERM on the first step of epoch 2. Reference runs with one process are made in-process.
+sent SIGTERM after step 4, the first of epoch 2, which stops every rank after step 5 (the ranks
+agree on stop requests in the next step's all-reduce). Reference runs with one process are made in-process.
 The model is the tiny one from conftest.py in fp32, with SyncBatchNorm on so that the BatchNorm
 statistics are those of the global batch, as in the one-process run.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -34,6 +36,7 @@ from image_autoencoding.models.vae import build_model
 from image_autoencoding.training.checkpoint import load_checkpoint
 from image_autoencoding.training.distributed import Distributed
 from image_autoencoding.training.fault_injection import ENV as SIGNAL_AT_STEP
+from image_autoencoding.training.interrupts import TrainingInterrupted
 from image_autoencoding.training.objective import VAEObjective
 from image_autoencoding.training.sharded_evaluation import shard_range
 from image_autoencoding.training.trainer import Trainer
@@ -144,7 +147,7 @@ def test_a_two_process_run_resumes_inside_an_epoch_with_one_process(runs, tmp_pa
     run = tmp_path / "run"
     shutil.copytree(runs["stopped"], run)
     state = load_checkpoint(run / "checkpoints/last.pt")
-    assert (state["step"], state["step_in_epoch"], state["world_size"]) == (4, 1, 2)
+    assert (state["step"], state["step_in_epoch"], state["world_size"]) == (5, 2, 2)
     # Inside an epoch the global batch must stay: 1 x 16 is refused, naming it; 1 x 32 continues.
     assert main(["train", "--quiet", "--resume", str(run), "train.batch_size=16"]) == 2
     assert "global batch" in capsys.readouterr().err
@@ -221,6 +224,53 @@ def test_a_step_found_non_finite_on_one_rank_is_skipped_on_every_rank(tmp_path):
     first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert first["skipped"] == second["skipped"] == 1  # rank 0 found its own step finite
     assert torch.equal(first["weights"], second["weights"])  # the replicas did not drift apart
+
+
+def _steps_with_a_stop_request_on_rank_1(rank: int, root: Path) -> None:
+    """One of two gloo ranks (spawned): a SIGTERM reaches rank 1 alone, after step 2. Records how
+    many collectives each rank made and the step it stopped after."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2)
+    collectives = []
+    all_reduce_sum = Distributed.all_reduce_sum
+
+    def counted(self, tensor):
+        collectives.append(tensor.numel())
+        return all_reduce_sum(self, tensor)
+
+    Distributed.all_reduce_sum = counted
+    try:
+        config = load_config(None, [*COMMON, "train.batch_size=16", "train.max_steps_per_epoch=6",
+                                    f"train.output_dir={root}"])
+        trainer = Trainer(config, root / "run", load_image_data(config.data, progress=False),
+                          dist=Distributed(rank, rank, 2))
+
+        class SigtermOnRank1AfterStep2:
+            def after_step(self, step: int) -> None:
+                if rank == 1 and step == 2:
+                    trainer.stop.signum = signal.SIGTERM  # what the installed handler records
+
+        trainer.faults = SigtermOnRank1AfterStep2()
+        try:
+            trainer.train_epoch(1, writer=None)
+            outcome = "finished"
+        except TrainingInterrupted as stop:
+            outcome = f"stopped with {stop.exit_status}"
+        torch.save({"outcome": outcome, "step": trainer.step, "collectives": collectives}, root / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_losses_flags_and_stop_requests_in_one_collective_per_step(tmp_path):
+    """Issue 5 under torchrun: one all-reduce per step (loss sums, the non-finite flag and the stop
+    signals together), so one host wait per step; a SIGTERM that reached one rank stops both after
+    the same step, the one after the signal, and rank 0 writes last.pt there."""
+    mp.spawn(_steps_with_a_stop_request_on_rank_1, args=(tmp_path,), nprocs=2)
+    first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for record in (first, second):
+        assert record["outcome"] == "stopped with 143" and record["step"] == 3
+        assert record["collectives"] == [2 + 1 + 2] * 3  # sums, flag, SIGINT / SIGTERM counts; 3 steps
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 3
 
 
 def _free_bits_gradients(rank: int, root: Path, world: int, free_bits: float) -> None:

@@ -73,6 +73,12 @@ class EpochProgress:
                    int(state["skipped"]), float(state["seconds"]))
 
 
+def _signal_to_stop_on(counts: list[float]) -> int | None:
+    """From the number of ranks that received each of HANDLED: SIGTERM over SIGINT, or None."""
+    raised = [signum for signum, count in zip(HANDLED, counts, strict=True) if count > 0]
+    return int(raised[-1]) if raised else None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -176,6 +182,7 @@ class Trainer:
         # This step's KL weight, filled in place: torch.tensor(alpha, device=...) would be a copy
         # from pageable host memory, which on a GPU waits for all queued work before every step.
         self._alpha = torch.zeros((), device=self.device)
+        self._agreed_stop: int | None = None  # under torchrun: the signal all ranks stop on (see train_step)
         if resume is not None:
             self._restore(resume)
 
@@ -269,9 +276,10 @@ class Trainer:
             bad = self._loss_or_gradients_not_finite(loss)
         if self.dist.enabled:
             bad, sums = self._agree_across_ranks(bad, sums)
-        # The one host sync per step: skipping an optimizer step is a host decision, so it waits for
-        # the device here (GradScaler does the same for optimizers without a fused kernel, such as
-        # RMSprop). Everything before it only queues work. On CPU the sync costs nothing.
+        # The one host sync per step (under torchrun, inside _agree_across_ranks): skipping an
+        # optimizer step is a host decision, so it waits for the device here (GradScaler does the
+        # same for optimizers without a fused kernel, such as RMSprop). Everything before it only
+        # queues work. On CPU the sync costs nothing.
         if bool(bad):
             self._buffers.restore()
             return None
@@ -280,13 +288,17 @@ class Trainer:
         self.scaler.update()
         return sums
 
-    def _agree_across_ranks(self, bad: Tensor, sums: Tensor) -> tuple[Tensor, Tensor]:
-        """One all-reduce: the loss sums of the global batch, and whether any rank saw a non-finite
-        loss. Gradients are equal on all ranks after DDP's all-reduce, but losses are per rank; a
-        step skipped on one rank and taken on another would split the replicas for good."""
-        packet = torch.cat([sums.float(), bad.float().view(1)])
+    def _agree_across_ranks(self, bad: Tensor, sums: Tensor) -> tuple[bool, Tensor]:
+        """One all-reduce and one host wait per step for everything the ranks must agree on: the
+        loss sums of the global batch, whether any rank saw a non-finite loss (gradients are equal
+        on all ranks after DDP's all-reduce, but losses are per rank; a step skipped on one rank and
+        taken on another would split the replicas for good), and which stop signals have reached
+        any rank so far (a second collective for them cost a second host wait per step)."""
+        packet = torch.cat([sums.float(), bad.float().view(1), self._stop_flags()])
         self.dist.all_reduce_sum(packet)
-        return packet[2] > 0, packet[:2]
+        agreed = packet[2:].tolist()
+        self._agreed_stop = _signal_to_stop_on(agreed[1:])
+        return agreed[0] > 0, packet[:2]
 
     def _loss_or_gradients_not_finite(self, loss: Tensor) -> Tensor:
         """A device flag, checked after backward so a finite loss with an overflowing gradient is
@@ -378,21 +390,28 @@ class Trainer:
         if every is not None and self.step % every == 0:
             self.save_last_checkpoint()
         self.faults.after_step(self.step)
-        signum = self._stop_signal()
+        # Under torchrun, the signals the ranks agreed on in this step's packet: a signal that
+        # arrives after the packet was sent stops every rank after the next step.
+        signum = self._agreed_stop if self.dist.enabled else self.stop.signum
         if signum is not None:
             self._stop_on_signal(signum)
 
     def _stop_signal(self) -> int | None:
-        """The signal to stop on, agreed by all ranks: a SIGTERM that reached one rank first (or
-        only) stops every rank after the same step, so no rank waits forever in a collective."""
+        """The signal to stop on between epochs, agreed by all ranks: a SIGTERM that reached one
+        rank first (or only) stops every rank at the same point, so no rank waits forever in a
+        collective."""
         if not self.dist.enabled:
             return self.stop.signum
+        flags = self.dist.all_reduce_sum(self._stop_flags())
+        return _signal_to_stop_on(flags.tolist())
+
+    def _stop_flags(self) -> Tensor:
+        """This rank's stop request, one device flag per HANDLED signal (set by a fill kernel: no
+        copy from host memory, which on a GPU would wait for the queued work)."""
         flags = torch.zeros(len(HANDLED), device=self.device)
         if self.stop.signum is not None:
             flags[HANDLED.index(self.stop.signum)] = 1
-        self.dist.all_reduce_sum(flags)
-        raised = [signum for signum, count in zip(HANDLED, flags.tolist(), strict=True) if count > 0]
-        return int(raised[-1]) if raised else None  # SIGTERM over SIGINT
+        return flags
 
     def _stop_on_signal(self, signum: int) -> None:
         path = self.save_last_checkpoint()
