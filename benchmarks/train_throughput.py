@@ -1,6 +1,6 @@
 """Training throughput: the original recipe against our model step and our end-to-end epoch.
 
-    python benchmarks/train_throughput.py [--images 2000] [--steps 30] [--device auto] [--json out.json]
+    python benchmarks/train_throughput.py [--images 2000] [--rounds 5] [--steps-per-round 6] [--json out.json]
 
 On one JPEG set shaped like Food-101 (cut from real photographs), in one run:
 
@@ -8,13 +8,22 @@ On one JPEG set shaped like Food-101 (cut from real photographs), in one run:
    DataLoader, fp32, an extra decoder pass on random latents every step, and two backward passes
    per step (encoder objective with retain_graph, then decoder objective; both optimizers step after
    both backwards, since the original's step-between-backwards order fails on modern PyTorch);
-   on the CPU timed once with the C library's default malloc and once more under our malloc settings;
+   in a process of its own (the C library's default malloc), and on the CPU once more inside this
+   process, under the malloc settings our Trainer sets;
 2. our model step alone (batches already in memory), in each precision this device supports;
-3. our end-to-end epoch: cache -> batches -> step, default settings, after a short warm-up;
-   on a GPU also how often a step makes the host wait for the GPU, and at which source lines.
+3. our end-to-end epoch: cache -> batches -> step, default settings (Trainer.train_epoch, the
+   product's loop, on epochs cut to --steps-per-round steps).
+
+The pipelines are timed in interleaved rounds: each round times --steps-per-round steps of every
+pipeline, in an order rotated from round to round, so a shared machine whose speed drifts by tens of
+per cent within minutes (measured on this project's VMs) slows every pipeline alike instead of the
+one that happened to run then. A pipeline's rate is its images over its seconds summed over the
+rounds; the per-round rates are kept for the spread. Every pipeline warms up (allocator, oneDNN /
+cuDNN kernels, torch.compile, the DataLoader's first batch) before its timed steps.
 
 Everything runs on --device (auto: the GPU when there is one), the original recipe too, as the
-original moved its model and batches to the GPU.
+original moved its model and batches to the GPU. On a GPU the script also counts how often a step
+makes the host wait for the GPU, and at which source lines.
 
 Then, unless skipped: peak memory of training on a 100,000-image cache (a subprocess), and the
 quality check: validation SSIM and the loss curve after the same number of images seen, fp32
@@ -61,88 +70,168 @@ def make_trainer(config, data, run_dir: Path):
 
 # -- 1. the original recipe ---------------------------------------------------------------------------
 
+ORIGINAL_WARM_UP = 2  # untimed steps per round: the DataLoader's first batches, kernel set-up
 
-def original_recipe(paths: list[Path], workers: int, max_steps: int | None, device: torch.device) -> float:
-    """images/s of the original's training epoch, reimplemented faithfully (see the module docstring)."""
-    from image_autoencoding.config import load_config
-    from image_autoencoding.models.vae import build_model, loss_terms
 
-    cfg = load_config(None, []).model
-    torch.manual_seed(0)
-    model = build_model(cfg, 64).to(device)
-    encoder_optimizer = torch.optim.RMSprop(model.encoder.parameters(), lr=1e-3, alpha=0.9, eps=1e-8)
-    decoder_optimizer = torch.optim.RMSprop(model.decoder.parameters(), lr=1e-3, alpha=0.9, eps=1e-8)
-    model.train()
-    seen, start = 0, time.perf_counter()
-    for step, x in enumerate(original_loader(paths, BATCH_SIZE, workers, drop_last=True)):
-        if max_steps is not None and step >= max_steps:
-            break
-        x = x.to(device)
+class OriginalRecipe:
+    """The original's training epoch, reimplemented faithfully (see the module docstring): one model
+    and its two optimizers for the whole benchmark, and each round a new DataLoader (a new epoch)
+    over the next images of the set."""
+
+    def __init__(self, paths: list[Path], workers: int, device: torch.device):
+        from image_autoencoding.config import load_config
+        from image_autoencoding.models.vae import build_model
+
+        self.paths, self.workers, self.device = paths, workers, device
+        self.cfg = load_config(None, []).model
+        torch.manual_seed(0)
+        self.model = build_model(self.cfg, 64).to(device)
+        self.encoder_optimizer = torch.optim.RMSprop(self.model.encoder.parameters(), lr=1e-3, alpha=0.9, eps=1e-8)
+        self.decoder_optimizer = torch.optim.RMSprop(self.model.decoder.parameters(), lr=1e-3, alpha=0.9, eps=1e-8)
+        self.model.train()
+
+    def step(self, x: torch.Tensor) -> None:
+        from image_autoencoding.models.vae import loss_terms
+
+        model = self.model
+        x = x.to(self.device)
         posterior = model.encoder(x)
         x_hat = model.decoder(posterior.sample())
-        x_p = model.decoder(torch.randn(len(x), cfg.latent_dim, device=device))  # the original's samples pass
+        x_p = model.decoder(torch.randn(len(x), self.cfg.latent_dim, device=self.device))  # the samples pass
         recon, kl = loss_terms(x, x_hat, posterior)
         loss_encoder = recon.sum() + kl.sum()
         loss_decoder = recon.sum()
         model.zero_grad()
         loss_encoder.backward(retain_graph=True)
         loss_decoder.backward()
-        encoder_optimizer.step()
-        decoder_optimizer.step()
-        seen += len(x)
+        self.encoder_optimizer.step()
+        self.decoder_optimizer.step()
         del x_p
+
+    def run(self, steps: int, round_index: int) -> tuple[int, float]:
+        """(images, seconds) of `steps` timed steps, after ORIGINAL_WARM_UP untimed ones."""
+        per_round = (ORIGINAL_WARM_UP + steps) * BATCH_SIZE
+        first = round_index * per_round
+        paths = [self.paths[(first + i) % len(self.paths)] for i in range(per_round)]
+        seen, start = 0, 0.0
+        for i, x in enumerate(original_loader(paths, BATCH_SIZE, self.workers, drop_last=True)):
+            if i == ORIGINAL_WARM_UP:
+                _wait_for(self.device)
+                start = time.perf_counter()
+            self.step(x)
+            seen += len(x) if i >= ORIGINAL_WARM_UP else 0
+        _wait_for(self.device)
+        return seen, time.perf_counter() - start
+
+
+class OriginalInOwnProcess:
+    """The original recipe in a process of its own, one per round: the C library's default malloc,
+    untouched by the settings (train.reuse_cpu_memory) that this process's Trainers make."""
+
+    def __init__(self, paths: list[Path], workers: int, device: str, work: Path):
+        self.list_file = work / "original-paths.json"
+        self.list_file.write_text(json.dumps([str(path) for path in paths]))
+        self.workers, self.device = workers, device
+
+    def run(self, steps: int, round_index: int) -> tuple[int, float]:
+        code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import train_throughput as t; "
+                f"t.original_child({str(self.list_file)!r}, {self.workers}, {self.device!r}, {steps}, {round_index})")
+        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+        images, seconds = json.loads(out.strip().splitlines()[-1])
+        return images, seconds
+
+
+def original_child(list_file: str, workers: int, device: str, steps: int, round_index: int) -> None:
+    from image_autoencoding.training.device import resolve_device
+
+    paths = [Path(p) for p in json.loads(Path(list_file).read_text())]
+    print(json.dumps(OriginalRecipe(paths, workers, resolve_device(device)).run(steps, round_index)))
+
+
+def _wait_for(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    return seen / (time.perf_counter() - start)
+        torch.cuda.synchronize()  # at the ends of a timed stretch only, never per step
 
 
 # -- 2. our model step alone --------------------------------------------------------------------------
 
 
-def model_step_alone(work: Path, data, variant: str, steps: int) -> float:
+class ModelStep:
     """`variant`: a precision, optionally with '+compile', '+nchw' (channels_last off) or '+autotune'
     (cuDNN benchmarks its convolution algorithms for these shapes first: torch.backends.cudnn.benchmark)."""
-    precision, *flags = variant.split("+")
-    torch.backends.cudnn.benchmark = "autotune" in flags
-    config = build_config(work, f"train.precision={precision}", f"train.compile={'compile' in flags}",
-                          f"train.channels_last={'nchw' not in flags}")
-    trainer = make_trainer(config, data, work / "runs" / f"step-{variant}")
-    from image_autoencoding.data.batches import training_batches
 
-    batches = list(training_batches(data.train.images, BATCH_SIZE, 0, 1, trainer.device, trainer.normalize, 16))
-    for x in batches[:3]:
-        trainer.train_step(x)  # warm-up: allocator, oneDNN / cuDNN kernels, torch.compile when on
-    skipped = 0
-    start = time.perf_counter()
-    for i in range(steps):
-        skipped += trainer.train_step(batches[i % len(batches)]) is None
-    if trainer.device.type == "cuda":
-        torch.cuda.synchronize()  # one wait for the device at the end, none per step
-    rate = steps * BATCH_SIZE / (time.perf_counter() - start)
-    if skipped:  # a skipped step does no optimizer work: the rate would flatter the variant
-        print(f"warning: {variant}: {skipped} of {steps} steps skipped (loss or gradient not finite)")
-    torch.backends.cudnn.benchmark = False
-    return rate
+    def __init__(self, work: Path, data, variant: str):
+        from image_autoencoding.data.batches import training_batches
+
+        precision, *flags = variant.split("+")
+        self.variant, self.autotune, self.skipped = variant, "autotune" in flags, 0
+        config = build_config(work, f"train.precision={precision}", f"train.compile={'compile' in flags}",
+                              f"train.channels_last={'nchw' not in flags}")
+        self.trainer = make_trainer(config, data, work / "runs" / f"step-{variant}")
+        self.batches = list(training_batches(data.train.images, BATCH_SIZE, 0, 1, self.trainer.device,
+                                             self.trainer.normalize, 16))
+        self.next = 0
+        self.run(3, -1)  # warm-up: allocator, oneDNN / cuDNN kernels, torch.compile when on
+
+    def run(self, steps: int, round_index: int) -> tuple[int, float]:
+        torch.backends.cudnn.benchmark = self.autotune
+        skipped = 0
+        start = time.perf_counter()
+        for _ in range(steps):
+            skipped += self.trainer.train_step(self.batches[self.next % len(self.batches)]) is None
+            self.next += 1
+        _wait_for(self.trainer.device)  # one wait for the device at the end, none per step
+        seconds = time.perf_counter() - start
+        torch.backends.cudnn.benchmark = False
+        if round_index >= 0:
+            self.skipped += skipped
+        # A skipped step does no optimizer work: counting it would flatter the variant.
+        return (steps - skipped) * BATCH_SIZE, seconds
 
 
 # -- 3. our end-to-end epoch --------------------------------------------------------------------------
 
 
-def end_to_end_epoch(work: Path, data, epochs: int) -> tuple[float, str, float]:
-    """Mean images/s over `epochs` epochs after a 3-step warm-up (several epochs where one is short)."""
-    from torch.utils.tensorboard import SummaryWriter
+class EndToEnd:
+    """Trainer.train_epoch with default settings, each round one epoch cut to the round's steps
+    (train.max_steps_per_epoch): cache -> shuffled batches -> flip and normalise -> step, with the
+    loop's progress bookkeeping and TensorBoard logging."""
 
-    config = build_config(work)
-    trainer = make_trainer(config, data, work / "runs" / "epoch")
-    writer = SummaryWriter(str(work / "runs" / "epoch" / "tensorboard"))
-    warm = time.perf_counter()
-    trainer.cfg.max_steps_per_epoch = 3
-    trainer.train_epoch(0, writer)  # warm-up (and compile) outside the timed epoch
-    warm = time.perf_counter() - warm
-    trainer.cfg.max_steps_per_epoch = None
-    rates = [trainer.train_epoch(epoch, writer)["images_per_s"] for epoch in range(1, epochs + 1)]
-    writer.close()
-    return float(np.mean(rates)), trainer.precision, warm
+    def __init__(self, work: Path, data):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.trainer = make_trainer(build_config(work), data, work / "runs" / "epoch")
+        self.writer = SummaryWriter(str(work / "runs" / "epoch" / "tensorboard"))
+        self.epoch = 0
+        warm = time.perf_counter()
+        self.run(3, -1)  # warm-up (and compile) outside the timed epochs
+        self.warm_up_s = time.perf_counter() - warm
+
+    def run(self, steps: int, round_index: int) -> tuple[int, float]:
+        self.trainer.cfg.max_steps_per_epoch = steps
+        self.epoch += 1
+        start = time.perf_counter()
+        values = self.trainer.train_epoch(self.epoch, self.writer)  # ends reading the loss sums: synced
+        seconds = time.perf_counter() - start
+        return (steps - values["skipped_steps"]) * BATCH_SIZE, seconds
+
+
+def interleaved_rounds(pipelines: dict, rounds: int, steps: int) -> dict[str, dict]:
+    """Every pipeline `steps` steps per round, the order rotated by one each round."""
+    names = list(pipelines)
+    totals = {name: {"images": 0, "seconds": 0.0, "per_round_img_s": []} for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            images, seconds = pipelines[name].run(steps, r)
+            totals[name]["images"] += images
+            totals[name]["seconds"] += seconds
+            totals[name]["per_round_img_s"].append(images / seconds)
+        print(f"round {r + 1}/{rounds}: " + ", ".join(
+            f"{name} {totals[name]['per_round_img_s'][-1]:.1f}" for name in names), flush=True)
+    for total in totals.values():
+        total["img_s"] = total["images"] / total["seconds"]
+    return totals
 
 
 def host_waits(work: Path, data, steps: int = 5) -> dict:
@@ -264,9 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--valid-images", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the original recipe")
     parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:N")
-    parser.add_argument("--epochs", type=int, default=1, help="timed end-to-end epochs (mean images/s)")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps of the model step alone")
-    parser.add_argument("--original-steps", type=int, help="stop the original recipe's epoch after this many steps")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--steps-per-round", type=int, default=6, help="timed steps of every pipeline per round")
     parser.add_argument("--compile", action="store_true", help="also time the model step under torch.compile")
     parser.add_argument("--quality-steps", type=int, default=200, help="steps per run of the quality check; 0 skips")
     parser.add_argument("--memory-images", type=int, default=100_000, help="cache size for the memory check; 0 skips")
@@ -287,8 +375,6 @@ def main(argv: list[str] | None = None) -> int:
     make_jpeg_set(work / "photos" / "valid", args.valid_images, FOOD101_SHAPE, seed=2)
     data = load_image_data(build_config(work).data, progress=False)
 
-    results: dict = {"machine": describe(), "device": str(device)}
-    results["original_img_s"] = original_recipe(paths, args.workers, args.original_steps, device)
     variants = ["fp32+nchw", "fp32"]
     if bf16_supported(device):
         variants += ["bf16+nchw", "bf16"]
@@ -297,16 +383,36 @@ def main(argv: list[str] | None = None) -> int:
         variants += ["fp16", f"{default}+autotune"]  # fp16 with the gradient scaler, as train.precision=fp16 trains
     if args.compile:
         variants.append(f"{default}+compile")
-    results["model_step_img_s"] = {v: model_step_alone(work, data, v, args.steps) for v in variants}
+    pipelines: dict = {"original": OriginalInOwnProcess(paths, args.workers, args.device, work)}
+    steps = {variant: ModelStep(work, data, variant) for variant in variants}
     if device.type == "cpu":
         # The Trainers above tuned this process's malloc (train.reuse_cpu_memory): the original recipe
         # again under the same settings, so the table shows how much of the ratio that tuning is.
-        results["original_img_s_reused_memory"] = original_recipe(paths, args.workers, args.original_steps, device)
-    results["end_to_end_img_s"], results["default_precision"], results["warm_up_s"] = end_to_end_epoch(
-        work, data, args.epochs)
-    best_step = max(results["model_step_img_s"].values())
+        pipelines["original_reused_memory"] = OriginalRecipe(paths, args.workers, device)
+    pipelines.update({f"step:{variant}": step for variant, step in steps.items()})
+    pipelines["end_to_end"] = end_to_end = EndToEnd(work, data)
+    timed = interleaved_rounds(pipelines, args.rounds, args.steps_per_round)
+    for step in steps.values():
+        if step.skipped:
+            print(f"warning: {step.variant}: {step.skipped} timed steps skipped (loss or gradient not finite)")
+
+    results: dict = {"machine": describe(), "device": str(device), "rounds": args.rounds,
+                     "steps_per_round": args.steps_per_round}
+    results["original_img_s"] = timed["original"]["img_s"]
+    if "original_reused_memory" in timed:
+        results["original_img_s_reused_memory"] = timed["original_reused_memory"]["img_s"]
+    results["model_step_img_s"] = {variant: timed[f"step:{variant}"]["img_s"] for variant in variants}
+    results["end_to_end_img_s"] = timed["end_to_end"]["img_s"]
+    results["default_precision"], results["warm_up_s"] = end_to_end.trainer.precision, end_to_end.warm_up_s
+    best = max(variants, key=lambda variant: results["model_step_img_s"][variant])
     results["ratio_vs_original"] = results["end_to_end_img_s"] / results["original_img_s"]
-    results["ratio_to_model_step"] = results["end_to_end_img_s"] / best_step
+    results["ratio_to_model_step"] = results["end_to_end_img_s"] / results["model_step_img_s"][best]
+    results["per_round_img_s"] = {name: total["per_round_img_s"] for name, total in timed.items()}
+    # The same ratio within each round: how much the machine's drift moves it.
+    results["ratio_to_model_step_per_round"] = [
+        e2e / step for e2e, step in zip(timed["end_to_end"]["per_round_img_s"],
+                                        timed[f"step:{best}"]["per_round_img_s"], strict=True)]
+    del pipelines, steps, end_to_end
     if device.type == "cuda":
         try:
             results["host_waits"] = host_waits(work, data)
@@ -319,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = time.perf_counter() - started
     results["command"] = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
 
-    print(f"{results['machine']}; device {device}; {args.images} Food-101-shaped JPEGs at 64 px, batch {BATCH_SIZE}")
+    print(f"{results['machine']}; device {device}; {args.images} Food-101-shaped JPEGs at 64 px, batch {BATCH_SIZE}; "
+          f"{args.rounds} interleaved rounds of {args.steps_per_round} steps per pipeline")
     print("| pipeline | images/s | vs original |")
     print("|---|---|---|")
     original = results["original_img_s"]
@@ -335,7 +442,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| our model step alone, {name} | {rate:.1f} | {rate / original:.1f}x |")
     e2e = results["end_to_end_img_s"]
     print(f"| our end-to-end epoch (cache, {results['default_precision']}) | {e2e:.1f} | {e2e / original:.1f}x |")
-    print(f"end-to-end / best model step: {results['ratio_to_model_step']:.0%}; warm-up {results['warm_up_s']:.0f} s")
+    per_round = results["ratio_to_model_step_per_round"]
+    print(f"end-to-end / best model step ({best}): {results['ratio_to_model_step']:.0%} (per round: median "
+          f"{np.median(per_round):.0%}, {min(per_round):.0%} to {max(per_round):.0%}); "
+          f"warm-up {results['warm_up_s']:.0f} s")
     if "host_waits" in results:
         print(f"host waits for the GPU per end-to-end step: {results['host_waits']}")
     if "memory" in results:
