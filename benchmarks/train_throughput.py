@@ -234,6 +234,37 @@ def interleaved_rounds(pipelines: dict, rounds: int, steps: int) -> dict[str, di
     return totals
 
 
+def arithmetic(work: Path, data, device: torch.device, precision: str) -> dict:
+    """What bounds the ratios where the step is compute-bound: FLOPs per image of each recipe (the
+    convolutions and matrix products of one step, forward and backward, by torch.utils.flop_counter)
+    and the best of 5 large matrix products on this device in the default precision."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from image_autoencoding.data.batches import training_batches
+
+    original = OriginalRecipe([], 0, device)
+    with FlopCounterMode(display=False) as counter:
+        original.step(torch.randn(BATCH_SIZE, 3, 64, 64))
+    original_flops = counter.get_total_flops() / BATCH_SIZE
+    trainer = make_trainer(build_config(work), data, work / "runs" / "flops")
+    x = next(training_batches(data.train.images, BATCH_SIZE, 0, 1, trainer.device, trainer.normalize))
+    with FlopCounterMode(display=False) as counter:
+        trainer.train_step(x)
+    ours_flops = counter.get_total_flops() / BATCH_SIZE
+    n = 4096 if device.type == "cuda" else 2048
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    seconds = []
+    for _ in range(6):
+        _wait_for(device)
+        start = time.perf_counter()
+        a @ b
+        _wait_for(device)
+        seconds.append(time.perf_counter() - start)
+    return {"original_gflop_per_image": original_flops / 1e9, "ours_gflop_per_image": ours_flops / 1e9,
+            "matmul_gflops": 2 * n**3 / min(seconds[1:]) / 1e9, "matmul_precision": precision}
+
+
 def host_waits(work: Path, data, steps: int = 5) -> dict:
     """GPU only: how often, and where, `steps` end-to-end steps (batches included) made the host wait
     for the GPU, counted by CUDA's sync debug mode. One per step is the non-finite check; each wait
@@ -413,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         e2e / step for e2e, step in zip(timed["end_to_end"]["per_round_img_s"],
                                         timed[f"step:{best}"]["per_round_img_s"], strict=True)]
     del pipelines, steps, end_to_end
+    results["arithmetic"] = arithmetic(work, data, device, results["default_precision"])
     if device.type == "cuda":
         try:
             results["host_waits"] = host_waits(work, data)
@@ -446,6 +478,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"end-to-end / best model step ({best}): {results['ratio_to_model_step']:.0%} (per round: median "
           f"{np.median(per_round):.0%}, {min(per_round):.0%} to {max(per_round):.0%}); "
           f"warm-up {results['warm_up_s']:.0f} s")
+    a = results["arithmetic"]
+    achieved = results["model_step_img_s"][best] * a["ours_gflop_per_image"]
+    at_peak = a["matmul_gflops"] / a["ours_gflop_per_image"]
+    print(f"arithmetic per image: original {a['original_gflop_per_image']:.2f} GFLOP, ours "
+          f"{a['ours_gflop_per_image']:.2f} GFLOP; {a['matmul_precision']} matrix product on this device "
+          f"{a['matmul_gflops']:.0f} GFLOPS, the best step {achieved:.0f} GFLOPS "
+          f"({achieved / a['matmul_gflops']:.0%}); "
+          f"at the matrix-product rate our step would run {at_peak:.0f} img/s, {at_peak / original:.1f}x the original")
     if "host_waits" in results:
         print(f"host waits for the GPU per end-to-end step: {results['host_waits']}")
     if "memory" in results:
