@@ -50,6 +50,12 @@ class StopRequests:
         self.signum = signum
 
 
+def signal_to_stop_on(counts: list[float]) -> int | None:
+    """From the number of ranks that received each of HANDLED: SIGTERM over SIGINT, or None."""
+    raised = [signum for signum, count in zip(HANDLED, counts, strict=True) if count > 0]
+    return int(raised[-1]) if raised else None
+
+
 def interrupted_message(signum: int, run_dir: object, checkpoint: object) -> str:
     return (
         f"stopped on {signal.Signals(signum).name}; checkpoint written to {checkpoint}; "

@@ -4,9 +4,7 @@ autocast where the device has it, and everything a run writes into its run folde
 from __future__ import annotations
 
 import logging
-import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +26,19 @@ from image_autoencoding.training.checkpoint import prune_epoch_checkpoints, publ
 from image_autoencoding.training.cpu_memory import keep_freed_memory
 from image_autoencoding.training.device import autocast_factory, resolve_precision
 from image_autoencoding.training.distributed import SINGLE, Distributed
+from image_autoencoding.training.epoch_progress import EpochProgress
 from image_autoencoding.training.fault_injection import SignalAtStep
-from image_autoencoding.training.interrupts import HANDLED, StopRequests, TrainingInterrupted, interrupted_message
+from image_autoencoding.training.interrupts import (
+    HANDLED,
+    StopRequests,
+    TrainingInterrupted,
+    interrupted_message,
+    signal_to_stop_on,
+)
 from image_autoencoding.training.metrics_log import MetricsLog
 from image_autoencoding.training.objective import VAEObjective
 from image_autoencoding.training.optimizers import build_optimizers
+from image_autoencoding.training.rng import rng_state, seed_everything, set_rng_state
 from image_autoencoding.training.sharded_evaluation import evaluate_split_across_ranks
 from image_autoencoding.training.sync_batchnorm import convert_batchnorm
 from image_autoencoding.training.vae_gan import VaeGanStep
@@ -45,76 +51,6 @@ LOG_EVERY = 10  # steps between progress-bar / TensorBoard updates (each one wai
 
 class TrainingDiverged(UserError):
     """Too many non-finite losses in a row; the message gives the step and the batch."""
-
-
-@dataclass
-class EpochProgress:
-    """How far the current epoch has got. Saved in every checkpoint, so a run resumed inside an
-    epoch skips the batches already done and ends the epoch with the loss sums (and metrics.csv
-    row) an uninterrupted run would have had."""
-
-    # Global batches (batch_size x processes) of this epoch done, skipped ones included: the same
-    # count whatever the number of processes, so a resume with another number continues right.
-    steps: int = 0
-    sums: Tensor = field(default_factory=lambda: torch.zeros(2))  # recon, kl summed over images, all ranks
-    images: int = 0  # images (of all ranks) in the steps that were not skipped
-    skipped: int = 0  # steps skipped for a non-finite loss or gradient
-    seconds: float = 0.0
-
-    def state(self) -> dict[str, Any]:
-        return {"steps": self.steps, "sums": self.sums.detach().cpu().clone(), "images": self.images,
-                "skipped": self.skipped, "seconds": self.seconds}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any] | None, device: torch.device) -> EpochProgress:
-        if not state:
-            return cls(sums=torch.zeros(2, device=device))
-        return cls(int(state["steps"]), state["sums"].to(device), int(state["images"]),
-                   int(state["skipped"]), float(state["seconds"]))
-
-
-def _signal_to_stop_on(counts: list[float]) -> int | None:
-    """From the number of ranks that received each of HANDLED: SIGTERM over SIGINT, or None."""
-    raised = [signum for signum, count in zip(HANDLED, counts, strict=True) if count > 0]
-    return int(raised[-1]) if raised else None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """RNG states as tensors and plain values (never pickled numpy objects), for weights_only loading."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
-        "python": {"version": version, "internal": list(internal), "gauss": gauss},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-        # The GPU this process trains on: under torchrun rank r draws on cuda:r, and a resume with
-        # another number of GPUs per node puts this state on each rank's own device.
-        state["cuda_current"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np_state = state["numpy"]
-    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached"]))
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        if len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda"])
-        if "cuda_current" in state:
-            torch.cuda.set_rng_state(state["cuda_current"])
 
 
 class Trainer:
@@ -297,7 +233,7 @@ class Trainer:
         packet = torch.cat([sums.float(), bad.float().view(1), self._stop_flags()])
         self.dist.all_reduce_sum(packet)
         agreed = packet[2:].tolist()
-        self._agreed_stop = _signal_to_stop_on(agreed[1:])
+        self._agreed_stop = signal_to_stop_on(agreed[1:])
         return agreed[0] > 0, packet[:2]
 
     def _loss_or_gradients_not_finite(self, loss: Tensor) -> Tensor:
@@ -403,7 +339,7 @@ class Trainer:
         if not self.dist.enabled:
             return self.stop.signum
         flags = self.dist.all_reduce_sum(self._stop_flags())
-        return _signal_to_stop_on(flags.tolist())
+        return signal_to_stop_on(flags.tolist())
 
     def _stop_flags(self) -> Tensor:
         """This rank's stop request, one device flag per HANDLED signal (set by a fill kernel: no
