@@ -452,7 +452,9 @@ def main(argv: list[str] | None = None) -> int:
             results["host_waits"] = host_waits(work, data)
         except Exception as error:  # noqa: BLE001 - a diagnostic: the figures above still count
             results["host_waits"] = {"error": repr(error)}
-    if args.memory_images:
+    if args.memory_images and not Path("/proc/self/status").exists():
+        print("memory check skipped: it reads the process's high-water mark from Linux's /proc")
+    elif args.memory_images:
         results["memory"] = {"images": args.memory_images, **peak_memory(work, args.memory_images, 20)}
     if args.quality_steps and results["default_precision"] != "fp32":  # else it compares fp32 with itself
         results["quality"] = quality(work, data, args.quality_steps)
