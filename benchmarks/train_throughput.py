@@ -23,7 +23,9 @@ cuDNN kernels, torch.compile, the DataLoader's first batch) before its timed ste
 
 Everything runs on --device (auto: the GPU when there is one), the original recipe too, as the
 original moved its model and batches to the GPU. On a GPU the script also counts how often a step
-makes the host wait for the GPU, and at which source lines.
+makes the host wait for the GPU, and at which source lines. On any device it counts the FLOPs per
+image of both recipes and times a large matrix product: where the step is compute-bound, that rate
+bounds how far the ratios can go.
 
 Then, unless skipped: peak memory of training on a 100,000-image cache (a subprocess), and the
 quality check: validation SSIM and the loss curve after the same number of images seen, fp32

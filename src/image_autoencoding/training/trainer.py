@@ -121,7 +121,7 @@ class Trainer:
         # This step's KL weight, filled in place: torch.tensor(alpha, device=...) would be a copy
         # from pageable host memory, which on a GPU waits for all queued work before every step.
         self._alpha = torch.zeros((), device=self.device)
-        self._agreed_stop: int | None = None  # under torchrun: the signal all ranks stop on (see train_step)
+        self._agreed_stop: int | None = None  # under torchrun: the signal all ranks agreed to stop on
         if resume is not None:
             self._restore(resume)
 
