@@ -26,6 +26,12 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
 
+# The data and training benchmarks at their default settings (about 15 minutes on 2 cores); each
+# prints its table and the command that made it. benchmarks/quality.py is left out: hours on a CPU.
+bench: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/data_throughput.py
+	$(BIN)/python benchmarks/train_throughput.py
+
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks vae_train.py
 
