@@ -139,7 +139,7 @@ class OriginalInOwnProcess:
                 f"t.original_child({str(self.list_file)!r}, {self.workers}, {self.device!r}, {steps}, {round_index})")
         out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
         images, seconds = json.loads(out.strip().splitlines()[-1])
-        return images, seconds
+        return int(images), float(seconds)
 
 
 def original_child(list_file: str, workers: int, device: str, steps: int, round_index: int) -> None:
@@ -235,10 +235,10 @@ def interleaved_rounds(pipelines: dict, rounds: int, steps: int) -> dict[str, di
     return totals
 
 
-def arithmetic(work: Path, data, device: torch.device, precision: str) -> dict:
+def arithmetic(trainer, data, device: torch.device) -> dict:
     """What bounds the ratios where the step is compute-bound: FLOPs per image of each recipe (the
     convolutions and matrix products of one step, forward and backward, by torch.utils.flop_counter)
-    and the best of 5 large matrix products on this device in the default precision."""
+    and the best of 5 large matrix products on this device in `trainer`'s precision (the default)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from image_autoencoding.data.batches import training_batches
@@ -247,12 +247,12 @@ def arithmetic(work: Path, data, device: torch.device, precision: str) -> dict:
     with FlopCounterMode(display=False) as counter:
         original.step(torch.randn(BATCH_SIZE, 3, 64, 64))
     original_flops = counter.get_total_flops() / BATCH_SIZE
-    trainer = make_trainer(build_config(work), data, work / "runs" / "flops")
     x = next(training_batches(data.train.images, BATCH_SIZE, 0, 1, trainer.device, trainer.normalize))
     with FlopCounterMode(display=False) as counter:
         trainer.train_step(x)
     ours_flops = counter.get_total_flops() / BATCH_SIZE
     n = 4096 if device.type == "cuda" else 2048
+    precision = trainer.precision
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     seconds = []
@@ -447,8 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     results["ratio_to_model_step_per_round"] = [
         e2e / step for e2e, step in zip(timed["end_to_end"]["per_round_img_s"],
                                         timed[f"step:{best}"]["per_round_img_s"], strict=True)]
+    # The end-to-end Trainer, its timing done, is the default-settings step to count the FLOPs of.
+    results["arithmetic"] = arithmetic(end_to_end.trainer, data, device)
     del pipelines, steps, end_to_end
-    results["arithmetic"] = arithmetic(work, data, device, results["default_precision"])
     if device.type == "cuda":
         try:
             results["host_waits"] = host_waits(work, data)
