@@ -196,14 +196,28 @@ class ModelStep:
 class EndToEnd:
     """Trainer.train_epoch with default settings, each round one epoch cut to the round's steps
     (train.max_steps_per_epoch): cache -> shuffled batches -> flip and normalise -> step, with the
-    loop's progress bookkeeping and TensorBoard logging."""
+    loop's progress bookkeeping and TensorBoard logging.
+
+    It also times the calls to Trainer.train_step inside its epochs: the rest of an epoch's time is
+    what the data path and the loop add to the model step, measured in the same seconds as the step
+    itself, so the machine's drift between rounds cannot move that share."""
 
     def __init__(self, work: Path, data):
         from torch.utils.tensorboard import SummaryWriter
 
         self.trainer = make_trainer(build_config(work), data, work / "runs" / "epoch")
         self.writer = SummaryWriter(str(work / "runs" / "epoch" / "tensorboard"))
-        self.epoch = 0
+        self.epoch, self.in_step, self.step_seconds, self.epoch_seconds, self.steps = 0, 0.0, 0.0, 0.0, 0
+        train_step = self.trainer.train_step
+
+        def timed_train_step(x: torch.Tensor):
+            start = time.perf_counter()
+            try:
+                return train_step(x)  # ends with the non-finite check's wait for the device
+            finally:
+                self.in_step += time.perf_counter() - start
+
+        self.trainer.train_step = timed_train_step
         warm = time.perf_counter()
         self.run(3, -1)  # warm-up (and compile) outside the timed epochs
         self.warm_up_s = time.perf_counter() - warm
@@ -211,10 +225,21 @@ class EndToEnd:
     def run(self, steps: int, round_index: int) -> tuple[int, float]:
         self.trainer.cfg.max_steps_per_epoch = steps
         self.epoch += 1
+        self.in_step = 0.0
         start = time.perf_counter()
         values = self.trainer.train_epoch(self.epoch, self.writer)  # ends reading the loss sums: synced
         seconds = time.perf_counter() - start
+        if round_index >= 0:
+            self.step_seconds += self.in_step
+            self.epoch_seconds += seconds
+            self.steps += steps
         return (steps - values["skipped_steps"]) * BATCH_SIZE, seconds
+
+    def outside_the_step(self) -> dict:
+        """Over the timed rounds: the share of the epochs' time spent in train_step, and the
+        milliseconds per step spent outside it (batches, progress, logging, the epoch's end)."""
+        return {"share_in_step": self.step_seconds / self.epoch_seconds,
+                "outside_ms_per_step": (self.epoch_seconds - self.step_seconds) / self.steps * 1e3}
 
 
 def interleaved_rounds(pipelines: dict, rounds: int, steps: int) -> dict[str, dict]:
@@ -447,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     results["ratio_to_model_step_per_round"] = [
         e2e / step for e2e, step in zip(timed["end_to_end"]["per_round_img_s"],
                                         timed[f"step:{best}"]["per_round_img_s"], strict=True)]
+    results["end_to_end_outside_step"] = end_to_end.outside_the_step()
     # The end-to-end Trainer, its timing done, is the default-settings step to count the FLOPs of.
     results["arithmetic"] = arithmetic(end_to_end.trainer, data, device)
     del pipelines, steps, end_to_end
@@ -485,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"end-to-end / best model step ({best}): {results['ratio_to_model_step']:.0%} (per round: median "
           f"{np.median(per_round):.0%}, {min(per_round):.0%} to {max(per_round):.0%}); "
           f"warm-up {results['warm_up_s']:.0f} s")
+    outside = results["end_to_end_outside_step"]
+    print(f"within the end-to-end epochs: {outside['share_in_step']:.1%} of the time in the model step, "
+          f"{outside['outside_ms_per_step']:.1f} ms per step outside it (batches, logging, each epoch's end)")
     a = results["arithmetic"]
     achieved = results["model_step_img_s"][best] * a["ours_gflop_per_image"]
     at_peak = a["matmul_gflops"] / a["ours_gflop_per_image"]
