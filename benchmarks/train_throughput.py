@@ -210,7 +210,8 @@ class EndToEnd:
 
         self.trainer = make_trainer(build_config(work), data, work / "runs" / "epoch")
         self.writer = SummaryWriter(str(work / "runs" / "epoch" / "tensorboard"))
-        self.epoch, self.in_step, self.step_seconds, self.epoch_seconds, self.steps = 0, 0.0, 0.0, 0.0, 0
+        self.epoch, self.in_step, self.calls = 0, 0.0, 0  # this epoch's time in train_step, and its calls
+        self.step_seconds, self.epoch_seconds, self.steps = 0.0, 0.0, 0  # over the timed rounds
         train_step = self.trainer.train_step
 
         def timed_train_step(x: torch.Tensor):
@@ -219,6 +220,7 @@ class EndToEnd:
                 return train_step(x)  # ends with the non-finite check's wait for the device
             finally:
                 self.in_step += time.perf_counter() - start
+                self.calls += 1
 
         self.trainer.train_step = timed_train_step
         warm = time.perf_counter()
@@ -228,14 +230,14 @@ class EndToEnd:
     def run(self, steps: int, round_index: int) -> tuple[int, float]:
         self.trainer.cfg.max_steps_per_epoch = steps
         self.epoch += 1
-        self.in_step = 0.0
+        self.in_step, self.calls = 0.0, 0
         start = time.perf_counter()
         values = self.trainer.train_epoch(self.epoch, self.writer)  # ends reading the loss sums: synced
         seconds = time.perf_counter() - start
         if round_index >= 0:
             self.step_seconds += self.in_step
             self.epoch_seconds += seconds
-            self.steps += steps
+            self.steps += self.calls
         # The images the epoch trained on: fewer than steps * BATCH_SIZE when the set ends sooner.
         return round(values["images_per_s"] * values["seconds"]), seconds
 
