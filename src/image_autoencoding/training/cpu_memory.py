@@ -10,9 +10,9 @@ BF16 machine, bf16 training went from ~160 to ~184 img/s, for ~60 MB more peak m
 was 256 MiB at first; the default model's fp32 step at batch 64 (AVX2 machine) then still left more
 than that free at the top of the heap now and then, and the kernel time of the end-to-end loop's
 steps averaged 26 ms (4 to 68 over five runs) against 5 ms (3 to 6) at 1 GiB, with the same peak
-memory; a fault costs ~4.4 us a page on these VMs. It is the same cure
-as LD_PRELOADing tcmalloc (measured equal here; jemalloc was slower), done from inside the process,
-so it applies to `vae train` and to library use alike, with nothing to install.
+memory; a fault costs ~4.4 us a page on these VMs. It is the same cure as LD_PRELOADing tcmalloc
+(measured equal here; jemalloc was slower), done from inside the process, so it applies to
+`vae train` and to library use alike, with nothing to install.
 """
 
 from __future__ import annotations
