@@ -30,18 +30,19 @@ print(tuned, min(windows))
 """
 
 
-def _faults(mode: str) -> tuple[str, int]:
-    out = subprocess.run([sys.executable, "-c", PAGE_FAULTS_OF_OPTIMIZER_STEPS, mode],
+def _faults(script: str, mode: str) -> tuple[str, int]:
+    """(whether the malloc settings were applied, page faults) of `script` run in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", script, mode],
                          capture_output=True, text=True, check=True).stdout.split()
     return out[0], int(out[1])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_optimizer_steps_stop_faulting_in_fresh_pages():
-    tuned, tuned_faults = _faults("tuned")
+    tuned, tuned_faults = _faults(PAGE_FAULTS_OF_OPTIMIZER_STEPS, "tuned")
     if tuned != "True":
         pytest.skip("not glibc")
-    _, system_faults = _faults("system")
+    _, system_faults = _faults(PAGE_FAULTS_OF_OPTIMIZER_STEPS, "system")
     # 64 MiB is 16,384 pages of 4 KiB: with glibc's defaults each temporary is a fresh mmap.
     assert system_faults > 5 * 16_384
     assert tuned_faults < 1_000
@@ -74,9 +75,8 @@ print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_steps_with_over_256_mib_of_temporaries_keep_their_memory():
-    out = subprocess.run([sys.executable, "-c", PAGE_FAULTS_OF_LARGE_STEPS, "tuned"],
-                         capture_output=True, text=True, check=True).stdout.split()
-    if out[0] != "True":
+    tuned, faults = _faults(PAGE_FAULTS_OF_LARGE_STEPS, "tuned")
+    if tuned != "True":
         pytest.skip("not glibc")
     # 384 MiB a step is 98,304 pages of 4 KiB: trimmed at a 256 MiB threshold, every step faults them in.
-    assert int(out[1]) < 1_000
+    assert faults < 1_000
