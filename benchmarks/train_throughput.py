@@ -406,15 +406,14 @@ def quality(work: Path, data, steps: int, precision: str, seeds: int) -> dict:
     def gap(a: list[float], b: list[float]) -> float:
         return float(np.mean(np.abs(smoothed(a) - smoothed(b)) / smoothed(b)))
 
-    runs = [(run("fp32", seed), run(precision, seed)) for seed in range(1, seeds + 1)]
-    fp32_ssim = [fp32[1] for fp32, _ in runs]
-    other_ssim = [other[1] for _, other in runs]
+    fp32_losses, fp32_ssim = zip(*(run("fp32", seed) for seed in range(1, seeds + 1)), strict=True)
+    other_losses, other_ssim = zip(*(run(precision, seed) for seed in range(1, seeds + 1)), strict=True)
     differences = np.array(other_ssim) - np.array(fp32_ssim)
     result = {
         "steps": steps, "precision": precision, "seeds": seeds, "valid_images": len(data.valid.images),
-        "valid_ssim_fp32": fp32_ssim, f"valid_ssim_{precision}": other_ssim,
+        "valid_ssim_fp32": list(fp32_ssim), f"valid_ssim_{precision}": list(other_ssim),
         "ssim_difference_mean": float(differences.mean()),
-        "loss_gap_vs_fp32": [gap(other[0], fp32[0]) for fp32, other in runs],
+        "loss_gap_vs_fp32": [gap(other, fp32) for fp32, other in zip(fp32_losses, other_losses, strict=True)],
     }
     if seeds >= 2:
         from scipy import stats
@@ -426,7 +425,7 @@ def quality(work: Path, data, steps: int, precision: str, seeds: int) -> dict:
         result.update({
             "ssim_difference_95ci": [low, high],
             "ssim_seed_spread_fp32": float(np.std(fp32_ssim, ddof=1)),
-            "loss_gap_seed_noise": gap(runs[1][0][0], runs[0][0][0]),
+            "loss_gap_seed_noise": gap(fp32_losses[1], fp32_losses[0]),
             "verdict": ("within" if -QUALITY_BOUND < low and high < QUALITY_BOUND else
                         "outside" if high < -QUALITY_BOUND or low > QUALITY_BOUND else "unresolved"),
         })
