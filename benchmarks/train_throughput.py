@@ -210,17 +210,18 @@ class EndToEnd:
 
         self.trainer = make_trainer(build_config(work), data, work / "runs" / "epoch")
         self.writer = SummaryWriter(str(work / "runs" / "epoch" / "tensorboard"))
-        self.epoch, self.in_step, self.calls = 0, 0.0, 0  # this epoch's time in train_step, and its calls
+        # This epoch's time in train_step, its calls and the images of the steps taken (not skipped).
+        self.epoch, self.in_step, self.calls, self.images = 0, 0.0, 0, 0
         self.step_seconds, self.epoch_seconds, self.steps = 0.0, 0.0, 0  # over the timed rounds
         train_step = self.trainer.train_step
 
         def timed_train_step(x: torch.Tensor):
             start = time.perf_counter()
-            try:
-                return train_step(x)  # ends with the non-finite check's wait for the device
-            finally:
-                self.in_step += time.perf_counter() - start
-                self.calls += 1
+            sums = train_step(x)  # ends with the non-finite check's wait for the device
+            self.in_step += time.perf_counter() - start
+            self.calls += 1
+            self.images += 0 if sums is None else len(x)
+            return sums
 
         self.trainer.train_step = timed_train_step
         warm = time.perf_counter()
@@ -230,16 +231,15 @@ class EndToEnd:
     def run(self, steps: int, round_index: int) -> tuple[int, float]:
         self.trainer.cfg.max_steps_per_epoch = steps
         self.epoch += 1
-        self.in_step, self.calls = 0.0, 0
+        self.in_step, self.calls, self.images = 0.0, 0, 0
         start = time.perf_counter()
-        values = self.trainer.train_epoch(self.epoch, self.writer)  # ends reading the loss sums: synced
+        self.trainer.train_epoch(self.epoch, self.writer)  # ends reading the loss sums: synced
         seconds = time.perf_counter() - start
         if round_index >= 0:
             self.step_seconds += self.in_step
             self.epoch_seconds += seconds
             self.steps += self.calls
-        # The images the epoch trained on: fewer than steps * BATCH_SIZE when the set ends sooner.
-        return round(values["images_per_s"] * values["seconds"]), seconds
+        return self.images, seconds  # fewer than steps * BATCH_SIZE where the set ends sooner
 
     def outside_the_step(self) -> dict:
         """Over the timed rounds: the share of the epochs' time spent in train_step, and the
