@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+_REEXEC = "IMAGE_AUTOENCODING_REEXEC"
 
 
 def _ensure_importable() -> None:
@@ -24,9 +25,15 @@ def _ensure_importable() -> None:
     try:
         import torch  # noqa: F401
     except ImportError:
-        venv_python = HERE / ".venv" / "bin" / "python"
-        if venv_python.exists() and Path(sys.executable).resolve() != venv_python.resolve():
-            os.execv(str(venv_python), [str(venv_python), __file__, *sys.argv[1:]])
+        venv = HERE / ".venv"
+        venv_python = venv / "bin" / "python"
+        # A venv's python is a symlink to the base interpreter, so comparing resolved executables
+        # cannot tell them apart: sys.prefix is what says which environment is running. The
+        # environment variable stops a loop should the venv itself lack torch.
+        in_venv = Path(sys.prefix).resolve() == venv.resolve()
+        if venv_python.exists() and not in_venv and not os.environ.get(_REEXEC):
+            os.environ[_REEXEC] = "1"
+            os.execv(str(venv_python), [str(venv_python), str(Path(__file__).resolve()), *sys.argv[1:]])
         sys.exit("vae_train.py: error: PyTorch is not installed; run `make demo` or `pip install -e .` first")
     if (HERE / "src" / "image_autoencoding").is_dir():
         sys.path.insert(0, str(HERE / "src"))

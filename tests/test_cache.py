@@ -200,3 +200,115 @@ def test_fashion_mnist_is_cached_like_the_others(tmp_path):
     data = load_image_data(_config(tmp_path, "fashion-mnist"), progress=False)
     assert data.train.images.shape == (40, 16, 16, 3) and data.valid.images.shape == (12, 16, 16, 3)
     assert data.train.cache_dir is not None and data.class_names[0] == "T-shirt/top"
+
+
+# -- content changes that keep size and mtime ---------------------------------------------------------
+
+
+def _bmp_folder(tmp_path) -> Path:
+    """A folder dataset of BMPs: every BMP of the same dimensions has the same byte size."""
+    root = tmp_path / "data"
+    for split, first, count in (("train", 0, 4), ("valid", 10, 2)):
+        for i in range(count):
+            (root / split).mkdir(parents=True, exist_ok=True)
+            photo(first + i, 40, 30).save(root / split / f"{i}.bmp")
+    return root
+
+
+def _prepare(tmp_path, capsys, *options: str) -> str:
+    assert main(["prepare", "-q", *options, "data.dataset=folder", f"data.data_root={tmp_path / 'data'}",
+                 f"data.cache_dir={tmp_path / 'cache'}", "data.image_size=16", "data.num_workers=0"]) == 0
+    return capsys.readouterr().out
+
+
+def _replace_keeping_size_and_mtime(path: Path, image) -> None:
+    before = path.stat()
+    image.save(path)
+    assert path.stat().st_size == before.st_size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # as `touch -r` or `rsync --times` leave it
+
+
+def test_only_verify_sees_a_change_that_keeps_size_and_mtime(tmp_path, capsys, monkeypatch):
+    _bmp_folder(tmp_path)
+    cfg = _config(tmp_path, "folder")
+    _prepare(tmp_path, capsys)
+    changed = tmp_path / "data/train/1.bmp"
+    old = load_image(changed, cfg.image_crop, cfg.image_size)
+    _replace_keeping_size_and_mtime(changed, photo(20, 40, 30))
+    new = load_image(changed, cfg.image_crop, cfg.image_size)
+    assert not np.array_equal(old, new)
+
+    # The default check trusts size and mtime: it serves the old pixels. That is the documented trade.
+    _prepare(tmp_path, capsys)
+    assert np.array_equal(load_image_data(cfg, progress=False).train.images[1], old)
+
+    real, decoded = cache_module._decode_file, []
+
+    def counting(task):
+        decoded.append(Path(task[0]).name)
+        return real(task)
+
+    monkeypatch.setattr(cache_module, "_decode_file", counting)
+    out = _prepare(tmp_path, capsys, "--verify")
+    assert decoded == ["1.bmp"]  # only the changed image is decoded again
+    assert out.strip().splitlines()[-1].startswith("1 image re-decoded because its content changed")
+    assert "1.bmp" in out
+    data = load_image_data(cfg, progress=False)
+    fresh = np.stack([load_image(path, cfg.image_crop, cfg.image_size) for path in find_source(cfg).train.paths])
+    assert np.array_equal(np.asarray(data.train.images), fresh)
+
+    decoded.clear()
+    out = _prepare(tmp_path, capsys, "--verify")
+    assert decoded == [] and out.strip().splitlines()[-1].startswith("0 images re-decoded")
+
+
+def test_verify_decodes_everything_when_the_cache_holds_no_hashes(tmp_path, capsys, monkeypatch):
+    _bmp_folder(tmp_path)
+    cfg = _config(tmp_path, "folder")
+    _prepare(tmp_path, capsys)
+    for split in ("train", "valid"):
+        # As a cache built before hashes were stored: nothing tells whether the content is still the one decoded.
+        path = cache_directory(cfg, split) / "manifest.json"
+        manifest = json.loads(path.read_text())
+        manifest.pop("hashes")
+        path.write_text(json.dumps(manifest))
+    real, decoded = cache_module._decode_file, []
+    monkeypatch.setattr(cache_module, "_decode_file", lambda task: decoded.append(task) or real(task))
+    _prepare(tmp_path, capsys)
+    assert decoded == []  # the default check still reuses it
+    out = _prepare(tmp_path, capsys, "--verify")
+    assert len(decoded) == 6 and "6 decoded again: the cache held no content hashes" in out
+    decoded.clear()
+    _prepare(tmp_path, capsys, "--verify")
+    assert decoded == []
+
+
+def test_verify_after_touch_rewrites_the_manifest_without_decoding(tmp_path, capsys, monkeypatch):
+    _bmp_folder(tmp_path)
+    cfg = _config(tmp_path, "folder")
+    _prepare(tmp_path, capsys)
+    os.utime(tmp_path / "data/train/0.bmp", ns=(1, 1))
+    monkeypatch.setattr(cache_module, "_decode_file", lambda task: pytest.fail("the content did not change"))
+    _prepare(tmp_path, capsys, "--verify")
+    assert load_image_data(cfg, progress=False).train.images.shape == (4, 16, 16, 3)  # reused by the default check
+
+
+def test_verify_rebuilds_an_array_split_whose_file_changed(tmp_path, capsys):
+    make_fashion_mnist(tmp_path / "data")
+    cfg = _config(tmp_path, "fashion-mnist")
+    built = load_image_data(cfg, progress=False).valid
+    images_file = tmp_path / "data/fashion-mnist/t10k-images-idx3-ubyte"
+    before = images_file.stat()
+    payload = bytearray(images_file.read_bytes())
+    payload[16:] = bytes(255 - value for value in payload[16:])  # every pixel inverted, header kept
+    images_file.write_bytes(payload)
+    os.utime(images_file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert np.array_equal(load_image_data(cfg, progress=False).valid.images, built.images)  # stale by default
+    argv = ["prepare", "-q", "--verify", "data.dataset=fashion-mnist", f"data.data_root={tmp_path / 'data'}",
+            f"data.cache_dir={tmp_path / 'cache'}", "data.image_size=16", "data.num_workers=0"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "12 images re-decoded because their content changed" in out and str(images_file) in out
+    fresh = load_image_data(_config(tmp_path, "fashion-mnist", f"data.cache_dir={tmp_path / 'fresh'}"), progress=False)
+    assert np.array_equal(load_image_data(cfg, progress=False).valid.images, fresh.valid.images)
+    assert not np.array_equal(fresh.valid.images, built.images)

@@ -48,8 +48,14 @@ COMMON = [
     "data.dataset=digits", *[o for o in TINY if not o.startswith("train.batch_size")], "train.epochs=2",
     "train.precision=fp32", "train.device=cpu", "train.eval_images=50", "train.checkpoint_every=1",
 ]
-TWO = [*COMMON, "train.batch_size=16", "train.sync_batchnorm=true"]
-ONE = [*COMMON, "train.batch_size=32"]
+# alpha=1/batch_size: the step's KL weight must be 1/32 (the global batch) on every rank for the two
+# runs to agree. The KL warm-up is checked by its weights per step instead (see
+# test_kl_weight_per_step_is_that_of_the_global_batch): from a first step with KL weight 0 this
+# tiny run is chaotic, and one process with 1 or 2 threads (summation order alone) ends epoch 1
+# with validation KL 0.0592 against 0.0606.
+KL = ["train.alpha=1/batch_size"]
+TWO = [*COMMON, *KL, "train.batch_size=16", "train.sync_batchnorm=true"]
+ONE = [*COMMON, *KL, "train.batch_size=32"]
 
 
 def _torchrun(args: list[str], signal_at: str | None = None) -> subprocess.CompletedProcess:
@@ -163,10 +169,42 @@ def test_a_two_process_run_resumes_inside_an_epoch_with_one_process(runs, tmp_pa
     _assert_rows_close(_metrics(run), _metrics(runs["two"]), rel=2e-5)
 
 
+def _kl_weights_per_step(rank: int, root: Path, world: int) -> None:
+    """One of two gloo ranks, or the one process (spawned either way, so the single-threaded,
+    seeded Trainer leaves the test process as it was): the KL weight each training step hands the
+    objective, with alpha=1/batch_size and a warm-up, recorded by a hook on the step's module."""
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world)
+    try:
+        config = load_config(None, [*COMMON, *KL, "train.kl_warmup_steps=4", f"train.batch_size={32 // world}",
+                                    "train.max_steps_per_epoch=6", f"train.output_dir={root}"])
+        trainer = Trainer(config, root / "run", load_image_data(config.data, progress=False),
+                          dist=Distributed(rank, rank, world))
+        weights = []
+        trainer.forward.register_forward_pre_hook(lambda module, args: weights.append(float(args[1])))
+        trainer.train_epoch(1, writer=None)
+        torch.save(weights, root / f"weights{world}_rank{rank}.pt")
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def test_kl_weight_per_step_is_that_of_the_global_batch(tmp_path):
+    mp.spawn(_kl_weights_per_step, args=(tmp_path, 2), nprocs=2)
+    mp.spawn(_kl_weights_per_step, args=(tmp_path, 1), nprocs=1)
+    one = torch.load(tmp_path / "weights1_rank0.pt")
+    assert one == pytest.approx([0.0, 1 / 128, 1 / 64, 3 / 128, 1 / 32, 1 / 32])  # 1/32 ramped over 4 steps
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"weights2_rank{rank}.pt") == one
+
+
 def test_alpha_one_over_batch_size_is_over_the_global_batch():
     cfg = load_config(None, ["train.batch_size=16", "train.alpha=1/batch_size"]).train
-    assert cfg.kl_weight_for(world_size=2) == cfg.kl_weight_for(1) / 2 == 1 / 32
-    assert load_config(None, ["train.alpha=0.5"]).train.kl_weight_for(world_size=8) == 0.5
+    assert cfg.kl_weight(world_size=2) == cfg.kl_weight(1) / 2 == 1 / 32
+    assert load_config(None, ["train.alpha=0.5"]).train.kl_weight(world_size=8) == 0.5
+    warm = load_config(None, ["train.batch_size=16", "train.alpha=1/batch_size", "train.kl_warmup_steps=4"]).train
+    assert [warm.kl_weight(2, step) for step in (0, 2, 4, 9)] == [0.0, 1 / 64, 1 / 32, 1 / 32]
 
 
 @pytest.mark.parametrize("start_step", [0, 2])

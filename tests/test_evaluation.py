@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from pathlib import Path
 
@@ -103,9 +104,9 @@ def test_evaluate_command(run, capsys):
     assert main(["evaluate", str(run), "--checkpoint", "last", "--split", "train", "--limit", "100"]) == 0
     out = capsys.readouterr().out
     assert "train split, 100 images, last.pt (epoch 3)" in out and "| SSIM |" in out
-    document = json.loads((run / "metrics_train.json").read_text())
-    assert document["images"] == 100 and document["epoch"] == 3
-    assert (run / "images/latent/latent_pca_train.png").is_file()
+    document = json.loads((run / "metrics_train_last_limit_100.json").read_text())
+    assert document["images"] == 100 and document["epoch"] == 3 and document["split"] == "train"
+    assert (run / "images/latent/latent_pca_train_last_limit_100.png").is_file()
 
 
 def test_evaluate_reads_runs_from_earlier_versions(run, tmp_path, capsys):
@@ -124,6 +125,7 @@ def test_evaluate_reads_runs_from_earlier_versions(run, tmp_path, capsys):
     (["evaluate", "/nonexistent/run"], "/nonexistent/run"),
     (["reconstruct", "{run}", "/nonexistent/cat.jpg"], "cat.jpg"),
     (["sample", "{run}", "-n", "0"], "-n"),
+    (["evaluate", "{run}", "--limit", "0"], "--limit"),
 ])
 def test_command_errors_are_one_line_exit_2(run, capsys, argv, named):
     assert main([a.format(run=run) for a in argv]) == 2
@@ -151,3 +153,142 @@ def test_reconstruct_command_on_user_images(run, tmp_path, capsys):
     for name in ("holiday_reconstruction.png", "scan_reconstruction.png"):
         with Image.open(tmp_path / "out" / name) as image:
             assert image.size == (72 + 4, 2 * 74 + 2)  # input above its reconstruction, enlarged to 72 px
+
+
+# -- evaluate never replaces the run's own figures ------------------------------------------------------
+
+
+def test_partial_or_other_checkpoint_evaluation_keeps_the_runs_own_figures(run, capsys):
+    own = ["metrics.json", "report.md", "images/latent/latent_pca.png", "images/latent/kl_per_dimension.png",
+           "images/latent/interpolation.png"]
+    before = {name: (run / name).read_bytes() for name in own}
+    assert main(["evaluate", str(run), "--limit", "3"]) == 0
+    assert main(["evaluate", str(run), "--checkpoint", "epoch_3", "--limit", "5"]) == 0
+    out = capsys.readouterr().out
+    assert {name: (run / name).read_bytes() for name in own} == before
+
+    limited = json.loads((run / "metrics_limit_3.json").read_text())
+    assert limited["limit"] == 3 and limited["images"] == 3 and Path(limited["checkpoint"]).name == "best.pt"
+    assert "3 images (the first 3: --limit 3), checkpoint `best.pt`" in (run / "report_limit_3.md").read_text()
+    other = json.loads((run / "metrics_epoch_3_limit_5.json").read_text())
+    assert other["limit"] == 5 and Path(other["checkpoint"]).name == "epoch_3.pt"
+    report = (run / "report_epoch_3_limit_5.md").read_text()
+    assert "checkpoint `epoch_3.pt`" in report and "latent_pca_epoch_3_limit_5.png" in report
+    for name in ("metrics_limit_3.json", "report_limit_3.md", "images/latent/latent_pca_limit_3.png",
+                 "metrics_epoch_3_limit_5.json", "report_epoch_3_limit_5.md"):
+        assert (run / name).is_file() and str(run / name) in out.splitlines(), name
+
+
+# -- sample -----------------------------------------------------------------------------------------------
+
+
+def test_many_samples_are_decoded_in_batches_into_files_and_a_capped_grid(run, tmp_path):
+    from torch.nn.modules.module import register_module_forward_hook
+
+    from image_autoencoding.models.vae import Decoder
+
+    batches = []
+    hook = register_module_forward_hook(
+        lambda module, inputs, output: batches.append(len(inputs[0])) if isinstance(module, Decoder) else None
+    )
+    try:
+        assert main(["sample", str(run), "-n", "300", "--out", str(tmp_path)]) == 0
+    finally:
+        hook.remove()
+    assert sum(batches) == 300 and len(batches) > 1 and max(batches) <= 32  # the run's train.batch_size
+    assert len(list(tmp_path.glob("sample_*.png"))) == 300
+    with Image.open(tmp_path / "samples_grid.png") as grid:
+        assert grid.size == (16 * 74 + 2, 16 * 74 + 2)  # the first 256 samples: 16 x 16 tiles of 72 px
+
+
+def test_batched_samples_are_the_images_one_whole_batch_gives(run, tmp_path):
+    from image_autoencoding.data.batches import Normalizer
+    from image_autoencoding.evaluation.run_report import load_run_model
+
+    assert main(["sample", str(run), "-n", "40", "--seed", "3", "--temperature", "0.8", "--out", str(tmp_path)]) == 0
+    config, model, _, _ = load_run_model(run)
+    model.eval()
+    whole = model.sample(40, torch.Generator().manual_seed(3), 0.8)  # all at once, as sample used to decode
+    whole = Normalizer(config.data, torch.device("cpu")).to_unit(whole)
+    for i in (0, 9, 39):  # 39 is in the second batch of 32
+        expected = whole[i].mul(255).add(0.5).clamp(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
+        with Image.open(tmp_path / f"sample_{i:04d}.png") as image:
+            assert np.array_equal(np.asarray(image), expected), i
+
+
+@pytest.mark.parametrize("temperature", ["nan", "inf", "-inf", "0", "-1"])
+def test_sample_refuses_a_temperature_that_is_not_finite_and_positive(run, tmp_path, capsys, temperature):
+    assert main(["sample", str(run), f"--temperature={temperature}", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--temperature" in err and temperature in err
+    assert not (tmp_path / "out").exists()
+
+
+# -- reconstruct ------------------------------------------------------------------------------------------
+
+
+def test_reconstruct_gives_inputs_with_one_name_outputs_of_their_own(run, tmp_path, capsys):
+    for folder, index in (("a", 0), ("b", 3)):
+        (tmp_path / folder).mkdir()
+        photo(index).save(tmp_path / folder / "x.png")
+    inputs = [str(tmp_path / "a/x.png"), str(tmp_path / "b/x.png")]
+    assert main(["reconstruct", str(run), *inputs, "--out", str(tmp_path / "out")]) == 0
+    written = capsys.readouterr().out.split()
+    assert [Path(p).name for p in written] == ["x_reconstruction.png", "x_2_reconstruction.png"]
+    first, second = (np.asarray(Image.open(p)) for p in written)
+    assert not np.array_equal(first, second)
+
+
+@pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize(("size", "limit"), [
+    ((10000, 9000), None),  # just over the default data.max_image_pixels (89478485), under Pillow's own refusal
+    ((1200, 1000), 1_000_000),  # over a lowered data.max_image_pixels
+    ((3000, 3000), 1_000_000),  # over twice the limit
+])
+def test_reconstruct_refuses_images_over_max_image_pixels(run, tmp_path, capsys, recwarn, size, limit):
+    import shutil
+
+    if limit is not None:
+        run = shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("samples", "metrics_*", "report_*"))
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["data"]["max_image_pixels"] = limit
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+    Image.new("1", size).save(tmp_path / "huge.png")  # one colour: a few kB on disk
+    assert main(["reconstruct", str(run), str(tmp_path / "huge.png"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    pixels = size[0] * size[1]
+    assert err.count("\n") == 1 and "huge.png" in err and f"{pixels} pixels" in err
+    assert f"data.max_image_pixels ({limit or 89_478_485})" in err
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert not (tmp_path / "out").exists()
+
+
+# -- help and confidence intervals -------------------------------------------------------------------------
+
+
+def test_help_shows_percent_signs_and_the_sample_grid_cap(capsys):
+    for command in ("evaluate", "sample"):
+        with pytest.raises(SystemExit) as exit_status:
+            main([command, "--help"])
+        assert exit_status.value.code == 0
+    out = capsys.readouterr().out
+    assert "95% CI" in out and "%%" not in out
+    assert "first 256" in out
+
+
+def test_confidence_interval_of_a_skewed_non_negative_metric_stays_non_negative():
+    from image_autoencoding.evaluation.evaluate import SplitEvaluation
+
+    # A few images far out in the right tail: mean - 1.96 sd / sqrt(n) is about -0.9.
+    kl = torch.tensor([0.01] * 9 + [10.0], dtype=torch.float64)
+    ssim = torch.tensor([0.999, 0.98, 0.999, 0.7, 0.999], dtype=torch.float64)  # symmetric interval passes 1
+    evaluation = SplitEvaluation(per_image={"kl": kl, "mse": kl / 100, "ssim": ssim}, mu=torch.zeros(10, 2),
+                                 kl_per_dim=torch.zeros(2), original_batch_pcc=0.0)
+    summaries = evaluation.summaries()
+    for name in ("kl", "mse"):
+        s = summaries[name]
+        assert 0 <= s.ci95_low < s.mean < s.ci95_high, name
+        normal_half = 1.959964 * s.std / math.sqrt(s.n)
+        assert s.mean - normal_half < 0  # the case the symmetric interval gets wrong
+    s = summaries["ssim"]
+    assert s.ci95_low < s.mean < s.ci95_high <= 1

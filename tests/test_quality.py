@@ -49,8 +49,8 @@ def test_seed_config_is_the_original_recipe():
 
 def test_kl_warmup_ramps_alpha_linearly_from_zero(tiny, tmp_path, monkeypatch):
     cfg = load_config(None, ["train.alpha=2.0", "train.kl_warmup_steps=4"]).train
-    assert [cfg.kl_weight_at(step) for step in range(6)] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.0]
-    assert load_config(None, ["train.alpha=2.0"]).train.kl_weight_at(0) == 2.0  # off by default
+    assert [cfg.kl_weight(step=step) for step in range(6)] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.0]
+    assert load_config(None, ["train.alpha=2.0"]).train.kl_weight(step=0) == 2.0  # off by default
 
     seen = []
     objective = objective_module.training_objective  # the loss lives in the module DDP wraps

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -58,6 +59,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_final_report(monkeypatch):
+    """Runs that only need their checkpoints skip the scoring after the last epoch (seconds each;
+    test_evaluation covers it)."""
+    monkeypatch.setattr(Trainer, "final_report", lambda self: None)
 
 
 def _vae(args: list[str], signal_at: str | None = None) -> subprocess.CompletedProcess:
@@ -181,6 +189,28 @@ def test_metrics_rows_after_the_checkpoint_are_replaced_not_duplicated(tiny, tmp
     }
 
 
+def test_resume_from_an_older_checkpoint_sets_the_later_epochs_aside(tiny, tmp_path, no_final_report):
+    assert main(["train", *tiny, "train.epochs=3", "train.checkpoint_every=1", "train.keep_checkpoints=0"]) == 0
+    run = _run_dir(tmp_path)
+    folder = run / "checkpoints"
+    written = {path.name: path.read_bytes() for path in folder.iterdir()}
+    assert load_checkpoint(folder / "best.pt")["epoch"] > 1  # else this test would prove nothing
+
+    # A different branch from epoch 1: another learning rate.
+    assert main(["train", "--resume", str(run), "--checkpoint", "epoch_1", "train.epochs=2", "train.lr=0.003"]) == 0
+    (aside,) = folder.glob("abandoned_*")
+    assert sorted(p.name for p in aside.iterdir()) == ["best.pt", "epoch_2.pt", "epoch_3.pt", "last.pt"]
+    for path in aside.iterdir():
+        assert path.read_bytes() == written[path.name]  # moved, not rewritten
+    assert (folder / "epoch_1.pt").read_bytes() == written["epoch_1.pt"]
+    assert not (folder / "epoch_3.pt").exists()
+    best, newest = load_checkpoint(folder / "best.pt"), load_checkpoint(folder / "epoch_2.pt")
+    assert best["epoch"] == 2 and best["config"]["train"]["lr"] == 0.003
+    _assert_identical(best["model"], newest["model"])
+    assert [r["epoch"] for r in _metrics(run)] == ["1", "2"]
+    assert f"to {aside}" in (run / "train.log").read_text()
+
+
 def test_resume_refuses_changed_model_or_data_naming_every_key(tiny, tmp_path, capsys):
     assert main(["train", *tiny, "train.epochs=1"]) == 0
     run = _run_dir(tmp_path)
@@ -194,6 +224,22 @@ def test_resume_refuses_changed_model_or_data_naming_every_key(tiny, tmp_path, c
     assert "train.epochs" not in error
     assert (run / "checkpoints" / "last.pt").read_bytes() == last  # refused before training
     assert len(_metrics(run)) == 1
+
+
+def test_resume_refuses_a_checkpoint_of_another_run_naming_every_key(tiny, tmp_path, capsys, no_final_report):
+    assert main(["train", *tiny, "train.epochs=1"]) == 0
+    run = _run_dir(tmp_path)
+    other = tmp_path / "other"
+    assert main(["train", *tiny, "train.epochs=1", "model.latent_dim=4", "data.split_seed=1",
+                 f"train.output_dir={other}"]) == 0
+    foreign = _run_dir(other) / "checkpoints" / "last.pt"
+    before = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.csv")}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--checkpoint", str(foreign), "train.epochs=2"]) == 2
+    error = _one_line(capsys.readouterr().err)
+    assert str(foreign) in error and "model.latent_dim" in error and "data.split_seed" in error
+    assert "train.epochs" not in error
+    assert {name: (run / name).read_bytes() for name in before} == before
 
 
 def test_resume_inside_an_epoch_refuses_a_changed_batch_size(tmp_path, capsys):
@@ -249,6 +295,21 @@ def test_temporary_files_are_never_taken_for_checkpoints(tmp_path):
     assert torch.equal(state["model"]["w"], torch.full((4,), 3.0))
 
 
+def test_a_resume_removes_checkpoint_temporaries_left_by_a_killed_write(tiny, tmp_path, no_final_report):
+    assert main(["train", *tiny, "train.epochs=1"]) == 0
+    run = _run_dir(tmp_path)
+    folder = run / "checkpoints"
+    stale = [folder / ".last.pt.k2j4h1x9.tmp", folder / ".epoch_1.pt.q0w9e8r7.tmp"]
+    users = [folder / "notes.tmp", folder / ".my_backup.pt", folder / "last.pt.tmp"]
+    for path in [*stale, *users]:
+        path.write_bytes(b"PK\x03\x04 half a zip")
+    assert main(["train", "--resume", str(run), "train.epochs=2"]) == 0
+    assert not any(path.exists() for path in stale)
+    assert all(path.exists() for path in users)
+    log = (run / "train.log").read_text()
+    assert all(path.name in log for path in stale)
+
+
 @pytest.mark.parametrize("kind", ["truncated", "foreign tensor", "foreign dict", "not a zip"])
 def test_a_bad_checkpoint_is_one_line_naming_the_file_exit_2(tmp_path, capsys, kind):
     path = tmp_path / "bad.pt"
@@ -263,23 +324,30 @@ def test_a_bad_checkpoint_is_one_line_naming_the_file_exit_2(tmp_path, capsys, k
     else:
         path.write_text("hello")
     assert main(["train", "--resume", str(tmp_path), "--checkpoint", str(path)]) == 2
-    assert str(path) in _one_line(capsys.readouterr().err)
+    error = _one_line(capsys.readouterr().err)
+    assert str(path) in error and "weights_only" not in error
     assert main(["export", str(tmp_path), "--checkpoint", str(path)]) == 2
     assert str(path) in _one_line(capsys.readouterr().err)
 
 
-def test_resume_falls_back_to_the_previous_checkpoint_when_last_is_bad(tiny, tmp_path):
+def test_last_best_and_epoch_checkpoints_are_separate_files_so_resume_can_fall_back(tiny, tmp_path,
+                                                                                   no_final_report):
     assert main(["train", *tiny, "train.epochs=2", "train.checkpoint_every=1"]) == 0
     run = _run_dir(tmp_path)
-    last = run / "checkpoints" / "last.pt"
-    whole = last.read_bytes()
-    # A new file, not a write through last.pt: last.pt is a hard link to epoch_2.pt.
-    (run / "checkpoints" / "broken").write_bytes(whole[:1000])
-    os.replace(run / "checkpoints" / "broken", last)
+    folder = run / "checkpoints"
+    last, newest = folder / "last.pt", folder / "epoch_2.pt"
+    stats = [(folder / name).stat() for name in ("last.pt", "best.pt", "epoch_2.pt")]
+    assert [s.st_nlink for s in stats] == [1, 1, 1] and len({s.st_ino for s in stats}) == 3
+    # Damage written through last.pt itself (a bad sector, a tool writing in place) stays in last.pt.
+    size = last.stat().st_size
+    with last.open("r+b") as handle:
+        handle.seek(size - 1000)
+        handle.write(b"\0" * 1000)
+    assert load_checkpoint(newest)["epoch"] == 2
     assert main(["train", "--resume", str(run), "train.epochs=3"]) == 0
     log = (run / "train.log").read_text()
     assert f"checkpoint '{last}' cannot be read safely" in log and "falling back" in log
-    assert f"from {run / 'checkpoints' / 'epoch_2.pt'} at epoch 2" in log
+    assert f"from {newest} at epoch 2" in log
     assert [r["epoch"] for r in _metrics(run)] == ["1", "2", "3"]
     assert load_checkpoint(last)["epoch"] == 3
 
@@ -301,7 +369,10 @@ def test_a_checkpoint_crafted_to_run_code_is_refused_and_runs_nothing(tmp_path, 
     else:
         path.write_bytes(pickle.dumps(payload, protocol=2))
     assert main(["train", "--resume", str(tmp_path), "--checkpoint", str(path)]) == 2
-    assert str(path) in _one_line(capsys.readouterr().err)
+    error = _one_line(capsys.readouterr().err)
+    assert str(path) in error and "not a plain-tensor checkpoint" in error
+    assert re.search(r"\b(io|builtins)\.open\b", error)  # the refused global, by name
+    assert "weights_only" not in error and "False" not in error  # no advice to load it unsafely
     assert not marker.exists()
     # The payload is live: an unsafe load would have run it.
     if container == "torch zip":
@@ -493,6 +564,41 @@ def test_a_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tiny, tmp
     error = _one_line(capsys.readouterr().err)
     run = _run_dir(tmp_path)
     assert "epoch_2.pt" in error and "No space left on device" in error and "previous checkpoint is kept" in error
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
+    assert _temp_files(run) == []
+
+
+class _DiskFullAfter:
+    """A file handle on a disk that fills up after `room` bytes."""
+
+    def __init__(self, handle, room: int):
+        self.handle, self.room = handle, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            _disk_full()
+        self.room -= len(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def test_a_full_disk_inside_torch_zip_writer_is_one_line_saying_how_much_space(tiny, tmp_path, monkeypatch, capsys):
+    save = torch.save
+    calls = []
+
+    def full_on_second_save(obj, handle, *args, **kwargs):
+        calls.append(1)
+        # torch's zip writer turns the failed write into its own RuntimeError.
+        return save(obj, _DiskFullAfter(handle, 4096) if len(calls) == 2 else handle, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_on_second_save)
+    assert main(["train", *tiny, "train.epochs=3", "train.checkpoint_every=1"]) == 2
+    error = _one_line(capsys.readouterr().err)
+    run = _run_dir(tmp_path)
+    assert "epoch_2.pt" in error and "No space left on device" in error and "previous checkpoint is kept" in error
+    assert re.search(r"needs about [\d.]+ [KMG]?B\b.*\b[\d.]+ [KMG]?B free", error)
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
     assert _temp_files(run) == []
 

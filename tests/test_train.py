@@ -94,14 +94,21 @@ def test_resume_refuses_a_changed_model(tiny, tmp_path, capsys):
     assert "model.latent_dim" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(Path(sys.prefix).resolve() != (REPO / ".venv").resolve(),
+                    reason="vae_train.py re-runs under the checkout's .venv; these tests run elsewhere")
 def test_original_vae_train_py_interface(tmp_path):
+    """`python3 vae_train.py ...` as the README writes it: python3 is an interpreter without torch
+    (here the venv's base interpreter with its site-packages off, -S), which re-runs the script
+    under the checkout's .venv. The -pretrain run below starts under the venv's python itself."""
     user, logs = tmp_path / "user", tmp_path / "logs"
     args = ["-o", str(user), "-l", str(logs), "-b", "32", "-lr", "0.002", "-e", "1", "-im_size", "16",
             "-im_crop", "300", "-d", "cpu", "-nw", "0", "--dataset", "digits", "-lat_dim", "8", "--wd", "0",
             "--decay_lr", "0.9", "--mode", "beta-vae", "--beta", "1/batch_size",
             "model.encoder_channels=[8,16,16]", "model.decoder_channels=[16,16,8,3]", "model.fc_dim=32",
             "train.max_steps_per_epoch=2", "train.progress=false"]
-    done = subprocess.run([sys.executable, str(REPO / "vae_train.py"), *args], capture_output=True, text=True)
+    bare_python = [sys._base_executable, "-S"]
+    assert subprocess.run([*bare_python, "-c", "import torch"], capture_output=True).returncode != 0
+    done = subprocess.run([*bare_python, str(REPO / "vae_train.py"), *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     run = _run_dir(user)
     config = yaml.safe_load((run / "config.yaml").read_text())

@@ -3,7 +3,8 @@
 The bytes go to a temporary file in the destination folder (a rename is only atomic within one
 file system), are flushed and fsynced, and the temporary file is renamed over the destination.
 Any failure, a full disk included, removes the temporary file and leaves the destination as it was.
-Temporary names start with "." and end with ".tmp", so no checkpoint name or pattern matches them.
+Temporary names are ".<destination name>.<random>.tmp", so no checkpoint name or pattern matches
+them, and a process killed mid-write leaves a file `leftover_temporaries` recognises.
 """
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = T
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_folder(path.parent)
+
+
+def leftover_temporaries(folder: Path, names: str) -> list[Path]:
+    """Temporary files of atomic_write for destinations matching the glob `names` (e.g. "*.pt") in
+    `folder`: what a process killed mid-write left behind. Only a folder's writer may remove them,
+    and only while no write is under way."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob(f".{names}.*{TEMP_SUFFIX}") if p.is_file())
 
 
 def fsync_folder(folder: Path) -> None:

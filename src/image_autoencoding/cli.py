@@ -80,6 +80,8 @@ def _run_dir_and_data(config, resume, dist):
             raise UserError(f"rank 0 stopped: {error}")
         return Path(run_dir), load_image_data(config.data, progress=False)
     try:
+        if config.train.log_dir is not None:
+            ensure_writable(config.train.log_dir, "train.log_dir")
         ensure_writable(resume.run_dir if resume else f"{config.train.output_dir}/results/vae")
         # Fails on a missing dataset or too many bad images before any run folder is made.
         data = load_image_data(config.data, progress=config.train.progress)
@@ -97,10 +99,16 @@ def _add_prepare(subparsers) -> None:
         "prepare",
         help="decode a dataset once into the cache (vae train does this on first use)",
         description="Decode every image of the configured dataset once (to RGB, centre crop, resize) into "
-        "a memory-mapped uint8 cache that training reads without decoding. Reuses a valid cache.",
+        "a memory-mapped uint8 cache that training reads without decoding. Reuses a valid cache: by default "
+        "one whose files kept their sizes and mtimes.",
     )
     parser.add_argument("--config", "-c", help="YAML file with data / model / train sections")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--verify", action="store_true",
+        help="also read and hash every file, and decode again those whose content changed even where size "
+        "and mtime did not (costs one read of the dataset)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     parser.set_defaults(handler=_prepare)
 
@@ -109,7 +117,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from image_autoencoding.data.image_data import load_image_data
 
     config = load_config(args.config, args.overrides)
-    data = load_image_data(config.data, progress=not args.quiet)
+    data = load_image_data(config.data, progress=not args.quiet, verify=args.verify)
     for name, split in (("train", data.train), ("valid", data.valid)):
         where = split.cache_dir or "in memory (bundled dataset, not cached)"
         print(f"{config.data.dataset} {name}: {len(split.labels)} images, {split.images.shape[1]} px -> {where}")
@@ -117,6 +125,21 @@ def _prepare(args: argparse.Namespace) -> int:
         print(f"{len(data.bad_files)} files skipped (listed in bad_files.csv in each cache folder); first:")
         for item in data.bad_files[:5]:
             print(f"  {item.path}: {item.reason}")
+    if not args.verify:
+        return 0
+    found = [split.verification for split in (data.train, data.valid) if split.verification is not None]
+    if not found:
+        print("--verify: nothing to verify (bundled dataset, not cached)")
+        return 0
+    unhashed = sum(item.unhashed for item in found)
+    if unhashed:
+        print(f"{unhashed} decoded again: the cache held no content hashes to compare with (now it does)")
+    for name in [name for item in found for name in item.changed_files][:5]:
+        print(f"  {name}: content changed since it was cached")
+    redecoded = sum(item.redecoded for item in found)
+    files, seconds = sum(item.hashed for item in found), sum(item.seconds for item in found)
+    what = "1 image re-decoded because its" if redecoded == 1 else f"{redecoded} images re-decoded because their"
+    print(f"{what} content changed ({files} files hashed in {seconds:.1f} s)")
     return 0
 
 
@@ -133,8 +156,13 @@ def _add_evaluate(subparsers) -> None:
     parser = _add_run_command(
         subparsers, "evaluate", _evaluate,
         help="PCC, SSIM, MSE, PSNR of a run on a whole split; pictures and report.md",
-        description="Score a run's checkpoint on every image of a split (mean, std, 95%% CI), write "
-        "metrics.json, the latent-space pictures and report.md into the run folder, print a table.",
+        # argparse %-formats help strings but not descriptions: a literal % here.
+        description="Score a run's checkpoint on every image of a split (mean, std, 95% CI), print a table "
+        "and write a metrics document, the latent-space pictures and a report into the run folder. "
+        "The valid split scored by the best checkpoint, as at the end of training, writes the run's own "
+        "metrics.json, report.md and images/latent/*.png; any other split, checkpoint or --limit adds them "
+        "to the names (metrics_train_epoch_3_limit_100.json, report_train_epoch_3_limit_100.md, ...) and "
+        "leaves the run's own files alone.",
     )
     parser.add_argument("--split", choices=["valid", "train"], default="valid")
     parser.add_argument("--limit", type=int, metavar="N", help="score only the first N images")
@@ -142,49 +170,82 @@ def _add_evaluate(subparsers) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from image_autoencoding.evaluation.run_report import evaluate_run, metrics_table
+    from image_autoencoding.evaluation.run_report import evaluate_and_write, metrics_table
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit: expected a number of images >= 1 (got {args.limit})")
-    document = evaluate_run(Path(args.run_dir), args.checkpoint, args.split, args.limit, device=args.device)
+    document, written = evaluate_and_write(Path(args.run_dir), args.checkpoint, args.split, args.limit,
+                                           device=args.device)
     print(f"{document['split']} split, {document['images']} images, {Path(document['checkpoint']).name} "
           f"(epoch {document['epoch']})")
     print(metrics_table(document))
     print(f"original first-batch PCC: {document['original_first_batch_pcc']:.4f}")
+    print("written:")
+    for path in written:
+        print(path)
     return 0
+
+
+# samples_grid.png shows the first this many samples: a grid of all of 100000 would be a picture too
+# large to open, and too crowded to look at.
+SAMPLE_GRID_IMAGES = 256
 
 
 def _add_sample(subparsers) -> None:
     parser = _add_run_command(
         subparsers, "sample", _sample,
         help="decode random latent vectors into images",
-        description="Decode n latent vectors drawn from N(0, T^2 I) with a run's decoder; writes a grid "
-        "and each image as PNG.",
+        description="Decode n latent vectors drawn from N(0, T^2 I) with a run's decoder, in batches of the "
+        "run's train.batch_size; writes each image as a PNG as soon as it is decoded, and the first "
+        f"{SAMPLE_GRID_IMAGES} of them as one grid, samples_grid.png. The same -n, --seed and --temperature give the "
+        "same images whatever the batch size.",
     )
     parser.add_argument("-n", type=int, default=64, help="number of images (default 64)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--temperature", type=float, default=1.0, help="scale of the prior's std (default 1)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="scale of the prior's std, > 0 (default 1)")
     parser.add_argument("--out", help="output folder (default RUN_DIR/samples/seed_S_tT)")
 
 
 def _sample(args: argparse.Namespace) -> int:
+    import math
+
     import torch
+    from tqdm import tqdm
 
     from image_autoencoding.data.batches import Normalizer
     from image_autoencoding.evaluation.run_report import load_run_model
     from image_autoencoding.visualization.grids import save_sample_grid
     from image_autoencoding.visualization.images import save_images
 
-    if args.n < 1 or args.temperature <= 0:
-        raise ConfigError(f"expected -n >= 1 and --temperature > 0 (got -n {args.n}, --temperature {args.temperature})")
+    if args.n < 1:
+        raise ConfigError(f"-n: expected a number of images >= 1 (got {args.n})")
+    if not math.isfinite(args.temperature) or args.temperature <= 0:
+        raise ConfigError(f"--temperature: expected a finite number > 0 (got {args.temperature})")
     run_dir = Path(args.run_dir)
     config, model, _, _ = load_run_model(run_dir, args.checkpoint)
     out = Path(args.out) if args.out else run_dir / "samples" / f"seed_{args.seed}_t{args.temperature:g}"
     model.eval()
-    samples = model.sample(args.n, torch.Generator().manual_seed(args.seed), args.temperature)
-    images = Normalizer(config.data, torch.device("cpu")).to_unit(samples)
-    save_sample_grid(images, out / "samples_grid.png")
-    save_images(images, [out / f"sample_{i:04d}.png" for i in range(args.n)])
+    to_unit = Normalizer(config.data, torch.device("cpu")).to_unit
+    # Every latent is drawn first, in one call: the same seed gives the same images whatever the
+    # batch size. n x latent_dim floats are small; the decoded images are what must not all be in
+    # memory at once.
+    z = model.prior_latents(args.n, torch.Generator().manual_seed(args.seed), args.temperature)
+    batch_size = config.train.batch_size
+    digits = max(4, len(str(args.n - 1)))  # names sort in order however many there are
+    grid, grid_size = [], min(args.n, SAMPLE_GRID_IMAGES)
+    bar = tqdm(total=args.n, desc="sampling", unit="img", file=sys.stderr, dynamic_ncols=True,
+               disable=args.n <= batch_size or not sys.stderr.isatty())
+    with torch.no_grad():
+        for start in range(0, args.n, batch_size):
+            images = to_unit(model.decoder(z[start : start + batch_size]))
+            save_images(images, [out / f"sample_{i:0{digits}d}.png" for i in range(start, start + len(images))])
+            if start < grid_size:
+                grid.append(images[: grid_size - start])
+                if start + len(images) >= grid_size:
+                    save_sample_grid(torch.cat(grid), out / "samples_grid.png")
+                    grid = []
+            bar.update(len(images))
+    bar.close()
     print(out)
     return 0
 
@@ -194,7 +255,9 @@ def _add_reconstruct(subparsers) -> None:
         subparsers, "reconstruct", _reconstruct,
         help="encode and decode your own image files",
         description="Preprocess each image as the run's data (crop, resize), encode it, decode the "
-        "posterior mean, and save the input beside its reconstruction.",
+        "posterior mean, and save the input beside its reconstruction as NAME_reconstruction.png. Inputs "
+        "with the same name (a/x.png b/x.png) get x_reconstruction.png, x_2_reconstruction.png, ... in the "
+        "order given. Images over data.max_image_pixels are refused.",
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE")
     parser.add_argument("--out", help="output folder (default RUN_DIR/reconstructions)")
@@ -215,7 +278,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
     pixels = []
     for name in args.images:
         try:
-            pixels.append(load_image(name, config.data.image_crop, config.data.image_size))
+            pixels.append(load_image(name, config.data.image_crop, config.data.image_size,
+                                     config.data.max_image_pixels))
         except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as exc:
             raise UserError(f"image '{name}' cannot be read: {exc}") from None
     out = Path(args.out) if args.out else run_dir / "reconstructions"
@@ -224,8 +288,15 @@ def _reconstruct(args: argparse.Namespace) -> int:
     with torch.no_grad():
         x = normalize(torch.from_numpy(np.stack(pixels)))
         x_hat = model.reconstruct(x)
+    taken: set[str] = set()
     for i, name in enumerate(args.images):
-        path = out / f"{Path(name).stem}_reconstruction.png"
+        stem = Path(name).stem
+        candidate, copy = stem, 1
+        while candidate.casefold() in taken:  # casefold: on macOS and Windows X.png and x.png are one file
+            copy += 1
+            candidate = f"{stem}_{copy}"
+        taken.add(candidate.casefold())
+        path = out / f"{candidate}_reconstruction.png"
         save_reconstruction_grid(normalize.to_unit(x[i : i + 1]), normalize.to_unit(x_hat[i : i + 1]), path, per_row=1)
         print(path)
     return 0

@@ -23,7 +23,8 @@ class ConfigError(UserError):
 
 class _Section(BaseModel):
     # extra="forbid": a typo such as `train.bach_size` must fail, not be silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `train.lr=inf` or `nan` passes every `gt=0` bound and trains garbage.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 DatasetName = Literal["digits", "fashion-mnist", "coco", "food-101", "folder"]
@@ -210,20 +211,15 @@ class TrainConfig(_Section):
             raise ValueError("alpha must be >= 0 or the string '1/batch_size'")
         return value
 
-    @property
-    def kl_weight(self) -> float:
-        return self.kl_weight_for(world_size=1)
-
-    def kl_weight_for(self, world_size: int) -> float:
-        """alpha; '1/batch_size' means 1 / the global batch (batch_size x processes), so that a run
-        on W processes optimises the same objective as one process with the global batch."""
-        return 1.0 / (self.batch_size * world_size) if self.alpha == "1/batch_size" else float(self.alpha)
-
-    def kl_weight_at(self, step: int) -> float:
-        """The KL weight for the step after `step` steps done: alpha * min(1, step / kl_warmup_steps)."""
-        if self.kl_warmup_steps == 0:
-            return self.kl_weight
-        return self.kl_weight * min(1.0, step / self.kl_warmup_steps)
+    def kl_weight(self, world_size: int = 1, step: int | None = None) -> float:
+        """The KL weight, the one place it is computed. alpha; '1/batch_size' means 1 / the global
+        batch (batch_size x processes), so that a run on W processes optimises the same objective
+        as one process with the global batch. With `step` (steps done before this one), the KL
+        warm-up's weight for the next step: alpha * min(1, step / kl_warmup_steps)."""
+        alpha = 1.0 / (self.batch_size * world_size) if self.alpha == "1/batch_size" else float(self.alpha)
+        if step is None or self.kl_warmup_steps == 0:
+            return alpha
+        return alpha * min(1.0, step / self.kl_warmup_steps)
 
 
 class Config(_Section):
@@ -245,11 +241,29 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
 
+def _key_of(location: tuple[Any, ...]) -> str:
+    """The config key a pydantic error location points at: field names down the sections, list
+    indexes as [i]. Whatever follows the last field name and is not an index is pydantic's own tag
+    for a branch of a union type ('float', "literal['1/batch_size']", 'function-after[...]')."""
+    names: list[str] = []
+    section: Any = Config
+    for part in location:
+        fields = getattr(section, "model_fields", None)
+        if isinstance(part, int) and names:
+            names[-1] += f"[{part}]"
+        elif fields is not None and part in fields:
+            names.append(str(part))
+            annotation = fields[part].annotation
+            section = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        elif fields is not None:
+            names.append(str(part))  # an unknown key: name it as written
+            section = None
+    return ".".join(names)
+
+
 def _format_error(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"] if not str(part).startswith("function-"))
-    # Union types add the branch name to the location ('float', 'literal[...]'): keep the key only.
-    key = ".".join(p for p in key.split(".") if p and not p.startswith(("float", "literal[", "int", "str")))
+    key = _key_of(first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     where = f"{source}: " if source else ""
     if first["type"] == "extra_forbidden":
@@ -290,6 +304,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file '{path}' not found")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file '{path}': not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                          f"offset {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"config file '{path}' cannot be read: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -298,21 +317,36 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config file '{path}': expected a mapping with data / model / train sections")
-    return raw
+    for name, section in raw.items():
+        # Checked here, not after the overrides: an override into a section the file made a number
+        # would otherwise be blamed for the file's mistake.
+        if name in Config.model_fields and not isinstance(section, dict | None):
+            raise ConfigError(f"config file '{path}': '{name}' must be a section of {name}.* keys (got {section!r})")
+    return {name: ({} if section is None else section) for name, section in raw.items()}
 
 
-def build_config(raw: dict[str, Any], source: str = "") -> Config:
+def build_config(raw: dict[str, Any], source: str = "", overrides: list[str] | None = None) -> Config:
+    """Validate `raw`. An error is blamed on the override that set its key, if one did, else on
+    `source` (the file the values came from)."""
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, source)) from None
+        key = _key_of(exc.errors()[0]["loc"])
+        blamed = [text for text in overrides or [] if key and _names_key(text.partition("=")[0], key)]
+        raise ConfigError(_format_error(exc, f"override '{blamed[-1]}'" if blamed else source)) from None
+
+
+def _names_key(override_key: str, key: str) -> bool:
+    """Whether an override of `override_key` set `key` (itself, a list item of it, or a key inside it)."""
+    return key == override_key or key.startswith((f"{override_key}.", f"{override_key}["))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file at `path`, then `section.key=value` overrides."""
+    overrides = list(overrides or [])
     raw = read_yaml(path) if path is not None else {}
-    raw = apply_overrides(raw, list(overrides or []))
-    return build_config(raw, str(path) if path is not None else "")
+    raw = apply_overrides(raw, overrides)
+    return build_config(raw, str(path) if path is not None else "", overrides)
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from image_autoencoding.config import DataConfig
-from image_autoencoding.data.cache import BadFile, open_or_build, preprocess_in_memory, write_bad_files
+from image_autoencoding.data.cache import BadFile, Verification, open_or_build, preprocess_in_memory, write_bad_files
 from image_autoencoding.data.sources import find_source
 
 logger = logging.getLogger("image_autoencoding")
@@ -21,6 +21,7 @@ class Split:
     images: np.ndarray  # (N, H, W, 3) uint8; memory-mapped for cached datasets
     labels: np.ndarray  # (N,) int64, -1 where unlabelled
     cache_dir: Path | None = None
+    verification: Verification | None = None  # what load_image_data(verify=True) found
 
 
 @dataclass
@@ -36,9 +37,9 @@ class ImageData:
             write_bad_files(self.bad_files, path)
 
 
-def load_image_data(cfg: DataConfig, progress: bool = True) -> ImageData:
+def load_image_data(cfg: DataConfig, progress: bool = True, verify: bool = False) -> ImageData:
     """Checks the dataset layout first (one-line error, nothing built), then opens or builds each
-    split's cache."""
+    split's cache. verify: compare the files' content hashes too, not only sizes and mtimes."""
     source = find_source(cfg)
     if source.in_memory:
         return ImageData(
@@ -48,10 +49,10 @@ def load_image_data(cfg: DataConfig, progress: bool = True) -> ImageData:
         )
     splits, bad = {}, []
     for name, split in (("train", source.train), ("valid", source.valid)):
-        cached = open_or_build(split, cfg, name, progress=progress)
+        cached = open_or_build(split, cfg, name, progress=progress, verify=verify)
         if cached.reused:
             logger.info("using cache %s (%d images)", cached.directory, len(cached.labels))
-        splits[name] = Split(cached.images, cached.labels, cached.directory)
+        splits[name] = Split(cached.images, cached.labels, cached.directory, cached.verification)
         bad += cached.bad_files
     if bad:
         logger.warning("skipped %d unreadable files (listed in bad_files.csv)", len(bad))

@@ -23,8 +23,10 @@ not want (or crashed):
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -105,16 +107,50 @@ def _request_draft(image: Image.Image, image_crop: int, image_size: int) -> None
     image.draft(image.mode, (math.ceil(image.width / shrink), math.ceil(image.height / shrink)))
 
 
-def load_image(path: str | Path, image_crop: int, image_size: int) -> np.ndarray:
+class ImageTooLarge(Image.DecompressionBombError):
+    """More pixels than the limit (`data.max_image_pixels`): refused before any pixel is decoded."""
+
+
+# Pillow's size check at open reads the module global Image.MAX_IMAGE_PIXELS; the lock keeps two
+# threads from interleaving its save and restore.
+_PILLOW_LIMIT = threading.Lock()
+
+
+def _open_within_limit(path: str | Path | BinaryIO, max_pixels: int | None) -> Image.Image:
+    """Image.open with our size check in place of Pillow's. Pillow's warns (an exception under
+    `python -W error`) between its limit and twice it, and above refuses quoting twice its own limit;
+    the limit a user sets and must read in the message is `data.max_image_pixels`."""
+    with _PILLOW_LIMIT:
+        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            image = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+    pixels = image.width * image.height
+    if max_pixels is not None and pixels > max_pixels:
+        image.close()
+        raise ImageTooLarge(
+            f"{pixels} pixels ({image.width}x{image.height}), more than data.max_image_pixels ({max_pixels}) allows"
+        )
+    return image
+
+
+def load_image(
+    path: str | Path | BinaryIO, image_crop: int, image_size: int, max_pixels: int | None = None
+) -> np.ndarray:
     """Decode one image file into uint8 (image_size, image_size, 3).
 
+    `max_pixels`: refuse larger pictures (decompression bombs) with `ImageTooLarge` before decoding;
+    by default Pillow's Image.MAX_IMAGE_PIXELS, which the cache sets to `data.max_image_pixels`.
     Raises OSError / ValueError / Image.DecompressionBombError for files that cannot be used; the
     caller records the reason and skips the file.
     """
-    with warnings.catch_warnings():
-        # A picture past Image.MAX_IMAGE_PIXELS is treated as a decompression bomb, not just warned about.
+    if max_pixels is None:
+        max_pixels = Image.MAX_IMAGE_PIXELS
+    with _open_within_limit(path, max_pixels) as image, warnings.catch_warnings():
+        # A frame or tile past Pillow's limit (multi-frame GIF, tiled TIFF) is refused too, not warned about.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
+        try:
             full_width = image.width
             crop: float = image_crop
             _request_draft(image, image_crop, image_size)
@@ -124,3 +160,5 @@ def load_image(path: str | Path, image_crop: int, image_size: int) -> np.ndarray
                 crop = image_crop * image.width / full_width
             image = ImageOps.exif_transpose(image)
             return centre_crop_resize(to_rgb(image), crop, image_size)
+        except Image.DecompressionBombWarning as exc:
+            raise ImageTooLarge(str(exc)) from None

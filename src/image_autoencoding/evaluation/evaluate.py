@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from image_autoencoding.data.batches import Normalizer, evaluation_batches
-from image_autoencoding.evaluation.metrics import METRICS, Summary, batch_pcc, summarize
+from image_autoencoding.evaluation.metrics import BOUNDS, METRICS, Summary, batch_pcc, summarize
 from image_autoencoding.models.vae import VAE, loss_terms
 
 
@@ -29,7 +29,7 @@ class SplitEvaluation:
         return len(self.mu)
 
     def summaries(self) -> dict[str, Summary]:
-        return {name: summarize(values) for name, values in self.per_image.items()}
+        return {name: summarize(values, BOUNDS.get(name)) for name, values in self.per_image.items()}
 
     def means(self, prefix: str = "") -> dict[str, float]:
         return {f"{prefix}{name}": float(values.mean()) for name, values in self.per_image.items()}

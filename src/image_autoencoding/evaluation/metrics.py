@@ -2,7 +2,8 @@
 
 Every function returns one value per image (shape (N,)) as float64, from inputs converted to
 float32 or float64, so that the figures do not depend on the precision the model ran in.
-`summarize` turns them into mean, standard deviation and a 95% confidence interval of the mean.
+`summarize` turns them into mean, standard deviation and a 95% confidence interval of the mean that
+stays inside the figure's range (`BOUNDS`).
 
 Definitions (the ones a reader of the literature expects):
 
@@ -112,15 +113,60 @@ class Summary:
         return asdict(self)
 
 
-def summarize(values: Tensor) -> Summary:
-    """Mean, sample standard deviation and a 95% confidence interval of the mean (normal
-    approximation, mean +- 1.96 std / sqrt(n): validation splits have hundreds of images or more)."""
+# The range each per-image figure cannot leave (MSE, reconstruction loss and KL are sums of squares
+# or divergences; SSIM and PCC are correlations). PSNR has none in practice: it stays far from its
+# 0 dB floor and its 100 dB cap, so its interval is the plain normal one.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "ssim": (-1.0, 1.0), "pcc": (-1.0, 1.0), "mse": (0.0, math.inf), "recon": (0.0, math.inf), "kl": (0.0, math.inf),
+}
+
+
+def summarize(values: Tensor, bounds: tuple[float, float] | None = None) -> Summary:
+    """Mean, sample standard deviation and a 95% confidence interval of the mean.
+
+    Without `bounds`: the normal approximation, mean +- 1.96 sd / sqrt(n).
+
+    With `bounds` (low, high), for a figure that cannot leave that range: the same normal
+    approximation on a scale that stretches the range over the whole line, mapped back (the delta
+    method): log(mean - low) when only the lower bound is finite (KL, MSE), the logit of
+    (mean - low) / (high - low) when both are (SSIM, PCC; for PCC this is Fisher's z). A small split
+    with a few images far out on one side (a KL ten times the others') makes the symmetric interval
+    reach past the bound, to a negative KL; the transformed interval is skewed the way the data are
+    and never reaches the bound. When the standard error is small next to the distance from the
+    bound (hundreds of images, as a validation split has) the two intervals agree.
+    """
     values = values.to(torch.float64).flatten()
     n = values.numel()
-    mean = float(values.mean()) if n else math.nan
+    if n == 0:
+        return Summary(math.nan, 0.0, math.nan, math.nan, 0)
+    mean = float(values.mean())
     std = float(values.std(unbiased=True)) if n > 1 else 0.0
-    half = Z_95 * std / math.sqrt(n) if n else math.nan
-    return Summary(mean, std, mean - half, mean + half, n)
+    half = Z_95 * std / math.sqrt(n)
+    low, high = mean - half, mean + half
+    if bounds is not None and half > 0:
+        lower, upper = bounds
+        if lower < mean < upper:
+            low, high = _bounded_interval(mean, half, lower, upper)
+        else:  # values rounded onto or just past a bound: no transformed scale there, so clip
+            low, high = max(low, min(lower, mean)), min(high, max(upper, mean))
+    return Summary(mean, std, low, high, n)
+
+
+def _bounded_interval(mean: float, half: float, lower: float, upper: float) -> tuple[float, float]:
+    """mean -+ half (half = 1.96 standard errors) carried over to the log or logit scale (see `summarize`)."""
+    if math.isinf(upper):
+        distance = mean - lower
+        spread = math.exp(half / distance)  # half width on the log scale: half * d log(m - low) / dm
+        return lower + distance / spread, lower + distance * spread
+    width = upper - lower
+    p = (mean - lower) / width
+    centre, spread = math.log(p / (1 - p)), half / (width * p * (1 - p))
+    return lower + width * _sigmoid(centre - spread), lower + width * _sigmoid(centre + spread)
+
+
+def _sigmoid(t: float) -> float:
+    # Two forms so that exp never overflows, however far from 0 t is.
+    return 1 / (1 + math.exp(-t)) if t >= 0 else math.exp(t) / (1 + math.exp(t))
 
 
 METRICS = {"ssim": ssim, "pcc": pcc, "mse": mse, "psnr": psnr}

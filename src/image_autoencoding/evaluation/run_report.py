@@ -1,5 +1,10 @@
 """`vae evaluate` and the end of training: load a run's model, score a whole split, draw the
-pictures and write metrics.json and report.md into the run folder."""
+pictures and write metrics.json and report.md into the run folder.
+
+metrics.json, report.md and the latent pictures are the run's own figures: the whole validation
+split scored by the `best` checkpoint, as training writes them at its end. Any other evaluation (the
+train split, another checkpoint, --limit) writes under names of its own that say which (see
+`output_suffix`), so it never replaces them."""
 
 from __future__ import annotations
 
@@ -10,9 +15,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
-from image_autoencoding.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, build_config
+from image_autoencoding.config import Config, ConfigError
 from image_autoencoding.data.batches import Normalizer
 from image_autoencoding.data.image_data import ImageData
 from image_autoencoding.evaluation.evaluate import SplitEvaluation, evaluate_split
@@ -20,6 +24,7 @@ from image_autoencoding.models.vae import VAE, build_model
 from image_autoencoding.training.checkpoint import CheckpointError, load_checkpoint
 from image_autoencoding.training.device import autocast_factory, resolve_device, resolve_precision
 from image_autoencoding.training.resume import checkpoint_path
+from image_autoencoding.training.run_dir import load_run_config
 from image_autoencoding.visualization import plots
 
 logger = logging.getLogger("image_autoencoding")
@@ -27,23 +32,6 @@ logger = logging.getLogger("image_autoencoding")
 INTERPOLATION_PAIRS, INTERPOLATION_STEPS = 6, 10
 METRIC_LABELS = {"ssim": "SSIM", "pcc": "PCC", "mse": "MSE", "psnr": "PSNR (dB)", "recon": "reconstruction loss",
                  "kl": "KL (nats)"}
-
-
-def load_run_config(run_dir: Path) -> Config:
-    """The run's config.yaml. Keys this version no longer knows are dropped (with a log line), so
-    runs written by earlier versions of the same format still evaluate."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"'{run_dir}' is not a run folder: {path.name} not found")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    sections = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
-    for name, section in sections.items():
-        values = raw.get(name) or {}
-        unknown = set(values) - set(section.model_fields)
-        for key in sorted(unknown):
-            logger.info("%s: ignoring %s.%s (not used by this version)", path, name, key)
-        raw[name] = {k: v for k, v in values.items() if k not in unknown}
-    return build_config({k: raw[k] for k in sections}, str(path))
 
 
 def resolve_checkpoint(run_dir: Path, name: str) -> Path:
@@ -119,11 +107,30 @@ def write_pictures(
 # -- metrics.json and report.md -----------------------------------------------------------------------
 
 
-def metrics_document(evaluation: SplitEvaluation, split: str, checkpoint: Path, epoch: int) -> dict[str, Any]:
+def output_suffix(run_dir: Path, checkpoint: Path, split: str, limit: int | None) -> str:
+    """What an evaluation adds to metrics.json, report.md and the picture names: "" for the run's own
+    figures, else `_train` for the train split, the checkpoint's name unless it is the one `best`
+    means, and `_limit_N`, in that order: metrics_train_epoch_3_limit_100.json."""
+    parts = [split] if split != "valid" else []
+    try:
+        default = resolve_checkpoint(run_dir, "best").resolve()
+    except CheckpointError:  # neither best.pt nor last.pt: a checkpoint given by path is never the default
+        default = None
+    if checkpoint.resolve() != default:
+        parts.append(checkpoint.stem)
+    if limit is not None:
+        parts.append(f"limit_{limit}")
+    return "".join(f"_{part}" for part in parts)
+
+
+def metrics_document(
+    evaluation: SplitEvaluation, split: str, checkpoint: Path, epoch: int, limit: int | None = None
+) -> dict[str, Any]:
     return {
         "split": split,
         "checkpoint": str(checkpoint),
         "epoch": epoch,
+        "limit": limit,  # --limit N: only the first N images of the split were scored
         "images": evaluation.n,
         "metrics": {name: summary.as_dict() for name, summary in evaluation.summaries().items()},
         "original_first_batch_pcc": evaluation.original_batch_pcc,
@@ -144,8 +151,12 @@ def _latest(folder: Path, pattern: str) -> Path | None:
     return found[-1] if found else None
 
 
-def write_report(run_dir: Path, config: Config, document: dict[str, Any], pictures: dict[str, Path]) -> Path:
+def write_report(
+    run_dir: Path, config: Config, document: dict[str, Any], pictures: dict[str, Path], suffix: str = ""
+) -> Path:
     data, model, train = config.data, config.model, config.train
+    limit = document.get("limit")
+    subset = f" (the first {limit}: --limit {limit})" if limit is not None else ""
     rel = lambda p: p.relative_to(run_dir).as_posix()  # noqa: E731
     lines = [
         f"# Run {run_dir.name}",
@@ -158,7 +169,7 @@ def write_report(run_dir: Path, config: Config, document: dict[str, Any], pictur
         f"- training: {train.epochs} epochs, batch {train.batch_size}, {train.optimizer} lr {train.lr:g} "
         f"(x{train.decay_lr:g} per epoch), alpha {train.alpha}, precision {train.precision}, seed {train.seed}",
         "",
-        f"## Metrics: {document['split']} split, {document['images']} images, checkpoint "
+        f"## Metrics: {document['split']} split, {document['images']} images{subset}, checkpoint "
         f"`{Path(document['checkpoint']).name}` (epoch {document['epoch']})",
         "",
         "Per image, then averaged (SSIM: 11x11 Gaussian window, sigma 1.5, images in [0, 1]).",
@@ -188,16 +199,18 @@ def write_report(run_dir: Path, config: Config, document: dict[str, Any], pictur
     for title, path in figures:
         if path is not None and path.is_file():
             lines += [f"### {title}", "", f"![{title}]({rel(path)})", ""]
-    report = run_dir / "report.md"
+    report = run_dir / f"report{suffix}.md"
     report.write_text("\n".join(lines), encoding="utf-8")
     return report
 
 
-def evaluate_run(
+def evaluate_and_write(
     run_dir: Path, checkpoint: str = "best", split: str = "valid", limit: int | None = None,
     data: ImageData | None = None, device: str | None = None,
-) -> dict[str, Any]:
-    """Score a run's checkpoint on a whole split; write metrics(.json), pictures and report.md."""
+) -> tuple[dict[str, Any], list[Path]]:
+    """Score a run's checkpoint on a whole split (or its first `limit` images); write the metrics
+    document, the pictures and a report, under names from `output_suffix`. Returns the document and
+    the files written."""
     from image_autoencoding.data.image_data import load_image_data
 
     config, model, path, state = load_run_model(run_dir, checkpoint)
@@ -208,11 +221,19 @@ def evaluate_run(
     normalize = Normalizer(config.data, torch_device)
     autocast = autocast_factory(torch_device, resolve_precision(config.train.precision, torch_device))
     evaluation = evaluate_split(model, chosen.images, normalize, torch_device, config.train.batch_size, autocast, limit)
-    suffix = "" if split == "valid" else f"_{split}"
-    document = metrics_document(evaluation, split, path, int(state.get("epoch", 0)))
-    (run_dir / f"metrics{suffix}.json").write_text(json.dumps(document, indent=2), encoding="utf-8")
+    suffix = output_suffix(run_dir, path, split, limit)
+    document = metrics_document(evaluation, split, path, int(state.get("epoch", 0)), limit)
+    metrics_json = run_dir / f"metrics{suffix}.json"
+    metrics_json.write_text(json.dumps(document, indent=2), encoding="utf-8")
     pictures = write_pictures(run_dir, model, chosen.images, chosen.labels, data.class_names, evaluation, normalize,
                               torch_device, suffix, config.train.tsne_points)
-    if split == "valid":
-        write_report(run_dir, config, document, pictures)
-    return document
+    report = write_report(run_dir, config, document, pictures, suffix)
+    return document, [metrics_json, report, *pictures.values()]
+
+
+def evaluate_run(
+    run_dir: Path, checkpoint: str = "best", split: str = "valid", limit: int | None = None,
+    data: ImageData | None = None, device: str | None = None,
+) -> dict[str, Any]:
+    """`evaluate_and_write`, returning only the metrics document."""
+    return evaluate_and_write(run_dir, checkpoint, split, limit, data, device)[0]

@@ -132,12 +132,17 @@ class VAE(nn.Module):
         self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
     ) -> Tensor:
         """Decode n latent vectors drawn from the prior N(0, temperature^2 I)."""
+        return self.decoder(self.prior_latents(n, generator, temperature))
+
+    def prior_latents(
+        self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
+    ) -> Tensor:
+        """n latent vectors from the prior N(0, temperature^2 I), on the model's device. Drawn on the
+        generator's device (the CPU for torch.Generator()), then moved: a CPU generator cannot fill
+        a CUDA tensor, and the same seed then gives the same latents on every device."""
         device = next(self.parameters()).device
-        # Drawn on the generator's device (the CPU for torch.Generator()), then moved: a CPU generator
-        # cannot fill a CUDA tensor, and the same seed then gives the same latents on every device.
         where = generator.device if generator is not None else device
-        z = torch.randn(n, self.cfg.latent_dim, generator=generator, device=where).to(device) * temperature
-        return self.decoder(z)
+        return torch.randn(n, self.cfg.latent_dim, generator=generator, device=where).to(device) * temperature
 
 
 def build_model(cfg: ModelConfig, image_size: int) -> VAE:

@@ -6,7 +6,7 @@ as a dict), so `torch.load(weights_only=True)` can read it and a crafted file ca
 
 from __future__ import annotations
 
-import os
+import errno
 import re
 import shutil
 from pathlib import Path
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from image_autoencoding.atomic_files import TEMP_SUFFIX, atomic_write
+from image_autoencoding.atomic_files import atomic_write, leftover_temporaries
 from image_autoencoding.errors import UserError
 
 FORMAT_VERSION = 1
@@ -47,9 +47,55 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda handle: torch.save({"format_version": FORMAT_VERSION, **state}, handle))
     except OSError as exc:
-        raise CheckpointWriteError(
-            f"cannot write checkpoint '{path}': {exc.strerror or exc}; the previous checkpoint is kept"
-        ) from None
+        raise _write_error(path, exc, tensor_bytes(state), "the size of its tensors") from None
+    except RuntimeError as exc:
+        if not _failed_writing(exc):
+            raise
+        cause = exc.__context__ if isinstance(exc.__context__, OSError) else None
+        raise _write_error(path, cause, tensor_bytes(state), "the size of its tensors") from None
+
+
+def _failed_writing(exc: RuntimeError) -> bool:
+    """torch's zip writer reports a failed write (a full disk) as its own RuntimeError, raised while
+    the file handle's OSError is handled or naming its stream writer; any other RuntimeError is a
+    bug and must show as one."""
+    return isinstance(exc.__context__, OSError) or "PytorchStreamWriter" in str(exc)
+
+
+def _write_error(path: Path, cause: OSError | None, needed: int, measured: str) -> CheckpointWriteError:
+    """One line: what failed and, when the disk may be full, how much room the file needs."""
+    reason = (cause.strerror or str(cause)) if cause is not None else "the write failed"
+    room = ""
+    if cause is None or cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        room = f" (it needs about {_human_size(needed)}, {measured}; {_free_space(path.parent)} free there)"
+    return CheckpointWriteError(f"cannot write checkpoint '{path}': {reason}{room}; the previous checkpoint is kept")
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        return _human_size(shutil.disk_usage(folder).free)
+    except OSError:
+        return "an unknown amount"
+
+
+def _human_size(size: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
+def tensor_bytes(tree: Any) -> int:
+    """Bytes of all tensors in a nested state: a lower bound on its checkpoint's size, known without
+    serializing it (which would hold a second copy in memory)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.nbytes
+    if isinstance(tree, dict):
+        return sum(tensor_bytes(value) for value in tree.values())
+    if isinstance(tree, list | tuple):
+        return sum(tensor_bytes(value) for value in tree)
+    return 0
 
 
 def first_non_finite(tree: Any, prefix: str = "") -> str | None:
@@ -78,8 +124,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, foreign pickle, refused global: all mean "not ours"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint '{path}' cannot be read safely: {reason[:200]}") from None
+        raise _unreadable(path, exc) from None
     if not isinstance(state, dict) or "format_version" not in state or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"checkpoint '{path}' is not an image-autoencoding checkpoint")
     if state["format_version"] > FORMAT_VERSION:
@@ -89,19 +134,55 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+# torch's refusal names the global as "GLOBAL module.name"; the rest of its message is advice to
+# load the file unpickling anything, which a user must never be told to do with an unknown file.
+_REFUSED_GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)")
+_UNPICKLER_REASON = re.compile(r"WeightsUnpickler error:\s*([^\n]*)")
+
+
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    text = str(exc).strip()
+    refused = _REFUSED_GLOBAL.search(text)
+    if refused:
+        return CheckpointError(
+            f"checkpoint '{path}' is not a plain-tensor checkpoint: it needs the Python object "
+            f"{refused.group(1)}, which is not loaded because unpickling it could run code"
+        )
+    detail = _UNPICKLER_REASON.search(text)
+    if detail:
+        reason = _first_sentence(detail.group(1))
+        return CheckpointError(f"checkpoint '{path}' is not a plain-tensor checkpoint: {reason}")
+    reason = _first_sentence(text)
+    if not isinstance(exc, RuntimeError):  # torch's readers raise RuntimeError; anything else is a stray pickle
+        reason = f"not a PyTorch checkpoint ({type(exc).__name__}: {reason})"
+    return CheckpointError(f"checkpoint '{path}' cannot be read safely: {reason}")
+
+
+def _first_sentence(text: str) -> str:
+    """What went wrong, without the advice torch appends (which may suggest an unsafe load)."""
+    sentence = (text.strip().splitlines() or [""])[0].split(". ")[0].strip()
+    return sentence[:200] if sentence and "weights_only" not in sentence else "unreadable"
+
+
 def publish_as(path: Path, alias: Path) -> None:
-    """Give `path` a second name atomically (a hard link, or a copy where links are unsupported)."""
-    tmp = alias.with_name(f".{alias.name}.link{TEMP_SUFFIX}")
-    tmp.unlink(missing_ok=True)
+    """Copy `path` to `alias` atomically. A copy, not a second name: damage written through one name
+    must not reach the others, or resume could not fall back from last.pt to epoch_N.pt."""
     try:
-        try:
-            os.link(path, tmp)
-        except OSError:
-            shutil.copy2(path, tmp)
-        os.replace(tmp, alias)
+        with path.open("rb") as source:
+            atomic_write(alias, lambda handle: shutil.copyfileobj(source, handle))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointWriteError(f"cannot write checkpoint '{alias}': {exc.strerror or exc}") from None
+        raise _write_error(alias, exc, path.stat().st_size, "the size of the file copied") from None
+
+
+def remove_leftover_temporaries(folder: Path) -> list[Path]:
+    """Delete the partial checkpoints a run killed mid-write left in `folder` (each can be a full
+    checkpoint's size, and nothing else would ever remove them); returns what was removed.
+    Call only before this run writes any checkpoint."""
+    removed = []
+    for path in leftover_temporaries(folder, "*.pt"):
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 _EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
@@ -109,8 +190,12 @@ _EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
 
 def epoch_checkpoints(folder: Path) -> list[Path]:
     """epoch_N.pt files in the folder, oldest epoch first."""
-    found = [(int(m.group(1)), p) for p in folder.glob("epoch_*.pt") if (m := _EPOCH_FILE.fullmatch(p.name))]
-    return [p for _, p in sorted(found)]
+    return sorted((p for p in folder.glob("epoch_*.pt") if _EPOCH_FILE.fullmatch(p.name)), key=epoch_of)
+
+
+def epoch_of(path: Path) -> int:
+    """N of an epoch_N.pt file (one `epoch_checkpoints` lists)."""
+    return int(_EPOCH_FILE.fullmatch(path.name).group(1))
 
 
 def prune_epoch_checkpoints(folder: Path, keep: int) -> None:

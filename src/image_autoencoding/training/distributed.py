@@ -86,10 +86,12 @@ def process_group(device_name: str) -> Iterator[Distributed]:
     """Join the process group for the length of a run: nccl between GPUs, gloo between CPUs. The
     rendezvous (MASTER_ADDR / MASTER_PORT, or torchrun's c10d store) comes from the environment."""
     place = from_environment()
+    # Resolved before anything is written: a device this machine lacks is a config error, not a
+    # run folder left behind empty.
+    device = place.device(device_name)
     if not place.enabled:
         yield place
         return
-    device = place.device(device_name)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
         yield place

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from image_autoencoding.config import Config, ConfigError, apply_overrides, build_config
-from image_autoencoding.training.checkpoint import CheckpointError, kept_checkpoints, load_checkpoint
+from image_autoencoding.training.checkpoint import (
+    CheckpointError,
+    epoch_checkpoints,
+    epoch_of,
+    kept_checkpoints,
+    load_checkpoint,
+)
+from image_autoencoding.training.run_dir import create_stamped_dir, load_run_config
 
 # Values that change what the weights mean; a resumed run must keep them.
 FROZEN_SECTIONS = ("data", "model")
@@ -39,6 +47,26 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def _frozen(key: str) -> bool:
+    return key.split(".")[0] in FROZEN_SECTIONS or key in FROZEN_KEYS
+
+
+def _check_checkpoint_fits_run(run_dir: Path, path: Path, saved: Config) -> None:
+    """A checkpoint named with --checkpoint may come from another run: continuing this run from it
+    would switch the run's dataset or model under its earlier epochs. A folder without config.yaml
+    has no earlier epochs to protect."""
+    if not (run_dir / "config.yaml").is_file():
+        return
+    run, checkpoint = _flatten(load_run_config(run_dir).to_dict()), _flatten(saved.to_dict())
+    differ = sorted(key for key in checkpoint if _frozen(key) and run.get(key) != checkpoint[key])
+    if differ:
+        raise ConfigError(
+            f"cannot resume '{run_dir}' from '{path}': it was trained with another model or dataset than "
+            f"{run_dir / 'config.yaml'}: "
+            + ", ".join(f"{key} {run.get(key)!r} there, {checkpoint[key]!r} in the checkpoint" for key in differ)
+        )
 
 
 def checkpoint_path(run_dir: Path, checkpoint: str | None) -> Path:
@@ -80,10 +108,11 @@ def prepare_resume(
         path, fallbacks = checkpoint_path(run_dir, checkpoint), []
         state = load_checkpoint(path)
     saved = build_config(state["config"], f"config in '{path}'")
+    _check_checkpoint_fits_run(run_dir, path, saved)
     config = build_config(apply_overrides(saved.to_dict(), overrides), "resume overrides")
     before, after = _flatten(saved.to_dict()), _flatten(config.to_dict())
     changed = {key: (before.get(key), after[key]) for key in after if before.get(key) != after[key]}
-    frozen = [key for key in changed if key.split(".")[0] in FROZEN_SECTIONS or key in FROZEN_KEYS]
+    frozen = [key for key in changed if _frozen(key)]
     inside_epoch = int(state.get("step_in_epoch", 0)) > 0
     if inside_epoch:
         frozen += [key for key in changed if key in FROZEN_INSIDE_EPOCH]
@@ -100,3 +129,28 @@ def prepare_resume(
             + ", ".join(f"{key} {changed[key][0]!r} -> {changed[key][1]!r}" for key in sorted(frozen))
         )
     return Resume(run_dir, config, state, changed, path, fallbacks)
+
+
+def set_aside_later_checkpoints(folder: Path, epoch: int, step: int) -> Path | None:
+    """A run resumed from an older point (epoch, step) abandons what came after it: move those
+    checkpoints into `folder/abandoned_<time>/`, never deleting them, so that best.pt and the newest
+    epoch_N.pt are again this run's own. Returns the folder they went to, None when none was later.
+    Call on the writing rank only, after the resume was accepted."""
+    later = [path for path in epoch_checkpoints(folder) if epoch_of(path) > epoch]
+    later += [path for path in (folder / "best.pt", folder / "last.pt") if _saved_after(path, epoch, step)]
+    if not later:
+        return None
+    aside = create_stamped_dir(folder, "abandoned")
+    for path in later:
+        os.replace(path, aside / path.name)
+    return aside
+
+
+def _saved_after(path: Path, epoch: int, step: int) -> bool:
+    """Whether the checkpoint at `path` was saved after (epoch, step). One that cannot be read tells
+    nothing and stays: resume has already said why it was passed over."""
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError:
+        return False
+    return (int(state["epoch"]), int(state["step"])) > (epoch, step)

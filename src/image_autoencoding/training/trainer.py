@@ -22,7 +22,12 @@ from image_autoencoding.errors import UserError
 from image_autoencoding.evaluation.evaluate import evaluate_split
 from image_autoencoding.models.vae import build_model
 from image_autoencoding.training.buffer_snapshot import BufferSnapshot
-from image_autoencoding.training.checkpoint import prune_epoch_checkpoints, publish_as, save_checkpoint
+from image_autoencoding.training.checkpoint import (
+    prune_epoch_checkpoints,
+    publish_as,
+    remove_leftover_temporaries,
+    save_checkpoint,
+)
 from image_autoencoding.training.cpu_memory import keep_freed_memory
 from image_autoencoding.training.device import autocast_factory, resolve_precision
 from image_autoencoding.training.distributed import SINGLE, Distributed
@@ -38,6 +43,7 @@ from image_autoencoding.training.interrupts import (
 from image_autoencoding.training.metrics_log import MetricsLog
 from image_autoencoding.training.objective import VAEObjective
 from image_autoencoding.training.optimizers import build_optimizers
+from image_autoencoding.training.resume import set_aside_later_checkpoints
 from image_autoencoding.training.rng import rng_state, seed_everything, set_rng_state
 from image_autoencoding.training.sharded_evaluation import evaluate_split_across_ranks
 from image_autoencoding.training.sync_batchnorm import convert_batchnorm
@@ -73,7 +79,7 @@ class Trainer:
         if self.device.type == "cpu" and self.cfg.reuse_cpu_memory:
             keep_freed_memory()
         self.normalize = Normalizer(config.data, self.device)
-        self.alpha = self.cfg.kl_weight_for(dist.world_size)
+        self.alpha = self.cfg.kl_weight(dist.world_size)
 
         seed_everything(self.cfg.seed)
         self.model = build_model(config.model, config.data.image_size).to(self.device)
@@ -195,7 +201,7 @@ class Trainer:
         """One optimisation step. Returns detached per-batch sums (recon, kl), or None when the loss
         or a gradient is not finite: then neither optimizer steps, and weights, optimizer state and
         BatchNorm statistics are exactly as before."""
-        alpha = self.cfg.kl_weight_at(self.step)  # KL warm-up: ramps from 0 over train.kl_warmup_steps
+        alpha = self.cfg.kl_weight(self.dist.world_size, self.step)  # ramps up over kl_warmup_steps
         if self.gan is not None:
             self.step += 1
             return self.gan.train_step(self.model, x, alpha, self.autocast,
@@ -387,8 +393,22 @@ class Trainer:
 
     # -- the run ---------------------------------------------------------------------------------
 
+    def tidy_checkpoints(self) -> None:
+        """Before the first checkpoint of this run: delete partial writes a killed run left, and set
+        aside the checkpoints saved after the point this run resumes from (a branch it abandons)."""
+        folder = self.run_dir / "checkpoints"
+        removed = remove_leftover_temporaries(folder)
+        if removed:
+            logger.info("removed %d partial checkpoint write(s) of an interrupted run: %s", len(removed),
+                        ", ".join(path.name for path in removed))
+        aside = set_aside_later_checkpoints(folder, self.epoch, self.step)
+        if aside is not None:
+            moved = sorted(path.name for path in aside.iterdir())
+            logger.info("resuming from epoch %d, step %d: moved the later checkpoints %s to %s",
+                        self.epoch, self.step, ", ".join(moved), aside)
+
     def save_epoch_checkpoint(self) -> Path:
-        """epoch_N.pt, with last.pt as a second name for the same file (no second write)."""
+        """epoch_N.pt, copied to last.pt: separate files, so a damaged one leaves the other to resume from."""
         folder = self.run_dir / "checkpoints"
         path = folder / f"epoch_{self.epoch}.pt"
         if not self.writes:
@@ -410,6 +430,7 @@ class Trainer:
 
         if self.writes:
             save_config(self.config, self.run_dir / "config.yaml")
+            self.tidy_checkpoints()
         logger.info(
             "run folder %s | device %s | precision %s | %d train / %d valid images | alpha %g | %.1fM parameters",
             self.run_dir, self.device, self.precision, len(self.data.train.images),
@@ -467,7 +488,7 @@ class Trainer:
         if not self.writes:
             return
         if saved is not None:
-            publish_as(saved, best)  # the same bytes under a second name; pruning epoch_N.pt keeps them
+            publish_as(saved, best)  # a copy: pruning epoch_N.pt keeps it
         else:
             save_checkpoint(self.state(), best)
 
