@@ -154,7 +154,9 @@ def test_bad_files_are_skipped_counted_and_listed(tmp_path):
     assert bad["broken_zero_byte.jpg"] == "empty file"
     assert bad["broken_truncated.jpg"].startswith("truncated")
     assert bad["broken_html.jpg"].startswith("not an image")
+    # The limit named is the user's key, not Pillow's internal twice-the-limit.
     assert bad["broken_bomb.png"].startswith("decompression bomb")
+    assert "9000000 pixels" in bad["broken_bomb.png"] and "data.max_image_pixels (1000000)" in bad["broken_bomb.png"]
     assert "not found" in bad["broken_unreadable.jpg"]
     # Every odd but valid file (grey, CMYK, RGBA, palette, 16-bit, EXIF, small, PNG named .jpg) is kept.
     assert len(data.train.images) == 30 + 8
