@@ -133,9 +133,9 @@ def train_recipe(
     start, epoch, done = time.perf_counter(), 0, 0
     while done < steps:
         epoch += 1
-        trainer.cfg.max_steps_per_epoch = min(per_epoch, steps - done)
-        trainer.train_epoch(epoch, _NoWriter())
-        done += trainer.cfg.max_steps_per_epoch
+        epoch_steps = min(per_epoch, steps - done)
+        trainer.train_epoch(epoch, _NoWriter(), max_steps=epoch_steps)
+        done += epoch_steps
         trainer.encoder_scheduler.step()  # per epoch, as Trainer.fit does
         trainer.decoder_scheduler.step()
     seconds = time.perf_counter() - start

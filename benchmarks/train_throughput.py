@@ -49,6 +49,8 @@ import torch
 from machine import describe
 from photo_sets import FOOD101_SHAPE, make_jpeg_set, original_loader
 
+from image_autoencoding.training.callbacks import Callback
+
 HERE = Path(__file__).resolve().parent
 BATCH_SIZE = 64
 DEVICE = "auto"  # set from --device in main
@@ -64,11 +66,32 @@ def build_config(work: Path, *overrides: str):
     ])
 
 
-def make_trainer(config, data, run_dir: Path):
+def make_trainer(config, data, run_dir: Path, callbacks=()):
     from image_autoencoding.training.trainer import Trainer
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(config, run_dir, data)
+    return Trainer(config, run_dir, data, callbacks=callbacks)
+
+
+class StepTimer(Callback):
+    """Through the trainer's step callbacks: the seconds an epoch spends from the start of each
+    training step to its end (the step with its non-finite check's wait for the device, then the
+    loop's bookkeeping of it: loss sums, progress bar, TensorBoard every 10 steps), the steps, and
+    the images of the steps taken (not skipped: a partial last batch counts its own images)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.in_step, self.calls, self.images, self._start = 0.0, 0, 0, 0.0
+
+    def on_step_start(self, trainer) -> None:
+        self._start = time.perf_counter()
+
+    def on_step_end(self, trainer, batch, sums) -> None:
+        self.in_step += time.perf_counter() - self._start
+        self.calls += 1
+        self.images += 0 if sums is None else len(batch)
 
 
 # -- 1. the original recipe ---------------------------------------------------------------------------
@@ -201,49 +224,39 @@ class EndToEnd:
     (train.max_steps_per_epoch): cache -> shuffled batches -> flip and normalise -> step, with the
     loop's progress bookkeeping and TensorBoard logging.
 
-    It also times the calls to Trainer.train_step inside its epochs: the rest of an epoch's time is
-    what the data path and the loop add to the model step, measured in the same seconds as the step
-    itself, so the machine's drift between rounds cannot move that share."""
+    It also times each step inside its epochs (StepTimer): the rest of an epoch's time is what the
+    data path (cache read, shuffle, flip and normalise, the copy to the device) and the epoch's end
+    add to the steps, measured in the same seconds as the steps themselves, so the machine's drift
+    between rounds cannot move that share. Figures measured before the timer was a callback
+    counted the loop's per-step bookkeeping outside the step."""
 
     def __init__(self, work: Path, data):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.trainer = make_trainer(build_config(work), data, work / "runs" / "epoch")
+        self.timer = StepTimer()  # this epoch's time in the step, its steps and images
+        self.trainer = make_trainer(build_config(work), data, work / "runs" / "epoch", [self.timer])
         self.writer = SummaryWriter(str(work / "runs" / "epoch" / "tensorboard"))
-        # This epoch's time in train_step, its calls and the images of the steps taken (not skipped).
-        self.epoch, self.in_step, self.calls, self.images = 0, 0.0, 0, 0
+        self.epoch = 0
         self.step_seconds, self.epoch_seconds, self.steps = 0.0, 0.0, 0  # over the timed rounds
-        train_step = self.trainer.train_step
-
-        def timed_train_step(x: torch.Tensor):
-            start = time.perf_counter()
-            sums = train_step(x)  # ends with the non-finite check's wait for the device
-            self.in_step += time.perf_counter() - start
-            self.calls += 1
-            self.images += 0 if sums is None else len(x)
-            return sums
-
-        self.trainer.train_step = timed_train_step
         warm = time.perf_counter()
         self.run(3, -1)  # warm-up (and compile) outside the timed epochs
         self.warm_up_s = time.perf_counter() - warm
 
     def run(self, steps: int, round_index: int) -> tuple[int, float]:
-        self.trainer.cfg.max_steps_per_epoch = steps
         self.epoch += 1
-        self.in_step, self.calls, self.images = 0.0, 0, 0
+        self.timer.reset()
         start = time.perf_counter()
-        self.trainer.train_epoch(self.epoch, self.writer)  # ends reading the loss sums: synced
+        self.trainer.train_epoch(self.epoch, self.writer, max_steps=steps)  # ends reading the loss sums: synced
         seconds = time.perf_counter() - start
         if round_index >= 0:
-            self.step_seconds += self.in_step
+            self.step_seconds += self.timer.in_step
             self.epoch_seconds += seconds
-            self.steps += self.calls
-        return self.images, seconds  # fewer than steps * BATCH_SIZE where the set ends sooner
+            self.steps += self.timer.calls
+        return self.timer.images, seconds  # fewer than steps * BATCH_SIZE where the set ends sooner
 
     def outside_the_step(self) -> dict:
-        """Over the timed rounds: the share of the epochs' time spent in train_step, and the
-        milliseconds per step spent outside it (batches, progress, logging, the epoch's end)."""
+        """Over the timed rounds: the share of the epochs' time spent in the steps, and the
+        milliseconds per step spent outside them (batches, the epoch's end)."""
         return {"share_in_step": self.step_seconds / self.epoch_seconds,
                 "outside_ms_per_step": (self.epoch_seconds - self.step_seconds) / self.steps * 1e3}
 
@@ -342,10 +355,9 @@ def peak_memory_child(work: str, images: int, steps: int) -> None:
     trainer = make_trainer(config, data, work_path / "runs" / "memory")
     for _ in training_batches(data.train.images, BATCH_SIZE, 0, 1, trainer.device, trainer.normalize):
         pass  # every page of the cache read once, as in an epoch
-    trainer.cfg.max_steps_per_epoch = steps
     from torch.utils.tensorboard import SummaryWriter
 
-    trainer.train_epoch(1, SummaryWriter(str(work_path / "runs" / "memory" / "tb")))
+    trainer.train_epoch(1, SummaryWriter(str(work_path / "runs" / "memory" / "tb")), max_steps=steps)
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     # RssFile is mostly the cache's pages mapped in; the kernel drops them under memory pressure.
     megabytes = {key: int(status[key].split()[0]) / 1024 for key in ("VmHWM", "RssAnon", "RssFile")}
@@ -542,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
           f"warm-up {results['warm_up_s']:.0f} s")
     outside = results["end_to_end_outside_step"]
     print(f"within the end-to-end epochs: {outside['share_in_step']:.1%} of the time in the model step, "
-          f"{outside['outside_ms_per_step']:.1f} ms per step outside it (batches, logging, each epoch's end)")
+          f"{outside['outside_ms_per_step']:.1f} ms per step outside it (batches, each epoch's end)")
     a = results["arithmetic"]
     achieved = results["model_step_img_s"][best] * a["ours_gflop_per_image"]
     at_peak = a["matmul_gflops"] / a["ours_gflop_per_image"]

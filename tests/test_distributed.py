@@ -26,6 +26,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import TINY
+from helpers.faults import ENV as SIGNAL_AT_STEP
+from helpers.faults import SCRIPT as VAE_WITH_FAULTS
 from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
 from image_autoencoding.data.batches import Normalizer, steps_per_epoch, training_batches
@@ -33,9 +35,9 @@ from image_autoencoding.data.image_data import load_image_data
 from image_autoencoding.evaluation.evaluate import evaluate_split
 from image_autoencoding.evaluation.run_report import load_run_model
 from image_autoencoding.models.vae import build_model
+from image_autoencoding.training.callbacks import Callback
 from image_autoencoding.training.checkpoint import load_checkpoint
 from image_autoencoding.training.distributed import Distributed
-from image_autoencoding.training.fault_injection import ENV as SIGNAL_AT_STEP
 from image_autoencoding.training.interrupts import TrainingInterrupted
 from image_autoencoding.training.objective import VAEObjective
 from image_autoencoding.training.sharded_evaluation import shard_range
@@ -65,7 +67,7 @@ def _torchrun(args: list[str], signal_at: str | None = None) -> subprocess.Compl
     if signal_at:
         env[SIGNAL_AT_STEP] = signal_at
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "image_autoencoding", "train", "--quiet", *args]
+               VAE_WITH_FAULTS, "train", "--quiet", *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
 
 
@@ -182,7 +184,7 @@ def _kl_weights_per_step(rank: int, root: Path, world: int) -> None:
         trainer = Trainer(config, root / "run", load_image_data(config.data, progress=False),
                           dist=Distributed(rank, rank, world))
         weights = []
-        trainer.forward.register_forward_pre_hook(lambda module, args: weights.append(float(args[1])))
+        trainer.objective.register_forward_pre_hook(lambda module, args: weights.append(float(args[1])))
         trainer.train_epoch(1, writer=None)
         torch.save(weights, root / f"weights{world}_rank{rank}.pt")
     finally:
@@ -242,14 +244,16 @@ def _train_one_epoch_with_a_bad_step_on_rank_1(rank: int, root: Path) -> None:
     dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2)
     try:
         config = load_config(None, [*COMMON, "train.batch_size=16", f"train.output_dir={root}"])
-        check = Trainer._loss_or_gradients_not_finite
-
-        def bad_at_step_2_on_rank_1(self, loss):
-            return check(self, loss) | (rank == 1 and self.step == 2)
-
-        Trainer._loss_or_gradients_not_finite = bad_at_step_2_on_rank_1
         trainer = Trainer(config, root / "run", load_image_data(config.data, progress=False),
                           dist=Distributed(rank, rank, 2))
+
+        def overflow_in_step_2_on_rank_1(module, args, output):
+            # loss + inf: the gradients stay finite (and are averaged as usual), the loss is not.
+            if rank == 1 and trainer.step == 1:
+                return output[0] + float("inf"), *output[1:]
+            return None
+
+        trainer.objective.register_forward_hook(overflow_in_step_2_on_rank_1)
         values = trainer.train_epoch(1, writer=None)
         weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
         torch.save({"skipped": values["skipped_steps"], "weights": weights}, root / f"rank{rank}.pt")
@@ -280,15 +284,14 @@ def _steps_with_a_stop_request_on_rank_1(rank: int, root: Path) -> None:
     try:
         config = load_config(None, [*COMMON, "train.batch_size=16", "train.max_steps_per_epoch=6",
                                     f"train.output_dir={root}"])
-        trainer = Trainer(config, root / "run", load_image_data(config.data, progress=False),
-                          dist=Distributed(rank, rank, 2))
 
-        class SigtermOnRank1AfterStep2:
-            def after_step(self, step: int) -> None:
-                if rank == 1 and step == 2:
+        class SigtermOnRank1AfterStep2(Callback):
+            def on_step_end(self, trainer, batch, sums) -> None:
+                if rank == 1 and trainer.step == 2:
                     trainer.stop.signum = signal.SIGTERM  # what the installed handler records
 
-        trainer.faults = SigtermOnRank1AfterStep2()
+        trainer = Trainer(config, root / "run", load_image_data(config.data, progress=False),
+                          dist=Distributed(rank, rank, 2), callbacks=[SigtermOnRank1AfterStep2()])
         try:
             trainer.train_epoch(1, writer=None)
             outcome = "finished"

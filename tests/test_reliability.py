@@ -25,12 +25,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.faults import ENV as SIGNAL_AT_STEP
+from helpers.faults import SCRIPT as VAE_WITH_FAULTS
+from helpers.faults import SignalAtStep
 from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
 from image_autoencoding.data.image_data import load_image_data
+from image_autoencoding.evaluation import run_report
 from image_autoencoding.models.vae import build_model
 from image_autoencoding.training import objective as objective_module
 from image_autoencoding.training import trainer as trainer_module
+from image_autoencoding.training.callbacks import Callback
 from image_autoencoding.training.checkpoint import (
     CheckpointError,
     first_non_finite,
@@ -38,7 +43,6 @@ from image_autoencoding.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from image_autoencoding.training.fault_injection import ENV as SIGNAL_AT_STEP
 from image_autoencoding.training.resume import load_newest_good
 from image_autoencoding.training.run_dir import create_run_dir
 from image_autoencoding.training.trainer import Trainer
@@ -65,12 +69,12 @@ def one_thread():
 def no_final_report(monkeypatch):
     """Runs that only need their checkpoints skip the scoring after the last epoch (seconds each;
     test_evaluation covers it)."""
-    monkeypatch.setattr(Trainer, "final_report", lambda self: None)
+    monkeypatch.setattr(run_report, "final_report", lambda *args: None)
 
 
 def _vae(args: list[str], signal_at: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "image_autoencoding", *args], env=_env(signal_at),
+        [sys.executable, VAE_WITH_FAULTS, *args], env=_env(signal_at),
         capture_output=True, text=True, timeout=180,
     )
 
@@ -162,19 +166,21 @@ def test_runs_killed_at_any_step_resume_bit_identical(tiny, tmp_path):
         assert row == reference  # the loss sums carried across kills give the same epoch means
 
 
-def test_metrics_rows_after_the_checkpoint_are_replaced_not_duplicated(tiny, tmp_path, monkeypatch):
+class _CopyLastCheckpointAtStep(Callback):
+    """Keeps a copy of the last.pt written at `step` (step-end callbacks run after its write)."""
+
+    def __init__(self, step: int, copy: Path):
+        self.step, self.copy = step, copy
+
+    def on_step_end(self, trainer, batch, sums) -> None:
+        if trainer.step == self.step:
+            shutil.copy(trainer.run_dir / "checkpoints" / "last.pt", self.copy)
+
+
+def test_metrics_rows_after_the_checkpoint_are_replaced_not_duplicated(tiny, tmp_path):
     inside_epoch_2 = tmp_path / "inside_epoch_2.pt"
-    save_last = Trainer.save_last_checkpoint
-
-    def keep_a_copy(self):
-        path = save_last(self)
-        if self.step == 4:
-            shutil.copy(path, inside_epoch_2)
-        return path
-
-    monkeypatch.setattr(Trainer, "save_last_checkpoint", keep_a_copy)
     args = [*tiny, "train.epochs=2", "train.max_steps_per_epoch=3", "train.checkpoint_every_steps=2"]
-    assert main(["train", *args]) == 0
+    assert main(["train", *args], callbacks=[_CopyLastCheckpointAtStep(4, inside_epoch_2)]) == 0
     run = _run_dir(tmp_path)
     before = _metrics(run)
     assert [r["epoch"] for r in before] == ["1", "2"]
@@ -506,9 +512,9 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(ti
 def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(tiny, tmp_path, monkeypatch, capsys):
     # A real SIGINT to this process, handled by the trainer (the CLI would also turn a bare
     # KeyboardInterrupt into 130, but then no checkpoint of step 5 would exist).
-    monkeypatch.setenv(SIGNAL_AT_STEP, "SIGINT@5")
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs in a background job
-    assert main(["train", "--quiet", *tiny, *EXACT, "train.checkpoint_every_steps=null"]) == 130
+    args = ["train", "--quiet", *tiny, *EXACT, "train.checkpoint_every_steps=null"]
+    assert main(args, callbacks=[SignalAtStep("SIGINT@5")]) == 130
     run = _run_dir(tmp_path)
     assert f"continue with: vae train --resume {run}" in _one_line(capsys.readouterr().err)
     state = load_checkpoint(run / "checkpoints" / "last.pt")

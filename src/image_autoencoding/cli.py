@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from image_autoencoding.config import ConfigError, load_config
 from image_autoencoding.errors import UserError
 from image_autoencoding.training.interrupts import TrainingInterrupted
+
+if TYPE_CHECKING:
+    from image_autoencoding.training.callbacks import Callback
 
 
 def _add_train(subparsers) -> None:
@@ -28,7 +33,8 @@ def _add_train(subparsers) -> None:
     parser.set_defaults(handler=_train)
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
+    from image_autoencoding.evaluation import run_report
     from image_autoencoding.training.distributed import from_environment, process_group
     from image_autoencoding.training.resume import prepare_resume
     from image_autoencoding.training.run_log import run_logging
@@ -48,8 +54,9 @@ def _train(args: argparse.Namespace) -> int:
 
     with process_group(config.train.device) as dist:
         run_dir, data = _run_dir_and_data(config, resume, dist)
+        trainer = Trainer(config, run_dir, data, resume=state, dist=dist, callbacks=callbacks)
         if not dist.is_main:  # the other ranks train and write nothing
-            Trainer(config, run_dir, data, resume=state, dist=dist).fit()
+            trainer.fit()
             return 0
         with run_logging(run_dir, config.train.log_dir, console=not args.quiet) as logger:
             if data.bad_files:
@@ -62,7 +69,9 @@ def _train(args: argparse.Namespace) -> int:
                             dist.world_size)
                 for key, (old, new) in resume.changed.items():
                     logger.info("resume changes %s: %r -> %r", key, old, new)
-            Trainer(config, run_dir, data, resume=state, dist=dist).fit()
+            trainer.fit()
+            if trainer.epoch >= config.train.epochs:  # one process scores the whole split
+                run_report.final_report(run_dir, data, str(trainer.device))
     print(run_dir)
     return 0
 
@@ -337,11 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks: Sequence[Callback] = ()) -> int:
+    """`callbacks`: run by `vae train`'s trainer at the points of its loop (training/callbacks.py);
+    for code that drives the command line and wants to observe or act on the training."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        return args.handler(args, callbacks) if args.handler is _train else args.handler(args)
     except UserError as exc:
         print(f"vae: error: {exc}", file=sys.stderr)
         return 2

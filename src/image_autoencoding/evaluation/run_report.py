@@ -231,9 +231,12 @@ def evaluate_and_write(
     return document, [metrics_json, report, *pictures.values()]
 
 
-def evaluate_run(
-    run_dir: Path, checkpoint: str = "best", split: str = "valid", limit: int | None = None,
-    data: ImageData | None = None, device: str | None = None,
-) -> dict[str, Any]:
-    """`evaluate_and_write`, returning only the metrics document."""
-    return evaluate_and_write(run_dir, checkpoint, split, limit, data, device)[0]
+def final_report(run_dir: Path, data: ImageData, device: str) -> dict[str, Any]:
+    """The end of a finished training run: `best` on the whole validation split, written as the
+    run's own metrics.json, pictures and report.md, and logged."""
+    document, _ = evaluate_and_write(run_dir, "best", data=data, device=device)
+    logger.info(
+        "validation metrics of %s (epoch %d, %d images), written to metrics.json and report.md:\n%s",
+        Path(document["checkpoint"]).name, document["epoch"], document["images"], metrics_table(document),
+    )
+    return document

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from image_autoencoding.errors import UserError
 from image_autoencoding.evaluation.evaluate import evaluate_split
 from image_autoencoding.models.vae import build_model
 from image_autoencoding.training.buffer_snapshot import BufferSnapshot
+from image_autoencoding.training.callbacks import Callback, Callbacks
 from image_autoencoding.training.checkpoint import (
     prune_epoch_checkpoints,
     publish_as,
@@ -32,7 +34,6 @@ from image_autoencoding.training.cpu_memory import keep_freed_memory
 from image_autoencoding.training.device import autocast_factory, resolve_precision
 from image_autoencoding.training.distributed import SINGLE, Distributed
 from image_autoencoding.training.epoch_progress import EpochProgress
-from image_autoencoding.training.fault_injection import SignalAtStep
 from image_autoencoding.training.interrupts import (
     HANDLED,
     StopRequests,
@@ -61,11 +62,11 @@ class TrainingDiverged(UserError):
 
 class Trainer:
     """`dist` says which of the torchrun processes this is; every rank trains, rank 0 alone writes
-    the run folder (`self.writes`)."""
+    the run folder (`self.writes`). `callbacks` run at the named points of `fit` (callbacks.py)."""
 
     def __init__(
         self, config: Config, run_dir: Path, data: ImageData, resume: dict[str, Any] | None = None,
-        dist: Distributed = SINGLE,
+        dist: Distributed = SINGLE, callbacks: Sequence[Callback] = (),
     ):
         self.config = config
         self.cfg = config.train
@@ -88,7 +89,7 @@ class Trainer:
         if self.cfg.channels_last:
             # Batches from `Normalizer` are NHWC in memory already (a permuted uint8 NHWC array).
             self.model = self.model.to(memory_format=torch.channels_last)
-        # The module that runs training steps: the whole loss inside one forward, compiled as a
+        # self.objective runs training steps: the whole loss inside one forward, compiled as a
         # whole, and under torchrun wrapped in DDP. self.model stays the plain VAE whose weights
         # are saved (the same parameters).
         objective = VAEObjective(
@@ -97,10 +98,10 @@ class Trainer:
         # Static shapes: the last partial batch of an epoch gets a graph of its own. By default
         # a second batch size makes torch.compile build a dynamic-shape graph (41 s against 21 s
         # for a static one, measured on CPU with a cold cache), which every full batch then runs.
-        self.forward = torch.compile(objective, dynamic=False) if self.cfg.compile else objective
+        self.objective = torch.compile(objective, dynamic=False) if self.cfg.compile else objective
         if dist.enabled:
-            self.forward = DistributedDataParallel(
-                self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            self.objective = DistributedDataParallel(
+                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         self.encoder_optimizer, self.decoder_optimizer = build_optimizers(self.model, self.cfg)
         # Loss scaling for fp16 only; disabled, it passes the loss and the steps through unchanged,
@@ -122,7 +123,7 @@ class Trainer:
         self.metrics = MetricsLog(run_dir / "metrics.csv")
         self.best_ssim = float("-inf")
         self.stop = StopRequests()  # installed for the duration of fit()
-        self.faults = SignalAtStep.from_environment()
+        self.callbacks = Callbacks(callbacks)
         self._buffers = BufferSnapshot(self.model)
         # This step's KL weight, filled in place: torch.tensor(alpha, device=...) would be a copy
         # from pageable host memory, which on a GPU waits for all queued work before every step.
@@ -207,7 +208,7 @@ class Trainer:
             return self.gan.train_step(self.model, x, alpha, self.autocast,
                                        [self.encoder_optimizer, self.decoder_optimizer])
         self._buffers.take()
-        loss, recon, kl = self.forward(x, self._alpha.fill_(alpha))
+        loss, recon, kl = self.objective(x, self._alpha.fill_(alpha))
         self.encoder_optimizer.zero_grad(set_to_none=True)
         self.decoder_optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -252,12 +253,14 @@ class Trainer:
         total_norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
         return ~(torch.isfinite(loss.detach()) & torch.isfinite(total_norm))
 
-    def train_epoch(self, epoch: int, writer) -> dict[str, float]:
-        """The rest of `epoch`: all of it, or what follows the checkpoint this run resumed from."""
+    def train_epoch(self, epoch: int, writer, max_steps: int | None = None) -> dict[str, float]:
+        """The rest of `epoch`: all of it, or what follows the checkpoint this run resumed from.
+        `max_steps`: end the epoch after this many steps (default train.max_steps_per_epoch)."""
         self.model.train()
         images = self.data.train.images
         world = self.dist.world_size
-        total_steps = steps_per_epoch(len(images), self.cfg.batch_size, self.cfg.max_steps_per_epoch, world)
+        max_steps = self.cfg.max_steps_per_epoch if max_steps is None else max_steps
+        total_steps = steps_per_epoch(len(images), self.cfg.batch_size, max_steps, world)
         progress = self.progress
         start = time.perf_counter() - progress.seconds
         bar = tqdm(
@@ -266,9 +269,10 @@ class Trainer:
         )
         batches = training_batches(
             images, self.cfg.batch_size, self.cfg.seed, epoch, self.device, self.normalize,
-            self.cfg.max_steps_per_epoch, start_step=progress.steps, rank=self.dist.rank, world_size=world,
+            max_steps, start_step=progress.steps, rank=self.dist.rank, world_size=world,
         )
         for x in batches:
+            self.callbacks.on_step_start(self)
             sums = self.train_step(x)
             progress.steps += 1
             if sums is None:
@@ -285,7 +289,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{recon + self.alpha * kl:.1f}", img_s=f"{rate:.0f}")
                 if writer is not None:
                     writer.add_scalar("train/step_encoder_loss", recon + self.alpha * kl, self.step)
-            self._after_step()
+            self._after_step(x, sums)
         bar.close()
         seconds = time.perf_counter() - start
         recon, kl = (progress.sums / max(progress.images, 1)).tolist()
@@ -330,11 +334,11 @@ class Trainer:
             raise TrainingDiverged(message)
         logger.warning("non-finite loss or gradient at %s: step skipped, weights unchanged", where)
 
-    def _after_step(self) -> None:
+    def _after_step(self, x: Tensor, sums: Tensor | None) -> None:
         every = self.cfg.checkpoint_every_steps
         if every is not None and self.step % every == 0:
             self.save_last_checkpoint()
-        self.faults.after_step(self.step)
+        self.callbacks.on_step_end(self, x, sums)
         # Under torchrun, the signals the ranks agreed on in this step's packet: a signal that
         # arrives after the packet was sent stops every rank after the next step.
         signum = self._agreed_stop if self.dist.enabled else self.stop.signum
@@ -426,8 +430,34 @@ class Trainer:
         return path
 
     def fit(self) -> Path:
+        """Train from the epoch after the last one done to train.epochs. Scoring the finished run
+        (report.md) is the caller's: it reads a checkpoint, not the trainer."""
         from torch.utils.tensorboard import SummaryWriter
 
+        self._start_run()
+        writer = SummaryWriter(str(self.run_dir / "tensorboard")) if self.writes else None
+        self.stop.install()
+        self.callbacks.on_fit_start(self)
+        try:
+            for epoch in range(self.epoch + 1, self.cfg.epochs + 1):
+                values = self.train_epoch(epoch, writer)
+                self.encoder_scheduler.step()
+                self.decoder_scheduler.step()
+                values.update(self.validate())
+                self.epoch = epoch
+                self._record_epoch(epoch, values, writer)
+                self.callbacks.on_epoch_end(self, epoch, values)
+                signum = self._stop_signal()
+                if signum is not None and epoch < self.cfg.epochs:
+                    self._stop_on_signal(signum)
+        finally:
+            self.stop.restore()
+            if writer is not None:
+                writer.close()
+        self.callbacks.on_fit_end(self)
+        return self.run_dir
+
+    def _start_run(self) -> None:
         if self.writes:
             save_config(self.config, self.run_dir / "config.yaml")
             self.tidy_checkpoints()
@@ -444,43 +474,27 @@ class Trainer:
             )
         if self.epoch >= self.cfg.epochs:
             logger.info("nothing to do: %d of %d epochs already done", self.epoch, self.cfg.epochs)
-        writer = SummaryWriter(str(self.run_dir / "tensorboard")) if self.writes else None
-        self.stop.install()
-        try:
-            for epoch in range(self.epoch + 1, self.cfg.epochs + 1):
-                values = self.train_epoch(epoch, writer)
-                self.encoder_scheduler.step()
-                self.decoder_scheduler.step()
-                values.update(self.validate())
-                self.epoch = epoch
-                if writer is not None:
-                    self.metrics.append({"epoch": epoch, "step": self.step, **values})
-                    for key, value in values.items():
-                        writer.add_scalar(f"epoch/{key}", value, epoch)
-                    writer.flush()
-                self.save_pictures(epoch)
-                logger.info(
-                    "epoch %d/%d  encoder loss %.2f  recon %.2f  kl %.2f  valid recon %.2f  %.0f img/s",
-                    epoch, self.cfg.epochs, values["encoder_loss"], values["recon"], values["kl"],
-                    values["valid_recon"], values["images_per_s"],
-                )
-                improved = values["valid_ssim"] > self.best_ssim
-                self.best_ssim = max(self.best_ssim, values["valid_ssim"])
-                saved = None
-                if epoch % self.cfg.checkpoint_every == 0 or epoch == self.cfg.epochs:
-                    saved = self.save_epoch_checkpoint()
-                if improved:
-                    self.save_best(saved)
-                signum = self._stop_signal()
-                if signum is not None and epoch < self.cfg.epochs:
-                    self._stop_on_signal(signum)
-        finally:
-            self.stop.restore()
-            if writer is not None:
-                writer.close()
-        if self.epoch >= self.cfg.epochs and self.writes:
-            self.final_report()  # one process scoring the whole split; the other ranks are done
-        return self.run_dir
+
+    def _record_epoch(self, epoch: int, values: dict[str, float], writer) -> None:
+        """metrics.csv, TensorBoard, pictures, the log line, epoch_N.pt / last.pt and best.pt."""
+        if writer is not None:
+            self.metrics.append({"epoch": epoch, "step": self.step, **values})
+            for key, value in values.items():
+                writer.add_scalar(f"epoch/{key}", value, epoch)
+            writer.flush()
+        self.save_pictures(epoch)
+        logger.info(
+            "epoch %d/%d  encoder loss %.2f  recon %.2f  kl %.2f  valid recon %.2f  %.0f img/s",
+            epoch, self.cfg.epochs, values["encoder_loss"], values["recon"], values["kl"],
+            values["valid_recon"], values["images_per_s"],
+        )
+        improved = values["valid_ssim"] > self.best_ssim
+        self.best_ssim = max(self.best_ssim, values["valid_ssim"])
+        saved = None
+        if epoch % self.cfg.checkpoint_every == 0 or epoch == self.cfg.epochs:
+            saved = self.save_epoch_checkpoint()
+        if improved:
+            self.save_best(saved)
 
     def save_best(self, saved: Path | None) -> None:
         """checkpoints/best.pt: the epoch with the highest validation SSIM so far."""
@@ -491,12 +505,3 @@ class Trainer:
             publish_as(saved, best)  # a copy: pruning epoch_N.pt keeps it
         else:
             save_checkpoint(self.state(), best)
-
-    def final_report(self) -> None:
-        from image_autoencoding.evaluation.run_report import evaluate_run, metrics_table
-
-        document = evaluate_run(self.run_dir, "best", data=self.data, device=str(self.device))
-        logger.info(
-            "validation metrics of %s (epoch %d, %d images), written to metrics.json and report.md:\n%s",
-            Path(document["checkpoint"]).name, document["epoch"], document["images"], metrics_table(document),
-        )
