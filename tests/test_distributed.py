@@ -1,4 +1,4 @@
-"""Many processes (issue 7): torchrun with 2 CPU processes over gloo, against one process with the
+"""Many processes: torchrun with 2 CPU processes over gloo, against one process with the
 same global batch (2 x 16 = 1 x 32) and seed.
 
 Two torchrun runs are made once per module (each costs ~15 s on two cores): a whole one, and one
@@ -303,7 +303,7 @@ def _steps_with_a_stop_request_on_rank_1(rank: int, root: Path) -> None:
 
 
 def test_ranks_agree_on_losses_flags_and_stop_requests_in_one_collective_per_step(tmp_path):
-    """Issue 5 under torchrun: one all-reduce per step (loss sums, the non-finite flag and the stop
+    """Under torchrun: one all-reduce per step (loss sums, the non-finite flag and the stop
     signals together), so one host wait per step; a SIGTERM that reached one rank stops both after
     the same step, the one after the signal, and rank 0 writes last.pt there."""
     mp.spawn(_steps_with_a_stop_request_on_rank_1, args=(tmp_path,), nprocs=2)

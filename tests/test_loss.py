@@ -29,7 +29,7 @@ def _grads(module):
 
 
 def test_one_backward_gives_each_network_its_own_objective():
-    """Encoder: d[sum(recon) + alpha sum(kl)]; decoder: d[sum(recon)] (DESIGN.md section 3)."""
+    """Encoder: d[sum(recon) + alpha sum(kl)]; decoder: d[sum(recon)] (docs/design.md, the model and the loss)."""
     cfg = load_config(None, ["data.image_size=16", "model.encoder_channels=[4,8,8]",
                              "model.decoder_channels=[8,8,4,3]", "model.fc_dim=16", "model.latent_dim=4"])
     model = build_model(cfg.model, 16)

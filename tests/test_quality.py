@@ -1,4 +1,4 @@
-"""Issue 8: the original recipe as a config, KL warm-up, free bits, VAE-GAN mode, sharpness."""
+"""The original recipe as a config, KL warm-up, free bits, VAE-GAN mode, sharpness."""
 
 from __future__ import annotations
 

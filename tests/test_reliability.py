@@ -1,4 +1,4 @@
-"""Reliability rules (issue 6): exact resume, crash-safe checkpoints, safe loading, export, the
+"""Reliability rules: exact resume, crash-safe checkpoints, safe loading, export, the
 non-finite loss guard, signals, unwritable / full disks and concurrent run folders.
 
 Runs that must die by a real signal train in a subprocess; everything else calls the CLI

@@ -206,7 +206,7 @@ class _HostSyncs(TorchDispatchMode):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_training_step_waits_for_the_device_once(tiny, tmp_path, precision):
-    """Issue 5: no host synchronisation per step beyond the one that decides whether the optimizers
+    """No host synchronisation per step beyond the one that decides whether the optimizers
     step (the non-finite guard). Counted on the CPU, where the same code runs as on a GPU: batch
     drawing, the KL weight (warm-up changes it every step), the step itself. (fp16 adds GradScaler's
     own check, one per optimizer, as PyTorch does for optimizers without a fused kernel.)"""

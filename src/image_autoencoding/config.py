@@ -169,7 +169,7 @@ class TrainConfig(_Section):
     sample_images: int = Field(64, ge=1)
     progress: bool = True
 
-    # --- reliability (issue 6): mid-epoch checkpoints and the non-finite loss guard ---
+    # --- reliability: mid-epoch checkpoints and the non-finite loss guard ---
     # Also write last.pt every N optimizer steps, so a run killed inside a long epoch resumes inside
     # it; None writes checkpoints only at epoch ends (train.checkpoint_every).
     checkpoint_every_steps: int | None = Field(None, ge=1)
@@ -177,11 +177,11 @@ class TrainConfig(_Section):
     max_bad_steps: int = Field(3, ge=1)
     # --- end reliability ---
 
-    # --- many GPUs (issue 7): torchrun / DistributedDataParallel ---
+    # --- many GPUs: torchrun / DistributedDataParallel ---
     # BatchNorm statistics over the global batch (all ranks) instead of each rank's own images.
     sync_batchnorm: bool = False
 
-    # --- KL schedule (issue 8) ---
+    # --- KL schedule ---
     # The KL weight ramps linearly from 0 to alpha over this many optimizer steps (KL warm-up,
     # Bowman et al. 2016); 0 uses alpha from the first step (the original).
     kl_warmup_steps: int = Field(0, ge=0)

@@ -6,11 +6,11 @@ large temporaries every time (activations of a batch; the optimizer's temporarie
 weights of the encoder's FC layer: a 64 MiB `sqrt` alone), so each step paid for tens of thousands of
 page faults on freshly zeroed pages (tests/test_cpu_memory.py counts them). With mmap off and a
 1 GiB trim threshold the heap settles after a few steps and the blocks are reused: on an AVX-512
-BF16 machine, bf16 training went from ~160 to ~184 img/s, for ~60 MB more peak memory. The threshold
-was 256 MiB at first; the default model's fp32 step at batch 64 (AVX2 machine) then still left more
-than that free at the top of the heap now and then, and the kernel time of the end-to-end loop's
-steps averaged 26 ms (4 to 68 over five runs) against 5 ms (3 to 6) at 1 GiB, with the same peak
-memory; a fault costs ~4.4 us a page on these VMs. It is the same cure as LD_PRELOADing tcmalloc
+BF16 machine, bf16 training went from ~160 to ~184 img/s, for ~60 MB more peak memory. The trim
+threshold is 1 GiB because the default model's fp32 step at batch 64 (AVX2 machine) leaves more than
+256 MiB free at the top of the heap now and then: with a 256 MiB threshold the kernel time of the
+end-to-end loop's steps averaged 26 ms (4 to 68 over five runs) against 5 ms (3 to 6) at 1 GiB, with
+the same peak memory; a fault costs ~4.4 us a page on these VMs. It is the same cure as LD_PRELOADing tcmalloc
 (measured equal here; jemalloc was slower), done from inside the process, so it applies to
 `vae train` and to library use alike, with nothing to install.
 """

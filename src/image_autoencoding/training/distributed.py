@@ -2,8 +2,8 @@
 collective operations the trainer needs.
 
 A run started without torchrun, or by torchrun with one process, never creates a process group:
-every helper here is then a no-op returning its input, so single-process training is exactly what
-it was before this module existed.
+every helper here is then a no-op returning its input, so single-process training runs no
+collective at all.
 """
 
 from __future__ import annotations
@@ -16,8 +16,35 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from image_autoencoding.training.device import resolve_device
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Sum over ranks with a gradient: the loss is a sum over ranks of terms that each depend on
+    the summed value, so the gradient of the sum with respect to it is again the sum over ranks.
+    (torch.distributed.nn.functional.all_reduce does the same but is deprecated, and refused by
+    torch.compile.)"""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
+def summed_over_ranks(tensor: Tensor) -> Tensor:
+    """All-reduce (sum) that autograd differentiates: its backward sums the ranks' gradients, so a
+    term computed from the global sum sends each rank the gradient for its own images. The one
+    differentiable collective of the package (free bits, synchronised BatchNorm on CPU)."""
+    return _SumOverRanks.apply(tensor)
 
 
 @dataclass(frozen=True)

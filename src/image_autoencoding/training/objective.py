@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from image_autoencoding.models.vae import VAE, kl_for_objective, loss_terms, training_objective
+from image_autoencoding.training.distributed import summed_over_ranks
 
 
 class VAEObjective(nn.Module):
@@ -60,16 +61,9 @@ class VAEObjective(nn.Module):
         recon, kl = loss_terms(x, x_hat, posterior)
         # Free bits change what the objective sees of the KL; the returned sums keep the true KL.
         objective_kl = kl if self.free_bits <= 0 else kl_for_objective(
-            posterior, self.free_bits, _sum_over_ranks if self.world_size > 1 else None, self.world_size)
+            posterior, self.free_bits, summed_over_ranks if self.world_size > 1 else None, self.world_size)
         objective = training_objective(recon, objective_kl, self.alpha if alpha is None else alpha)
         if self.world_size > 1:
             objective = objective * self.world_size
         return objective, recon.sum(), kl.sum()
 
-
-def _sum_over_ranks(tensor: Tensor) -> Tensor:
-    """All-reduce (sum) that autograd differentiates: its backward sums the ranks' gradients, so a
-    term computed from the global sum sends each rank the gradient for its own images."""
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(tensor)

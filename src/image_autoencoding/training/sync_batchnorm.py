@@ -13,23 +13,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks with a gradient: the loss is a sum over ranks of terms that each depend on
-    the summed value, so the gradient of the sum with respect to it is again the sum over ranks.
-    (torch.distributed.nn.functional.all_reduce does the same but is deprecated.)"""
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor) -> Tensor:
-        total = tensor.clone()
-        dist.all_reduce(total)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        total = grad.clone()
-        dist.all_reduce(total)
-        return total
+from image_autoencoding.training.distributed import summed_over_ranks
 
 
 class AllReduceBatchNorm(_BatchNorm):
@@ -50,11 +34,11 @@ class AllReduceBatchNorm(_BatchNorm):
         shape = [1, -1, *([1] * (x.dim() - 2))]
         xf = x.float()
         local_count = torch.full((1,), xf.numel() / xf.shape[1], device=x.device)
-        totals = _AllReduceSum.apply(torch.cat([xf.sum(dims), local_count]))
+        totals = summed_over_ranks(torch.cat([xf.sum(dims), local_count]))
         count = totals[-1].detach()
         mean = totals[:-1] / count
         centred = xf - mean.view(shape)
-        var = _AllReduceSum.apply((centred * centred).sum(dims)) / count
+        var = summed_over_ranks((centred * centred).sum(dims)) / count
         out = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
