@@ -35,8 +35,8 @@ from image_autoencoding.data.image_data import load_image_data
 from image_autoencoding.evaluation.evaluate import evaluate_split
 from image_autoencoding.evaluation.run_report import load_run_model
 from image_autoencoding.models.vae import build_model
+from image_autoencoding.runs.checkpoint import load_checkpoint
 from image_autoencoding.training.callbacks import Callback
-from image_autoencoding.training.checkpoint import load_checkpoint
 from image_autoencoding.training.distributed import Distributed
 from image_autoencoding.training.interrupts import TrainingInterrupted
 from image_autoencoding.training.objective import VAEObjective

@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import TINY
 from fixtures import photo, save_jpeg
 from image_autoencoding.cli import main
-from image_autoencoding.training.checkpoint import load_checkpoint
+from image_autoencoding.runs.checkpoint import load_checkpoint
 from image_autoencoding.visualization import plots
 
 

@@ -16,8 +16,8 @@ from image_autoencoding.data.image_data import load_image_data
 from image_autoencoding.evaluation.diversity import relative_diversity
 from image_autoencoding.evaluation.sharpness import laplacian_variance, relative_sharpness
 from image_autoencoding.models.vae import DiagonalGaussian, kl_for_objective
+from image_autoencoding.runs.checkpoint import load_checkpoint
 from image_autoencoding.training import objective as objective_module
-from image_autoencoding.training.checkpoint import load_checkpoint
 from image_autoencoding.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]

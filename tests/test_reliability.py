@@ -33,18 +33,18 @@ from image_autoencoding.config import load_config
 from image_autoencoding.data.image_data import load_image_data
 from image_autoencoding.evaluation import run_report
 from image_autoencoding.models.vae import build_model
-from image_autoencoding.training import objective as objective_module
-from image_autoencoding.training import trainer as trainer_module
-from image_autoencoding.training.callbacks import Callback
-from image_autoencoding.training.checkpoint import (
+from image_autoencoding.runs.checkpoint import (
     CheckpointError,
     first_non_finite,
     kept_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
-from image_autoencoding.training.resume import load_newest_good
-from image_autoencoding.training.run_dir import create_run_dir
+from image_autoencoding.runs.resume import load_newest_good
+from image_autoencoding.runs.run_dir import create_run_dir
+from image_autoencoding.training import objective as objective_module
+from image_autoencoding.training import trainer as trainer_module
+from image_autoencoding.training.callbacks import Callback
 from image_autoencoding.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]

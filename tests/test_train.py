@@ -17,7 +17,7 @@ from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
 from image_autoencoding.data.batches import training_batches
 from image_autoencoding.data.image_data import load_image_data
-from image_autoencoding.training.checkpoint import load_checkpoint
+from image_autoencoding.runs.checkpoint import load_checkpoint
 from image_autoencoding.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,7 +180,7 @@ def test_fp16_with_loss_scaling_runs_the_shared_gpu_code_path(tiny, tmp_path):
 
 
 def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16():
-    from image_autoencoding.training.device import bf16_supported, resolve_precision
+    from image_autoencoding.runtime import bf16_supported, resolve_precision
 
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == ("bf16" if bf16_supported(cpu) else "fp32")

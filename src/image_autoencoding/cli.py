@@ -35,9 +35,9 @@ def _add_train(subparsers) -> None:
 
 def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
     from image_autoencoding.evaluation import run_report
+    from image_autoencoding.runs.resume import prepare_resume
+    from image_autoencoding.runs.run_log import run_logging
     from image_autoencoding.training.distributed import from_environment, process_group
-    from image_autoencoding.training.resume import prepare_resume
-    from image_autoencoding.training.run_log import run_logging
     from image_autoencoding.training.trainer import Trainer
 
     if args.resume:
@@ -81,7 +81,7 @@ def _run_dir_and_data(config, resume, dist):
     folder; then it tells the other ranks the folder, or the error that stopped it, and they open
     the finished cache. One run folder whatever the number of processes."""
     from image_autoencoding.data.image_data import load_image_data
-    from image_autoencoding.training.run_dir import create_run_dir, ensure_writable
+    from image_autoencoding.runs.run_dir import create_run_dir, ensure_writable
 
     if not dist.is_main:
         error, run_dir = dist.broadcast_from_main(None)

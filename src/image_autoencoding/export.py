@@ -15,8 +15,8 @@ from typing import Any
 from image_autoencoding.atomic_files import atomic_write
 from image_autoencoding.config import build_config
 from image_autoencoding.errors import UserError
-from image_autoencoding.training.checkpoint import load_checkpoint
-from image_autoencoding.training.resume import checkpoint_path
+from image_autoencoding.runs.checkpoint import load_checkpoint
+from image_autoencoding.runs.resume import checkpoint_path
 
 FORMAT = "image-autoencoding-vae"
 FORMAT_VERSION = 1

@@ -18,13 +18,14 @@ import torch
 
 from image_autoencoding.config import Config, ConfigError
 from image_autoencoding.data.batches import Normalizer
-from image_autoencoding.data.image_data import ImageData
+from image_autoencoding.data.image_data import ImageData, load_image_data
 from image_autoencoding.evaluation.evaluate import SplitEvaluation, evaluate_split
 from image_autoencoding.models.vae import VAE, build_model
-from image_autoencoding.training.checkpoint import CheckpointError, load_checkpoint
-from image_autoencoding.training.device import autocast_factory, resolve_device, resolve_precision
-from image_autoencoding.training.resume import checkpoint_path
-from image_autoencoding.training.run_dir import load_run_config
+from image_autoencoding.runs.checkpoint import CheckpointError, load_checkpoint
+from image_autoencoding.runs.metrics_log import MetricsLog
+from image_autoencoding.runs.resume import checkpoint_path
+from image_autoencoding.runs.run_dir import load_run_config
+from image_autoencoding.runtime import autocast_factory, resolve_device, resolve_precision
 from image_autoencoding.visualization import plots
 
 logger = logging.getLogger("image_autoencoding")
@@ -95,8 +96,6 @@ def write_pictures(
         pictures["interpolation"] = plots.save_interpolation(rows, latent / f"interpolation{suffix}.png")
     metrics_csv = run_dir / "metrics.csv"
     if metrics_csv.is_file():
-        from image_autoencoding.training.metrics_log import MetricsLog
-
         rows_csv = MetricsLog(metrics_csv).rows()
         if rows_csv:
             curves = run_dir / "images" / "training_curves.png"
@@ -211,8 +210,6 @@ def evaluate_and_write(
     """Score a run's checkpoint on a whole split (or its first `limit` images); write the metrics
     document, the pictures and a report, under names from `output_suffix`. Returns the document and
     the files written."""
-    from image_autoencoding.data.image_data import load_image_data
-
     config, model, path, state = load_run_model(run_dir, checkpoint)
     data = data if data is not None else load_image_data(config.data, progress=False)
     chosen = data.valid if split == "valid" else data.train

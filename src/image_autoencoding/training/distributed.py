@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from image_autoencoding.training.device import resolve_device
+from image_autoencoding.runtime import resolve_device
 
 
 class _SumOverRanks(torch.autograd.Function):

@@ -22,16 +22,18 @@ from image_autoencoding.data.image_data import ImageData
 from image_autoencoding.errors import UserError
 from image_autoencoding.evaluation.evaluate import evaluate_split
 from image_autoencoding.models.vae import build_model
-from image_autoencoding.training.buffer_snapshot import BufferSnapshot
-from image_autoencoding.training.callbacks import Callback, Callbacks
-from image_autoencoding.training.checkpoint import (
+from image_autoencoding.runs.checkpoint import (
     prune_epoch_checkpoints,
     publish_as,
     remove_leftover_temporaries,
     save_checkpoint,
 )
+from image_autoencoding.runs.metrics_log import MetricsLog
+from image_autoencoding.runs.resume import set_aside_later_checkpoints
+from image_autoencoding.runtime import autocast_factory, resolve_precision
+from image_autoencoding.training.buffer_snapshot import BufferSnapshot
+from image_autoencoding.training.callbacks import Callback, Callbacks
 from image_autoencoding.training.cpu_memory import keep_freed_memory
-from image_autoencoding.training.device import autocast_factory, resolve_precision
 from image_autoencoding.training.distributed import SINGLE, Distributed
 from image_autoencoding.training.epoch_progress import EpochProgress
 from image_autoencoding.training.interrupts import (
@@ -41,10 +43,8 @@ from image_autoencoding.training.interrupts import (
     interrupted_message,
     signal_to_stop_on,
 )
-from image_autoencoding.training.metrics_log import MetricsLog
 from image_autoencoding.training.objective import VAEObjective
 from image_autoencoding.training.optimizers import build_optimizers
-from image_autoencoding.training.resume import set_aside_later_checkpoints
 from image_autoencoding.training.rng import rng_state, seed_everything, set_rng_state
 from image_autoencoding.training.sharded_evaluation import evaluate_split_across_ranks
 from image_autoencoding.training.sync_batchnorm import convert_batchnorm

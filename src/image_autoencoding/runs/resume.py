@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from image_autoencoding.config import Config, ConfigError, apply_overrides, build_config
-from image_autoencoding.training.checkpoint import (
+from image_autoencoding.runs.checkpoint import (
     CheckpointError,
     epoch_checkpoints,
     epoch_of,
     kept_checkpoints,
     load_checkpoint,
 )
-from image_autoencoding.training.run_dir import create_stamped_dir, load_run_config
+from image_autoencoding.runs.run_dir import create_stamped_dir, load_run_config
 
 # Values that change what the weights mean; a resumed run must keep them.
 FROZEN_SECTIONS = ("data", "model")
