@@ -168,7 +168,7 @@ class OriginalInOwnProcess:
 
 
 def original_child(list_file: str, workers: int, device: str, steps: int, round_index: int) -> None:
-    from image_autoencoding.training.device import resolve_device
+    from image_autoencoding.runtime import resolve_device
 
     paths = [Path(p) for p in json.loads(Path(list_file).read_text())]
     print(json.dumps(OriginalRecipe(paths, workers, resolve_device(device)).run(steps, round_index)))
@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     from image_autoencoding.data.image_data import load_image_data
-    from image_autoencoding.training.device import bf16_supported, resolve_device, resolve_precision
+    from image_autoencoding.runtime import bf16_supported, resolve_device, resolve_precision
 
     global DEVICE
     DEVICE = args.device
