@@ -136,36 +136,48 @@ def test_help_works(capsys):
     assert "section.key=value" in capsys.readouterr().out
 
 
-def test_compiled_training_steps_match_eager_ones_through_a_partial_batch(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["vae", "vae-gan"])
+def test_compiled_training_steps_match_eager_ones_through_a_partial_batch(tiny, tmp_path, mode):
     """train.compile=true computes the losses and gradients eager does, for full batches and for
-    the last partial batch of an epoch (a static graph of its own). The learning rate is 0, so both
-    runs stay at the same weights: RMSprop's first steps turn rounding-level gradient differences
-    (e.g. the exactly-zero gradient of a bias before BatchNorm) into full-size steps. Inductor draws
-    the reparametrisation noise its own way unless told to fall back to eager's random ops."""
+    the last partial batch of an epoch (a static graph of its own), for the VAE and the VAE-GAN
+    (whose three gradients come from one compiled graph). The learning rate is 0, so both runs stay
+    at the same weights: RMSprop's first steps turn rounding-level gradient differences (e.g. the
+    exactly-zero gradient of a bias before BatchNorm) into full-size steps. Inductor draws the
+    reparametrisation noise its own way unless told to fall back to eager's random ops."""
     import torch._inductor.config
 
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     torch._dynamo.reset()
-    runs = []
-    for compiled in (False, True):
-        config = load_config(None, [*tiny, "train.precision=fp32", f"train.compile={str(compiled).lower()}"])
-        (tmp_path / str(compiled)).mkdir()
-        trainer = Trainer(config, tmp_path / str(compiled), load_image_data(config.data))
-        for optimizer in (trainer.encoder_optimizer, trainer.decoder_optimizer):
-            optimizer.param_groups[0]["lr"] = 0.0
-        full = list(training_batches(trainer.data.train.images, 32, 0, 1, trainer.device, trainer.normalize, 3))
-        steps = []
-        for x in (full[0], full[1][:5], full[2]):
-            sums = trainer.train_step(x)
-            steps.append((sums, [p.grad.clone() for p in trainer.model.parameters()]))
-        runs.append(steps)
+    with torch._inductor.config.patch(fallback_random=True):
+        runs = [_three_steps(tiny, tmp_path, mode, compiled) for compiled in (False, True)]
     for (eager_sums, eager_grads), (compiled_sums, compiled_grads) in zip(*runs, strict=True):
         torch.testing.assert_close(compiled_sums, eager_sums, rtol=1e-5, atol=1e-4)
-        for compiled_grad, eager_grad in zip(compiled_grads, eager_grads, strict=True):
+        for key, eager_grad in eager_grads.items():
             # Within 1% of the gradient's largest element: BatchNorm's backward subtracts nearly
             # equal sums, so summation order alone moves the encoder's first gradients by ~0.4%.
+            # The VAE-GAN's encoder convolutions are worse conditioned still: eager runs with 1 and
+            # with 2 threads put their gradients up to 3.5% of the largest element apart, and
+            # compiled ones up to 14% from eager (the layers after them agree to 1e-5): 20% there.
+            share = 0.2 if mode == "vae-gan" and key.startswith("vae.encoder.features") else 1e-2
             scale = eager_grad.abs().max()
-            torch.testing.assert_close(compiled_grad, eager_grad, rtol=0, atol=1e-2 * float(scale))
+            torch.testing.assert_close(compiled_grads[key], eager_grad, rtol=0, atol=share * float(scale), msg=key)
+
+
+def _three_steps(tiny, tmp_path, mode: str, compiled: bool) -> list[tuple[torch.Tensor, dict]]:
+    """A full, a partial and a full batch at learning rate 0: each step's sums and gradients."""
+    config = load_config(None, [*tiny, "train.precision=fp32", f"train.compile={str(compiled).lower()}",
+                                f"model.mode={mode}", "model.discriminator_channels=[8,16,16,16,32]"])
+    (tmp_path / str(compiled)).mkdir()
+    trainer = Trainer(config, tmp_path / str(compiled), load_image_data(config.data))
+    for optimizer in trainer.optimizers:
+        optimizer.param_groups[0]["lr"] = 0.0
+    networks = {"vae": trainer.model, **({"discriminator": trainer.gan.discriminator} if trainer.gan else {})}
+    full = list(training_batches(trainer.data.train.images, 32, 0, 1, trainer.device, trainer.normalize, 3))
+    steps = []
+    for x in (full[0], full[1][:5], full[2]):
+        sums = trainer.train_step(x)
+        steps.append((sums, {f"{name}.{key}": p.grad.clone() for name, net in networks.items()
+                             for key, p in net.named_parameters()}))
+    return steps
 
 
 def test_fp16_with_loss_scaling_runs_the_shared_gpu_code_path(tiny, tmp_path):

@@ -82,6 +82,25 @@ class Distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def all_reduce_sum_(self, tensors: list[Tensor]) -> None:
+        """Sum each tensor over ranks, in place, in one collective (all of one dtype and device)."""
+        if self.enabled and tensors:
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            torch._foreach_copy_(tensors, [chunk.view_as(t) for chunk, t in
+                                           zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)])
+
+    def broadcast_from_rank_0_(self, tensors: list[Tensor]) -> None:
+        """Rank 0's values of the tensors on every rank, in place, one collective per dtype."""
+        if not self.enabled:
+            return
+        for dtype in sorted({t.dtype for t in tensors}, key=str):
+            group = [t for t in tensors if t.dtype == dtype]
+            flat = torch.cat([t.reshape(-1) for t in group])
+            dist.broadcast(flat, src=0)
+            torch._foreach_copy_(group, [chunk.view_as(t) for chunk, t in
+                                         zip(flat.split([t.numel() for t in group]), group, strict=True)])
+
     def broadcast_from_main(self, value: Any) -> Any:
         """Rank 0's value on every rank (a run folder path, a config): picklable objects only."""
         if not self.enabled:

@@ -52,10 +52,7 @@ class VAEObjective(nn.Module):
         does not recompile for every new value."""
         with self.autocast():
             posterior = self.vae.encoder(x)
-            mean = posterior.mean
-            n = mean.shape[0]
-            noise = torch.randn((n * self.world_size, *mean.shape[1:]), device=mean.device, dtype=mean.dtype)
-            z = mean + posterior.std * noise[self.rank * n : (self.rank + 1) * n]
+            z = posterior.mean + posterior.std * share_of_global_noise(posterior.mean, self.rank, self.world_size)
             x_hat = self.vae.decoder(z)
         # The loss in fp32 outside autocast, as before: loss_terms casts its inputs itself.
         recon, kl = loss_terms(x, x_hat, posterior)
@@ -67,3 +64,11 @@ class VAEObjective(nn.Module):
             objective = objective * self.world_size
         return objective, recon.sum(), kl.sum()
 
+
+def share_of_global_noise(like: Tensor, rank: int, world_size: int) -> Tensor:
+    """Standard normal noise shaped like `like` (this rank's n rows): drawn for the whole global
+    batch, n x world_size rows, and this rank's rows taken, so that W processes draw exactly the
+    noise one process with the global batch draws, and every rank's generator stays in step."""
+    n = like.shape[0]
+    noise = torch.randn((n * world_size, *like.shape[1:]), device=like.device, dtype=like.dtype)
+    return noise[rank * n : (rank + 1) * n]

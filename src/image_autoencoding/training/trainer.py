@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import ExponentialLR
 from tqdm import tqdm
 
-from image_autoencoding.config import Config, ConfigError, save_config
+from image_autoencoding.config import Config, save_config
 from image_autoencoding.data.batches import Normalizer, steps_per_epoch, training_batches
 from image_autoencoding.data.image_data import ImageData
 from image_autoencoding.errors import UserError
@@ -48,7 +48,7 @@ from image_autoencoding.training.optimizers import build_optimizers
 from image_autoencoding.training.rng import rng_state, seed_everything, set_rng_state
 from image_autoencoding.training.sharded_evaluation import evaluate_split_across_ranks
 from image_autoencoding.training.sync_batchnorm import convert_batchnorm
-from image_autoencoding.training.vae_gan import VaeGanStep
+from image_autoencoding.training.vae_gan import VaeGan
 from image_autoencoding.visualization.grids import save_reconstruction_grid, save_sample_grid
 
 logger = logging.getLogger("image_autoencoding")
@@ -89,33 +89,35 @@ class Trainer:
         if self.cfg.channels_last:
             # Batches from `Normalizer` are NHWC in memory already (a permuted uint8 NHWC array).
             self.model = self.model.to(memory_format=torch.channels_last)
-        # self.objective runs training steps: the whole loss inside one forward, compiled as a
-        # whole, and under torchrun wrapped in DDP. self.model stays the plain VAE whose weights
-        # are saved (the same parameters).
-        objective = VAEObjective(
-            self.model, self.alpha, self.autocast, dist.rank, dist.world_size, free_bits=self.cfg.free_bits
-        )
+        # model.mode=vae-gan: the discriminator, its optimizer and its gradients (training/vae_gan.py).
+        self.gan = VaeGan(config, self.model, self.device, dist) if config.model.mode == "vae-gan" else None
+        # self.objective computes a step's losses in one forward, compiled as a whole; the VAE's
+        # is wrapped in DDP under torchrun (the VAE-GAN syncs its gradients itself). self.model
+        # stays the plain VAE whose weights are saved (the same parameters).
+        if self.gan is None:
+            objective = VAEObjective(self.model, self.alpha, self.autocast, dist.rank, dist.world_size,
+                                     free_bits=self.cfg.free_bits)
+        else:
+            objective = self.gan.objective(self.model, self.autocast)
         # Static shapes: the last partial batch of an epoch gets a graph of its own. By default
         # a second batch size makes torch.compile build a dynamic-shape graph (41 s against 21 s
         # for a static one, measured on CPU with a cold cache), which every full batch then runs.
         self.objective = torch.compile(objective, dynamic=False) if self.cfg.compile else objective
-        if dist.enabled:
+        if dist.enabled and self.gan is None:
             self.objective = DistributedDataParallel(
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         self.encoder_optimizer, self.decoder_optimizer = build_optimizers(self.model, self.cfg)
+        self.optimizers = [self.encoder_optimizer, self.decoder_optimizer, *([self.gan.optimizer] if self.gan else [])]
         # Loss scaling for fp16 only; disabled, it passes the loss and the steps through unchanged,
         # so bf16 / fp32 and CPU tests run the same code as a GPU fp16 run.
         # Our losses are sums over pixels and images (the original's), so gradients are already far
         # from fp16's underflow; the usual initial scale of 2^16 would overflow for dozens of steps.
-        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=1.0, enabled=self.precision == "fp16")
+        # The VAE-GAN's gradients come from autograd.grad, unscaled: no loss scaling there.
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=1.0,
+                                           enabled=self.precision == "fp16" and self.gan is None)
         self.encoder_scheduler = ExponentialLR(self.encoder_optimizer, gamma=self.cfg.decay_lr)
         self.decoder_scheduler = ExponentialLR(self.decoder_optimizer, gamma=self.cfg.decay_lr)
-        # model.mode=vae-gan: the discriminator, its optimizer and the step live in training/vae_gan.py.
-        self.gan = VaeGanStep(config, self.model, self.device) if config.model.mode == "vae-gan" else None
-        if self.gan is not None and dist.enabled:
-            # Its three networks step outside the DDP-wrapped objective: gradients would not sync.
-            raise ConfigError("model.mode=vae-gan runs in one process; torchrun with several is not supported yet")
         self.epoch = 0  # epochs completed
         self.step = 0  # training steps done (batches drawn), skipped ones included
         self.progress = EpochProgress.from_state(None, self.device)
@@ -124,7 +126,7 @@ class Trainer:
         self.best_ssim = float("-inf")
         self.stop = StopRequests()  # installed for the duration of fit()
         self.callbacks = Callbacks(callbacks)
-        self._buffers = BufferSnapshot(self.model)
+        self._buffers = BufferSnapshot(self.model, *([self.gan.discriminator] if self.gan else []))
         # This step's KL weight, filled in place: torch.tensor(alpha, device=...) would be a copy
         # from pageable host memory, which on a GPU waits for all queued work before every step.
         self._alpha = torch.zeros((), device=self.device)
@@ -199,27 +201,18 @@ class Trainer:
     # -- one step / one epoch --------------------------------------------------------------------
 
     def train_step(self, x: Tensor) -> Tensor | None:
-        """One optimisation step. Returns detached per-batch sums (recon, kl), or None when the loss
-        or a gradient is not finite: then neither optimizer steps, and weights, optimizer state and
-        BatchNorm statistics are exactly as before."""
+        """One optimisation step of every network. Returns detached per-batch sums (recon, kl), or
+        None when a loss or a gradient is not finite: then no optimizer steps, and weights,
+        optimizer state and BatchNorm statistics are exactly as before."""
         alpha = self.cfg.kl_weight(self.dist.world_size, self.step)  # ramps up over kl_warmup_steps
-        if self.gan is not None:
-            self.step += 1
-            return self.gan.train_step(self.model, x, alpha, self.autocast,
-                                       [self.encoder_optimizer, self.decoder_optimizer])
         self._buffers.take()
-        loss, recon, kl = self.objective(x, self._alpha.fill_(alpha))
-        self.encoder_optimizer.zero_grad(set_to_none=True)
-        self.decoder_optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.step += 1
-        sums = torch.stack([recon, kl]).detach()
-        if self.scaler.is_enabled():
-            # fp16: overflowing gradients are expected while the loss scale settles; GradScaler skips
-            # those steps itself and lowers the scale, so only a non-finite loss counts as bad here.
-            bad = ~torch.isfinite(loss.detach())
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        if self.gan is None:
+            sums, bad = self._vae_gradients(x, self._alpha.fill_(alpha))
         else:
-            bad = self._loss_or_gradients_not_finite(loss)
+            sums, bad = self.gan.gradients(self.objective, x, self._alpha.fill_(alpha))
+        self.step += 1
         if self.dist.enabled:
             bad, sums = self._agree_across_ranks(bad, sums)
         # The one host sync per step (under torchrun, inside _agree_across_ranks): skipping an
@@ -229,10 +222,23 @@ class Trainer:
         if bool(bad):
             self._buffers.restore()
             return None
-        self.scaler.step(self.encoder_optimizer)
-        self.scaler.step(self.decoder_optimizer)
+        for optimizer in self.optimizers:
+            self.scaler.step(optimizer)
         self.scaler.update()
         return sums
+
+    def _vae_gradients(self, x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+        """One backward pass of sum(recon) + alpha * sum(kl) gives the encoder and the decoder
+        each the gradient of its own objective (the KL does not depend on the decoder)."""
+        loss, recon, kl = self.objective(x, alpha)
+        self.scaler.scale(loss).backward()
+        if self.scaler.is_enabled():
+            # fp16: overflowing gradients are expected while the loss scale settles; GradScaler skips
+            # those steps itself and lowers the scale, so only a non-finite loss counts as bad here.
+            bad = ~torch.isfinite(loss.detach())
+        else:
+            bad = self._loss_or_gradients_not_finite(loss)
+        return torch.stack([recon, kl]).detach(), bad
 
     def _agree_across_ranks(self, bad: Tensor, sums: Tensor) -> tuple[bool, Tensor]:
         """One all-reduce and one host wait per step for everything the ranks must agree on: the

@@ -1,5 +1,5 @@
-"""One VAE-GAN training step (Larsen et al. 2016, "Autoencoding beyond pixels using a learned
-similarity metric"), used by `Trainer.train_step` when `model.mode` is `vae-gan`.
+"""The VAE-GAN's losses and gradients (Larsen et al. 2016, "Autoencoding beyond pixels using a
+learned similarity metric"), for `Trainer.train_step` when `model.mode` is `vae-gan`.
 
 Per batch x, with z ~ q(z|x), x~ = Dec(z) and, when train.gan_prior_samples is on, x_p = Dec(z_p),
 z_p ~ N(0, I) (Larsen et al. alg. 1):
@@ -23,39 +23,101 @@ discriminator's loss, differentiated only with respect to its own weights, never
 generator), and the three optimizers step only after all gradients exist. Stepping between backward
 passes through one graph is what breaks the original VAE-GAN code on modern PyTorch (weights
 modified in place that a later backward still needs).
+
+The losses are one module's forward (`VaeGanObjective`), which train.compile compiles as it does
+the VAE's. DistributedDataParallel synchronises gradients from `backward()` only, not from
+`autograd.grad`, so under torchrun the three networks' gradients are summed over the ranks here,
+in one all-reduce (each rank's losses are sums over its images, so the sum of the ranks' gradients
+is the gradient of the global batch's loss), and BatchNorm statistics are taken from rank 0 before
+each step, as DDP does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-from torch.optim import Optimizer
+from torch import Tensor, nn
 
-from image_autoencoding.config import Config
+from image_autoencoding.config import Config, TrainConfig
 from image_autoencoding.models.discriminator import build_discriminator, feature_error
 from image_autoencoding.models.vae import VAE, kl_for_objective, loss_terms
-from image_autoencoding.training.buffer_snapshot import BufferSnapshot
+from image_autoencoding.training.distributed import Distributed, summed_over_ranks
+from image_autoencoding.training.objective import share_of_global_noise
 from image_autoencoding.training.optimizers import make_optimizer
+from image_autoencoding.training.sync_batchnorm import convert_batchnorm
 
 
-class VaeGanStep:
-    """The discriminator, its optimizer, and the step that trains all three networks."""
+class VaeGanObjective(nn.Module):
+    """x, alpha -> (encoder loss, decoder loss, discriminator loss, pixel recon sum, kl sum,
+    sum of D(x), sum of D(x~)) over this rank's images. Noise is this rank's share of the global
+    batch's draw (objective.share_of_global_noise), as in the VAE's objective."""
 
-    def __init__(self, config: Config, model: VAE, device: torch.device):
+    def __init__(self, vae: VAE, discriminator: nn.Module, cfg: TrainConfig,
+                 autocast: Callable[[], AbstractContextManager], rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.vae, self.discriminator, self.cfg = vae, discriminator, cfg
+        self.autocast, self.rank, self.world_size = autocast, rank, world_size
+
+    def forward(self, x: Tensor, alpha: Tensor) -> tuple[Tensor, ...]:
+        n = x.shape[0]
+        with self.autocast():
+            posterior = self.vae.encoder(x)
+            latents = [posterior.mean + posterior.std * share_of_global_noise(posterior.mean, self.rank,
+                                                                              self.world_size)]
+            if self.cfg.gan_prior_samples:
+                latents.append(share_of_global_noise(latents[0].float(), self.rank, self.world_size))
+            # One decoder pass for both kinds of fake (one batch for BatchNorm), one
+            # discriminator pass for real and fake images.
+            decoded = self.vae.decoder(torch.cat(latents))
+            x_tilde = decoded[:n]
+            logits, features = self.discriminator(torch.cat([x, decoded]))
+        real_logit, *fake_logits = logits.float().split(n)
+        real_features, recon_features = features[:n], features[n:2 * n]
+        pixel, kl = loss_terms(x, x_tilde, posterior)
+        # Dis_l(x) is the target, not something to move (no reconstruction gradient reaches D).
+        feature = feature_error(real_features.detach(), recon_features)
+        recon = self.cfg.gan_feature_weight * feature + self.cfg.gan_pixel_weight * pixel
+        fakes = torch.cat(fake_logits)
+        generator_gan = F.binary_cross_entropy_with_logits(fakes, torch.ones_like(fakes), reduction="sum")
+        discriminator_gan = (
+            F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit), reduction="sum")
+            + F.binary_cross_entropy_with_logits(fakes, torch.zeros_like(fakes), reduction="sum"))
+        objective_kl = kl_for_objective(posterior, self.cfg.free_bits,
+                                        summed_over_ranks if self.world_size > 1 else None, self.world_size)
+        with torch.no_grad():
+            judged = torch.sigmoid(real_logit).sum(), torch.sigmoid(fake_logits[0]).sum()
+        return (recon.sum() + alpha * objective_kl.sum(),
+                recon.sum() + self.cfg.gan_adversarial_weight * generator_gan,
+                discriminator_gan, pixel.sum(), kl.sum(), *judged)
+
+
+class VaeGan:
+    """The discriminator, its optimizer, and the gradients of all three networks for one step."""
+
+    def __init__(self, config: Config, model: VAE, device: torch.device, dist: Distributed):
         self.cfg = config.train
+        self.dist = dist
         self.discriminator = build_discriminator(config.model, config.data.image_size).to(device)
+        if dist.enabled and self.cfg.sync_batchnorm:
+            self.discriminator = convert_batchnorm(self.discriminator, device)
         if self.cfg.channels_last:
             self.discriminator = self.discriminator.to(memory_format=torch.channels_last)
         # The same kind of optimizer as the encoder's and decoder's (Larsen et al. used RMSprop for all
         # three), at train.discriminator_lr.
         self.optimizer = make_optimizer(self.discriminator.parameters(), self.cfg, self.cfg.discriminator_lr)
-        # Running means over the steps since the last reset, for logs and the collapse check:
-        # D(x) near 1 and D(fake) near 0 for long means the discriminator has won.
+        self.groups = [list(model.encoder.parameters()), list(model.decoder.parameters()),
+                       list(self.discriminator.parameters())]
+        # Running sums since the last take_stats(): D(x) near 1 and D(x~) near 0 for long means
+        # the discriminator has won (benchmarks/quality.py reports them).
         self.stats = torch.zeros(3, device=device)  # sum of D(x), sum of D(x~), images
-        self._buffers = BufferSnapshot(model, self.discriminator)
+        self._buffers = [b for module in (model, self.discriminator) for b in module.buffers()]
+
+    def objective(self, model: VAE, autocast) -> VaeGanObjective:
+        return VaeGanObjective(model, self.discriminator, self.cfg, autocast, self.dist.rank, self.dist.world_size)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -69,64 +131,25 @@ class VaeGanStep:
 
     # -- the step --------------------------------------------------------------------------------
 
-    def losses(self, model: VAE, x: Tensor, alpha: float, autocast) -> dict[str, Tensor]:
-        n = x.shape[0]
-        with autocast():
-            posterior = model.encoder(x)
-            latents = [posterior.sample()]
-            if self.cfg.gan_prior_samples:
-                latents.append(torch.randn(n, model.cfg.latent_dim, device=x.device))
-            # One decoder pass for both kinds of fake (one batch for BatchNorm), one
-            # discriminator pass for real and fake images.
-            decoded = model.decoder(torch.cat(latents))
-            x_tilde = decoded[:n]
-            logits, features = self.discriminator(torch.cat([x, decoded]))
-        real_logit, *fake_logits = logits.float().split(n)
-        recon_logit = fake_logits[0]
-        real_features, recon_features = features[:n], features[n:2 * n]
-        pixel, kl = loss_terms(x, x_tilde, posterior)
-        # Dis_l(x) is the target, not something to move (no reconstruction gradient reaches D).
-        feature = feature_error(real_features.detach(), recon_features)
-        recon = self.cfg.gan_feature_weight * feature + self.cfg.gan_pixel_weight * pixel
-        fakes = torch.cat(fake_logits)
-        generator_gan = F.binary_cross_entropy_with_logits(fakes, torch.ones_like(fakes), reduction="sum")
-        discriminator_gan = (
-            F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit), reduction="sum")
-            + F.binary_cross_entropy_with_logits(fakes, torch.zeros_like(fakes), reduction="sum"))
-        with torch.no_grad():
-            self.stats += torch.stack([torch.sigmoid(real_logit).sum(), torch.sigmoid(recon_logit).sum(),
-                                       torch.full((), float(n), device=x.device)])
-        return {
-            "encoder": recon.sum() + alpha * kl_for_objective(posterior, self.cfg.free_bits).sum(),
-            "decoder": recon.sum() + self.cfg.gan_adversarial_weight * generator_gan,
-            "discriminator": discriminator_gan,
-            "pixel": pixel, "kl": kl,
-        }
-
-    def train_step(self, model: VAE, x: Tensor, alpha: float, autocast, optimizers: list[Optimizer]) -> Tensor | None:
-        """Returns detached batch sums (pixel recon, kl) like the VAE step, or None when a loss or
-        gradient is not finite: then no optimizer steps and every BatchNorm statistic is put back.
-        `optimizers`: the encoder's and the decoder's."""
-        self._buffers.take()
-        loss = self.losses(model, x, alpha, autocast)
-        groups = [list(model.encoder.parameters()), list(model.decoder.parameters()),
-                  list(self.discriminator.parameters())]
-        names = ("encoder", "decoder", "discriminator")
-        grads = []
-        for index, (name, params) in enumerate(zip(names, groups, strict=True)):
-            grads.append(torch.autograd.grad(loss[name], params, retain_graph=index < 2))
+    def gradients(self, objective: nn.Module, x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+        """Fill each network's .grad with the gradient of its own loss; returns the detached batch
+        sums (pixel recon, kl) and a device flag: a loss or gradient not finite."""
+        if self.dist.enabled:
+            self.dist.broadcast_from_rank_0_(self._buffers)
+        encoder, decoder, discriminator, pixel, kl, d_real, d_recon = objective(x, alpha)
+        losses = (encoder, decoder, discriminator)
+        grads = [torch.autograd.grad(loss, params, retain_graph=index < 2)
+                 for index, (loss, params) in enumerate(zip(losses, self.groups, strict=True))]
         flat = [g for group in grads for g in group]
-        total_norm = torch.nn.utils.get_total_norm(flat, error_if_nonfinite=False)
-        finite = torch.isfinite(torch.stack([loss[n].detach() for n in names])).all() & torch.isfinite(total_norm)
-        if not bool(finite):
-            self._buffers.restore()
-            return None
-        for params, group_grads in zip(groups, grads, strict=True):
+        if self.dist.enabled:
+            self.dist.all_reduce_sum_(flat)
+        for params, group_grads in zip(self.groups, grads, strict=True):
             for param, grad in zip(params, group_grads, strict=True):
                 param.grad = grad
-        for optimizer in (*optimizers, self.optimizer):
-            optimizer.step()
-        return torch.stack([loss["pixel"].sum(), loss["kl"].sum()]).detach()
+        total_norm = torch.nn.utils.get_total_norm(flat, error_if_nonfinite=False)
+        bad = ~(torch.isfinite(torch.stack([loss.detach() for loss in losses])).all() & torch.isfinite(total_norm))
+        self.stats += torch.stack([d_real, d_recon, torch.full((), float(x.shape[0]), device=x.device)])
+        return torch.stack([pixel, kl]).detach(), bad
 
     def take_stats(self) -> dict[str, float]:
         """Mean D(x) and D(x~) since the last call (then reset)."""
