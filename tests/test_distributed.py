@@ -52,7 +52,7 @@ COMMON = [
 ]
 # alpha=1/batch_size: the step's KL weight must be 1/32 (the global batch) on every rank for the two
 # runs to agree. The KL warm-up is checked by its weights per step instead (see
-# test_kl_weight_per_step_is_that_of_the_global_batch): from a first step with KL weight 0 this
+# test_ranks_agree_on_losses_flags_and_stop_requests...): from a first step with KL weight 0 this
 # tiny run is chaotic, and one process with 1 or 2 threads (summation order alone) ends epoch 1
 # with validation KL 0.0592 against 0.0606.
 KL = ["train.alpha=1/batch_size"]
@@ -171,40 +171,11 @@ def test_a_two_process_run_resumes_inside_an_epoch_with_one_process(runs, tmp_pa
     _assert_rows_close(_metrics(run), _metrics(runs["two"]), rel=2e-5)
 
 
-def _kl_weights_per_step(rank: int, root: Path, world: int) -> None:
-    """One of two gloo ranks, or the one process (spawned either way, so the single-threaded,
-    seeded Trainer leaves the test process as it was): the KL weight each training step hands the
-    objective, with alpha=1/batch_size and a warm-up, recorded by a hook on the step's module."""
-    torch.set_num_threads(1)
-    if world > 1:
-        dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world)
-    try:
-        config = load_config(None, [*COMMON, *KL, "train.kl_warmup_steps=4", f"train.batch_size={32 // world}",
-                                    "train.max_steps_per_epoch=6", f"train.output_dir={root}"])
-        trainer = Trainer(config, root / "run", load_image_data(config.data, progress=False),
-                          dist=Distributed(rank, rank, world))
-        weights = []
-        trainer.objective.register_forward_pre_hook(lambda module, args: weights.append(float(args[1])))
-        trainer.train_epoch(1, writer=None)
-        torch.save(weights, root / f"weights{world}_rank{rank}.pt")
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-
-
-def test_kl_weight_per_step_is_that_of_the_global_batch(tmp_path):
-    mp.spawn(_kl_weights_per_step, args=(tmp_path, 2), nprocs=2)
-    mp.spawn(_kl_weights_per_step, args=(tmp_path, 1), nprocs=1)
-    one = torch.load(tmp_path / "weights1_rank0.pt")
-    assert one == pytest.approx([0.0, 1 / 128, 1 / 64, 3 / 128, 1 / 32, 1 / 32])  # 1/32 ramped over 4 steps
-    for rank in (0, 1):
-        assert torch.load(tmp_path / f"weights2_rank{rank}.pt") == one
-
-
 def _vae_gan_first_step(rank: int, root: Path, world: int) -> None:
     """The first VAE-GAN step (free bits and prior samples on: every term that draws noise or sums
-    over the batch) on one of `world` gloo ranks, or in the one process (spawned either way); rank 0
-    saves the gradients each network's optimizer stepped with, and the step's loss sums."""
+    over the batch) on one of `world` gloo ranks (spawned), or in the one process; rank 0 saves the
+    gradients each network's optimizer stepped with, and the step's loss sums."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world)
@@ -221,6 +192,7 @@ def _vae_gan_first_step(rank: int, root: Path, world: int) -> None:
         if rank == 0:
             torch.save({"grads": grads, "values": values}, root / f"gan{world}.pt")
     finally:
+        torch.set_num_threads(threads)  # the one-process reference runs in the test's own process
         if world > 1:
             dist.destroy_process_group()
 
@@ -230,7 +202,7 @@ def test_vae_gan_on_two_processes_takes_the_step_of_one_process_with_the_global_
     sign-sized first updates make this tiny VAE-GAN chaotic (one process with 1 or 2 threads, i.e.
     another summation order, ends 3 steps 6e-3 apart in an encoder weight)."""
     mp.spawn(_vae_gan_first_step, args=(tmp_path, 2), nprocs=2)
-    mp.spawn(_vae_gan_first_step, args=(tmp_path, 1), nprocs=1)
+    _vae_gan_first_step(0, tmp_path, 1)
     two, one = torch.load(tmp_path / "gan2.pt"), torch.load(tmp_path / "gan1.pt")
     for key in ("recon", "kl", "encoder_loss"):
         assert two["values"][key] == pytest.approx(one["values"][key], rel=1e-5), key
@@ -309,7 +281,8 @@ def test_a_step_found_non_finite_on_one_rank_is_skipped_on_every_rank(tmp_path):
 
 def _steps_with_a_stop_request_on_rank_1(rank: int, root: Path) -> None:
     """One of two gloo ranks (spawned): a SIGTERM reaches rank 1 alone, after step 2. Records how
-    many collectives each rank made and the step it stopped after."""
+    many collectives each rank made, the step it stopped after, and the KL weight each step handed
+    the objective (alpha=1/batch_size with a warm-up; a hook on the step's module)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2)
     collectives = []
@@ -321,8 +294,8 @@ def _steps_with_a_stop_request_on_rank_1(rank: int, root: Path) -> None:
 
     Distributed.all_reduce_sum = counted
     try:
-        config = load_config(None, [*COMMON, "train.batch_size=16", "train.max_steps_per_epoch=6",
-                                    f"train.output_dir={root}"])
+        config = load_config(None, [*COMMON, *KL, "train.kl_warmup_steps=4", "train.batch_size=16",
+                                    "train.max_steps_per_epoch=6", f"train.output_dir={root}"])
 
         class SigtermOnRank1AfterStep2(Callback):
             def on_step_end(self, trainer, batch, sums) -> None:
@@ -331,12 +304,15 @@ def _steps_with_a_stop_request_on_rank_1(rank: int, root: Path) -> None:
 
         trainer = Trainer(config, root / "run", load_image_data(config.data, progress=False),
                           dist=Distributed(rank, rank, 2), callbacks=[SigtermOnRank1AfterStep2()])
+        kl_weights = []
+        trainer.objective.register_forward_pre_hook(lambda module, args: kl_weights.append(float(args[1])))
         try:
             trainer.train_epoch(1, writer=None)
             outcome = "finished"
         except TrainingInterrupted as stop:
             outcome = f"stopped with {stop.exit_status}"
-        torch.save({"outcome": outcome, "step": trainer.step, "collectives": collectives}, root / f"rank{rank}.pt")
+        torch.save({"outcome": outcome, "step": trainer.step, "collectives": collectives, "kl_weights": kl_weights},
+                   root / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -344,12 +320,17 @@ def _steps_with_a_stop_request_on_rank_1(rank: int, root: Path) -> None:
 def test_ranks_agree_on_losses_flags_and_stop_requests_in_one_collective_per_step(tmp_path):
     """Under torchrun: one all-reduce per step (loss sums, the non-finite flag and the stop
     signals together), so one host wait per step; a SIGTERM that reached one rank stops both after
-    the same step, the one after the signal, and rank 0 writes last.pt there."""
+    the same step, the one after the signal, and rank 0 writes last.pt there. Every rank's step
+    trains with one process's KL weight for the global batch of 32 (1/32, ramped over 4 steps)."""
     mp.spawn(_steps_with_a_stop_request_on_rank_1, args=(tmp_path,), nprocs=2)
     first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    one_process = load_config(None, [*KL, "train.kl_warmup_steps=4", "train.batch_size=32"]).train
+    expected = [one_process.kl_weight(1, step) for step in range(3)]
+    assert expected == pytest.approx([0.0, 1 / 128, 1 / 64])
     for record in (first, second):
         assert record["outcome"] == "stopped with 143" and record["step"] == 3
         assert record["collectives"] == [2 + 1 + 2] * 3  # sums, flag, SIGINT / SIGTERM counts; 3 steps
+        assert record["kl_weights"] == pytest.approx(expected, rel=1e-7)
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 3
 
 
