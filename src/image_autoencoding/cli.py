@@ -54,9 +54,8 @@ def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
 
     with process_group(config.train.device) as dist:
         run_dir, data = _run_dir_and_data(config, resume, dist)
-        trainer = Trainer(config, run_dir, data, resume=state, dist=dist, callbacks=callbacks)
         if not dist.is_main:  # the other ranks train and write nothing
-            trainer.fit()
+            Trainer(config, run_dir, data, resume=state, dist=dist, callbacks=callbacks).fit()
             return 0
         with run_logging(run_dir, config.train.log_dir, console=not args.quiet) as logger:
             if data.bad_files:
@@ -69,6 +68,7 @@ def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
                             dist.world_size)
                 for key, (old, new) in resume.changed.items():
                     logger.info("resume changes %s: %r -> %r", key, old, new)
+            trainer = Trainer(config, run_dir, data, resume=state, dist=dist, callbacks=callbacks)
             trainer.fit()
             if trainer.epoch >= config.train.epochs:  # one process scores the whole split
                 run_report.final_report(run_dir, data, str(trainer.device))
