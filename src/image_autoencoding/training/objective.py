@@ -7,7 +7,7 @@ objective inside this module's forward rules that out.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 
 import torch
@@ -72,3 +72,11 @@ def share_of_global_noise(like: Tensor, rank: int, world_size: int) -> Tensor:
     n = like.shape[0]
     noise = torch.randn((n * world_size, *like.shape[1:]), device=like.device, dtype=like.dtype)
     return noise[rank * n : (rank + 1) * n]
+
+
+def not_finite(losses: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
+    """A device flag: some loss or gradient of a step holds NaN or Inf. Checked after the gradients
+    exist, so a finite loss with an overflowing gradient is caught too; one fused norm over all
+    gradients keeps it to a few kernels."""
+    total_norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
+    return ~(torch.isfinite(torch.stack([loss.detach() for loss in losses])).all() & torch.isfinite(total_norm))

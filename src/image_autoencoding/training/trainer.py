@@ -43,7 +43,7 @@ from image_autoencoding.training.interrupts import (
     interrupted_message,
     signal_to_stop_on,
 )
-from image_autoencoding.training.objective import VAEObjective
+from image_autoencoding.training.objective import VAEObjective, not_finite
 from image_autoencoding.training.optimizers import build_optimizers
 from image_autoencoding.training.rng import rng_state, seed_everything, set_rng_state
 from image_autoencoding.training.sharded_evaluation import evaluate_split_across_ranks
@@ -237,7 +237,7 @@ class Trainer:
             # those steps itself and lowers the scale, so only a non-finite loss counts as bad here.
             bad = ~torch.isfinite(loss.detach())
         else:
-            bad = self._loss_or_gradients_not_finite(loss)
+            bad = not_finite([loss], [p.grad for p in self.model.parameters() if p.grad is not None])
         return torch.stack([recon, kl]).detach(), bad
 
     def _agree_across_ranks(self, bad: Tensor, sums: Tensor) -> tuple[bool, Tensor]:
@@ -251,13 +251,6 @@ class Trainer:
         agreed = packet[2:].tolist()
         self._agreed_stop = signal_to_stop_on(agreed[1:])
         return agreed[0] > 0, packet[:2]
-
-    def _loss_or_gradients_not_finite(self, loss: Tensor) -> Tensor:
-        """A device flag, checked after backward so a finite loss with an overflowing gradient is
-        caught too; one fused norm over all gradients keeps it to a few kernels."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        total_norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
-        return ~(torch.isfinite(loss.detach()) & torch.isfinite(total_norm))
 
     def train_epoch(self, epoch: int, writer, max_steps: int | None = None) -> dict[str, float]:
         """The rest of `epoch`: all of it, or what follows the checkpoint this run resumed from.

@@ -46,7 +46,7 @@ from image_autoencoding.config import Config, TrainConfig
 from image_autoencoding.models.discriminator import build_discriminator, feature_error
 from image_autoencoding.models.vae import VAE, kl_for_objective, loss_terms
 from image_autoencoding.training.distributed import Distributed, summed_over_ranks
-from image_autoencoding.training.objective import share_of_global_noise
+from image_autoencoding.training.objective import not_finite, share_of_global_noise
 from image_autoencoding.training.optimizers import make_optimizer
 from image_autoencoding.training.sync_batchnorm import convert_batchnorm
 
@@ -146,8 +146,7 @@ class VaeGan:
         for params, group_grads in zip(self.groups, grads, strict=True):
             for param, grad in zip(params, group_grads, strict=True):
                 param.grad = grad
-        total_norm = torch.nn.utils.get_total_norm(flat, error_if_nonfinite=False)
-        bad = ~(torch.isfinite(torch.stack([loss.detach() for loss in losses])).all() & torch.isfinite(total_norm))
+        bad = not_finite(losses, flat)
         self.stats += torch.stack([d_real, d_recon, torch.full((), float(x.shape[0]), device=x.device)])
         return torch.stack([pixel, kl]).detach(), bad
 
