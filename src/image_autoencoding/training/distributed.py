@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +45,15 @@ def summed_over_ranks(tensor: Tensor) -> Tensor:
     term computed from the global sum sends each rank the gradient for its own images. The one
     differentiable collective of the package (free bits, synchronised BatchNorm on CPU)."""
     return _SumOverRanks.apply(tensor)
+
+
+def _through_one_flat_tensor(tensors: list[Tensor], collective: Callable[[Tensor], Any]) -> None:
+    """Run an in-place collective on the tensors' values concatenated (one call instead of one per
+    tensor), then copy the results back into each tensor, whatever its memory layout."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    collective(flat)
+    torch._foreach_copy_(tensors, [chunk.view_as(t) for chunk, t in
+                                   zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)])
 
 
 @dataclass(frozen=True)
@@ -85,21 +94,14 @@ class Distributed:
     def all_reduce_sum_(self, tensors: list[Tensor]) -> None:
         """Sum each tensor over ranks, in place, in one collective (all of one dtype and device)."""
         if self.enabled and tensors:
-            flat = torch.cat([t.reshape(-1) for t in tensors])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            torch._foreach_copy_(tensors, [chunk.view_as(t) for chunk, t in
-                                           zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)])
+            _through_one_flat_tensor(tensors, lambda flat: dist.all_reduce(flat, op=dist.ReduceOp.SUM))
 
     def broadcast_from_rank_0_(self, tensors: list[Tensor]) -> None:
         """Rank 0's values of the tensors on every rank, in place, one collective per dtype."""
         if not self.enabled:
             return
         for dtype in sorted({t.dtype for t in tensors}, key=str):
-            group = [t for t in tensors if t.dtype == dtype]
-            flat = torch.cat([t.reshape(-1) for t in group])
-            dist.broadcast(flat, src=0)
-            torch._foreach_copy_(group, [chunk.view_as(t) for chunk, t in
-                                         zip(flat.split([t.numel() for t in group]), group, strict=True)])
+            _through_one_flat_tensor([t for t in tensors if t.dtype == dtype], lambda flat: dist.broadcast(flat, src=0))
 
     def broadcast_from_main(self, value: Any) -> Any:
         """Rank 0's value on every rank (a run folder path, a config): picklable objects only."""
