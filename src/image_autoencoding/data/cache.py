@@ -196,14 +196,14 @@ def _unreadable(exc: OSError) -> str:
 def _decode_bytes(data: bytes, image_crop: int, image_size: int, max_pixels: int) -> tuple[bytes | None, str]:
     if not data:
         return None, "empty file"
-    # Pillow reads its limit from a module global; restore it, since in-process decoding shares it.
+    # load_image refuses the whole picture past max_pixels (and turns Pillow's warnings into that
+    # refusal); Pillow's own checks of single frames and tiles read the module global, so it is set
+    # too, and restored, since in-process decoding shares it.
     previous_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
     try:
-        return load_image(io.BytesIO(data), image_crop, image_size).tobytes(), ""
+        return load_image(io.BytesIO(data), image_crop, image_size, max_pixels).tobytes(), ""
     except Image.DecompressionBombError as exc:
         return None, f"decompression bomb: {exc}".split(". ")[0]
-    except Image.DecompressionBombWarning:
-        return None, f"decompression bomb: more than {max_pixels} pixels"
     except Image.UnidentifiedImageError:
         return None, "not an image (Pillow cannot identify it)"
     except OSError as exc:
