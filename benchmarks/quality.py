@@ -110,11 +110,6 @@ def dataset(name: str, args, work: Path) -> tuple[ImageData, list[str]]:
 # -- one recipe ---------------------------------------------------------------------------------------
 
 
-class _NoWriter:
-    def add_scalar(self, *args, **kwargs) -> None:
-        pass
-
-
 def train_recipe(
     recipe: str, data: ImageData, data_overrides: list[str], args, work: Path, extra: list[str] = ()
 ) -> tuple[Trainer, dict]:
@@ -126,18 +121,15 @@ def train_recipe(
         *data_overrides, "train.precision=auto", "train.progress=false", f"train.seed={args.seed}",
         f"train.output_dir={work}", "train.batch_size=64", *overrides,
     ])
-    run_dir = work / f"{recipe}-{time.time_ns()}"
-    run_dir.mkdir(parents=True)
-    trainer = Trainer(config, run_dir, data)
+    trainer = Trainer(config, data)
     per_epoch = steps_per_epoch(len(data.train.images), batch, None)
     start, epoch, done = time.perf_counter(), 0, 0
     while done < steps:
         epoch += 1
         epoch_steps = min(per_epoch, steps - done)
-        trainer.train_epoch(epoch, _NoWriter(), max_steps=epoch_steps)
+        trainer.train_epoch(epoch, max_steps=epoch_steps)
         done += epoch_steps
-        trainer.encoder_scheduler.step()  # per epoch, as Trainer.fit does
-        trainer.decoder_scheduler.step()
+        trainer.step_lr_schedules()
     seconds = time.perf_counter() - start
     info = {"config": path or "configs/coco.yaml (train section)", "overrides": overrides, "steps": steps,
             "images_seen": steps * batch, "epochs": epoch, "train_seconds": round(seconds, 1),

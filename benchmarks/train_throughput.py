@@ -67,10 +67,13 @@ def build_config(work: Path, *overrides: str):
 
 
 def make_trainer(config, data, run_dir: Path, callbacks=()):
+    """A trainer with a run folder's callbacks (metrics.csv, TensorBoard, pictures, checkpoints) at
+    `run_dir`, as `vae train` makes it, then `callbacks`."""
+    from image_autoencoding.runs.run_callbacks import run_folder_callbacks
     from image_autoencoding.training.trainer import Trainer
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(config, run_dir, data, callbacks=callbacks)
+    return Trainer(config, data, callbacks=[*run_folder_callbacks(run_dir, config, data), *callbacks])
 
 
 class StepTimer(Callback):
@@ -231,11 +234,8 @@ class EndToEnd:
     counted the loop's per-step bookkeeping outside the step."""
 
     def __init__(self, work: Path, data):
-        from torch.utils.tensorboard import SummaryWriter
-
         self.timer = StepTimer()  # this epoch's time in the step, its steps and images
         self.trainer = make_trainer(build_config(work), data, work / "runs" / "epoch", [self.timer])
-        self.writer = SummaryWriter(str(work / "runs" / "epoch" / "tensorboard"))
         self.epoch = 0
         self.step_seconds, self.epoch_seconds, self.steps = 0.0, 0.0, 0  # over the timed rounds
         warm = time.perf_counter()
@@ -246,7 +246,7 @@ class EndToEnd:
         self.epoch += 1
         self.timer.reset()
         start = time.perf_counter()
-        self.trainer.train_epoch(self.epoch, self.writer, max_steps=steps)  # ends reading the loss sums: synced
+        self.trainer.train_epoch(self.epoch, max_steps=steps)  # ends reading the loss sums: synced
         seconds = time.perf_counter() - start
         if round_index >= 0:
             self.step_seconds += self.timer.in_step
@@ -355,9 +355,7 @@ def peak_memory_child(work: str, images: int, steps: int) -> None:
     trainer = make_trainer(config, data, work_path / "runs" / "memory")
     for _ in training_batches(data.train.images, BATCH_SIZE, 0, 1, trainer.device, trainer.normalize):
         pass  # every page of the cache read once, as in an epoch
-    from torch.utils.tensorboard import SummaryWriter
-
-    trainer.train_epoch(1, SummaryWriter(str(work_path / "runs" / "memory" / "tb")), max_steps=steps)
+    trainer.train_epoch(1, max_steps=steps)
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     # RssFile is mostly the cache's pages mapped in; the kernel drops them under memory pressure.
     megabytes = {key: int(status[key].split()[0]) / 1024 for key in ("VmHWM", "RssAnon", "RssFile")}

@@ -1,4 +1,4 @@
-"""training/cpu_memory.py: large blocks freed by one training step are reused by the next."""
+"""runtime.keep_freed_memory: large blocks freed by one training step are reused by the next."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 # builds it: RMSprop with weight decay allocates two temporaries of that size every step.
 PAGE_FAULTS_OF_OPTIMIZER_STEPS = """
 import resource, sys, torch
-from image_autoencoding.training.cpu_memory import keep_freed_memory
+from image_autoencoding.runtime import keep_freed_memory
 tuned = keep_freed_memory() if sys.argv[1] == "tuned" else False
 p = torch.nn.Parameter(torch.rand(1024, 16384))
 optimizer = torch.optim.RMSprop([p], lr=1e-3, alpha=0.9, eps=1e-8, weight_decay=1e-7)
@@ -53,7 +53,7 @@ def test_optimizer_steps_stop_faulting_in_fresh_pages():
 # next step faults it all in again, unless the trim threshold is above it.
 PAGE_FAULTS_OF_LARGE_STEPS = """
 import ctypes, resource, sys
-from image_autoencoding.training.cpu_memory import keep_freed_memory
+from image_autoencoding.runtime import keep_freed_memory
 tuned = keep_freed_memory() if sys.argv[1] == "tuned" else False
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]

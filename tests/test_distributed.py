@@ -33,9 +33,10 @@ from image_autoencoding.config import load_config
 from image_autoencoding.data.batches import Normalizer, steps_per_epoch, training_batches
 from image_autoencoding.data.image_data import load_image_data
 from image_autoencoding.evaluation.evaluate import evaluate_split
-from image_autoencoding.evaluation.run_report import load_run_model
 from image_autoencoding.models.vae import build_model
 from image_autoencoding.runs.checkpoint import load_checkpoint
+from image_autoencoding.runs.checkpointing import Checkpointing
+from image_autoencoding.runs.report import load_run_model
 from image_autoencoding.training.callbacks import Callback
 from image_autoencoding.training.distributed import Distributed
 from image_autoencoding.training.interrupts import TrainingInterrupted
@@ -155,7 +156,7 @@ def test_a_two_process_run_resumes_inside_an_epoch_with_one_process(runs, tmp_pa
     run = tmp_path / "run"
     shutil.copytree(runs["stopped"], run)
     state = load_checkpoint(run / "checkpoints/last.pt")
-    assert (state["step"], state["step_in_epoch"], state["world_size"]) == (5, 2, 2)
+    assert (state["step"], state["epoch_progress"]["steps"], state["world_size"]) == (5, 2, 2)
     # Inside an epoch the global batch must stay: 1 x 16 is refused, naming it; 1 x 32 continues.
     assert main(["train", "--quiet", "--resume", str(run), "train.batch_size=16"]) == 2
     assert "global batch" in capsys.readouterr().err
@@ -183,9 +184,9 @@ def _vae_gan_first_step(rank: int, root: Path, world: int) -> None:
         config = load_config(None, [*COMMON, "model.mode=vae-gan", "model.discriminator_channels=[8,16,16,16,32]",
                                     "train.gan_prior_samples=true", "train.free_bits=0.05", "train.sync_batchnorm=true",
                                     f"train.batch_size={32 // world}", f"train.output_dir={root}"])
-        trainer = Trainer(config, root / "run", load_image_data(config.data, progress=False),
+        trainer = Trainer(config, load_image_data(config.data, progress=False),
                           dist=Distributed(rank, rank, world))
-        values = trainer.train_epoch(1, writer=None, max_steps=1)
+        values = trainer.train_epoch(1, max_steps=1)
         networks = {"encoder": trainer.model.encoder, "decoder": trainer.model.decoder,
                     "discriminator": trainer.gan.discriminator}
         grads = {f"{name}.{key}": p.grad for name, net in networks.items() for key, p in net.named_parameters()}
@@ -255,7 +256,7 @@ def _train_one_epoch_with_a_bad_step_on_rank_1(rank: int, root: Path) -> None:
     dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2)
     try:
         config = load_config(None, [*COMMON, "train.batch_size=16", f"train.output_dir={root}"])
-        trainer = Trainer(config, root / "run", load_image_data(config.data, progress=False),
+        trainer = Trainer(config, load_image_data(config.data, progress=False),
                           dist=Distributed(rank, rank, 2))
 
         def overflow_in_step_2_on_rank_1(module, args, output):
@@ -265,7 +266,7 @@ def _train_one_epoch_with_a_bad_step_on_rank_1(rank: int, root: Path) -> None:
             return None
 
         trainer.objective.register_forward_hook(overflow_in_step_2_on_rank_1)
-        values = trainer.train_epoch(1, writer=None)
+        values = trainer.train_epoch(1)
         weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
         torch.save({"skipped": values["skipped_steps"], "weights": weights}, root / f"rank{rank}.pt")
     finally:
@@ -302,12 +303,14 @@ def _steps_with_a_stop_request_on_rank_1(rank: int, root: Path) -> None:
                 if rank == 1 and trainer.step == 2:
                     trainer.stop.signum = signal.SIGTERM  # what the installed handler records
 
-        trainer = Trainer(config, root / "run", load_image_data(config.data, progress=False),
-                          dist=Distributed(rank, rank, 2), callbacks=[SigtermOnRank1AfterStep2()])
+        trainer = Trainer(config, load_image_data(config.data, progress=False),
+                          dist=Distributed(rank, rank, 2),
+                          callbacks=[*([Checkpointing(root / "run", config.train)] if rank == 0 else []),
+                                     SigtermOnRank1AfterStep2()])
         kl_weights = []
         trainer.objective.register_forward_pre_hook(lambda module, args: kl_weights.append(float(args[1])))
         try:
-            trainer.train_epoch(1, writer=None)
+            trainer.train_epoch(1)
             outcome = "finished"
         except TrainingInterrupted as stop:
             outcome = f"stopped with {stop.exit_status}"
@@ -347,9 +350,9 @@ def _free_bits_gradients(rank: int, root: Path, world: int, free_bits: float) ->
         model = build_model(load_config(None, COMMON).model, 16).eval()
         x = torch.load(root / "batch.pt")
         share = len(x) // world
-        objective = VAEObjective(model, 1.0, nullcontext, rank, world, free_bits=free_bits)
+        objective = VAEObjective(model, nullcontext, rank, world, free_bits=free_bits)
         torch.manual_seed(1)  # the reparametrisation noise: drawn for the global batch on every rank
-        objective(x[rank * share : (rank + 1) * share])[0].backward()
+        objective(x[rank * share : (rank + 1) * share], torch.tensor(1.0))[0].backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters()])
         if world > 1:
             dist.all_reduce(grads)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from helpers.faults import ENV as SIGNAL_AT_STEP
 from helpers.faults import SCRIPT as VAE_WITH_FAULTS
@@ -31,8 +32,9 @@ from helpers.faults import SignalAtStep
 from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
 from image_autoencoding.data.image_data import load_image_data
-from image_autoencoding.evaluation import run_report
 from image_autoencoding.models.vae import build_model
+from image_autoencoding.runs import epoch_pictures
+from image_autoencoding.runs import report as run_report
 from image_autoencoding.runs.checkpoint import (
     CheckpointError,
     first_non_finite,
@@ -115,7 +117,7 @@ def _assert_identical(a, b, where: str = "") -> None:
 
 def _assert_last_checkpoint_at(run: Path, step: int, step_in_epoch: int) -> None:
     state = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert (state["step"], state["step_in_epoch"]) == (step, step_in_epoch)
+    assert (state["step"], state["epoch_progress"]["steps"]) == (step, step_in_epoch)
 
 
 def _one_line(text: str) -> str:
@@ -169,18 +171,18 @@ def test_runs_killed_at_any_step_resume_bit_identical(tiny, tmp_path):
 class _CopyLastCheckpointAtStep(Callback):
     """Keeps a copy of the last.pt written at `step` (step-end callbacks run after its write)."""
 
-    def __init__(self, step: int, copy: Path):
-        self.step, self.copy = step, copy
+    def __init__(self, step: int, copy: Path, output: Path):
+        self.step, self.copy, self.output = step, copy, output
 
     def on_step_end(self, trainer, batch, sums) -> None:
         if trainer.step == self.step:
-            shutil.copy(trainer.run_dir / "checkpoints" / "last.pt", self.copy)
+            shutil.copy(_run_dir(self.output) / "checkpoints" / "last.pt", self.copy)
 
 
 def test_metrics_rows_after_the_checkpoint_are_replaced_not_duplicated(tiny, tmp_path):
     inside_epoch_2 = tmp_path / "inside_epoch_2.pt"
     args = [*tiny, "train.epochs=2", "train.max_steps_per_epoch=3", "train.checkpoint_every_steps=2"]
-    assert main(["train", *args], callbacks=[_CopyLastCheckpointAtStep(4, inside_epoch_2)]) == 0
+    assert main(["train", *args], callbacks=[_CopyLastCheckpointAtStep(4, inside_epoch_2, tmp_path)]) == 0
     run = _run_dir(tmp_path)
     before = _metrics(run)
     assert [r["epoch"] for r in before] == ["1", "2"]
@@ -248,9 +250,33 @@ def test_resume_refuses_a_checkpoint_of_another_run_naming_every_key(tiny, tmp_p
     assert {name: (run / name).read_bytes() for name in before} == before
 
 
+@pytest.mark.parametrize("where", ["config.yaml", "checkpoint"])
+def test_a_run_saved_with_a_key_this_version_does_not_know_is_refused_naming_it(tiny, tmp_path, capsys, where,
+                                                                               no_final_report):
+    """A run's saved config is read as strictly as a config file: a key dropped silently might have
+    changed what the weights mean."""
+    assert main(["train", *tiny, "train.epochs=1"]) == 0
+    run = _run_dir(tmp_path)
+    if where == "config.yaml":
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["model"]["attention"] = True
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        command = ["evaluate", str(run), "--limit", "8"]
+    else:
+        state = load_checkpoint(run / "checkpoints" / "last.pt")
+        state["config"]["model"]["attention"] = True
+        save_checkpoint(state, run / "checkpoints" / "last.pt")
+        command = ["train", "--resume", str(run), "train.epochs=2"]
+    capsys.readouterr()
+    assert main(command) == 2
+    error = _one_line(capsys.readouterr().err)
+    assert "unknown config key 'model.attention'" in error and "another version of image-autoencoding" in error
+    assert [r["epoch"] for r in _metrics(run)] == ["1"]
+
+
 def test_resume_inside_an_epoch_refuses_a_changed_batch_size(tmp_path, capsys):
     path = tmp_path / "inside.pt"
-    save_checkpoint({**_fake_state(), "step_in_epoch": 2, "config": load_config().to_dict()}, path)
+    save_checkpoint({**_fake_state(), "epoch_progress": {"steps": 2}, "config": load_config().to_dict()}, path)
     assert main(["train", "--resume", str(tmp_path), "--checkpoint", str(path), "train.batch_size=16"]) == 2
     error = _one_line(capsys.readouterr().err)
     assert "train.batch_size" in error and "inside an epoch" in error
@@ -420,7 +446,7 @@ def test_export_is_loadable_with_safetensors_and_json_alone(tiny, tmp_path):
 
 def _trainer(tiny, tmp_path) -> Trainer:
     config = load_config(None, [*tiny, "train.max_steps_per_epoch=2"])
-    return Trainer(config, tmp_path, load_image_data(config.data))
+    return Trainer(config, load_image_data(config.data))
 
 
 def _snapshot(trainer: Trainer) -> dict:
@@ -504,7 +530,7 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(ti
     run = _run_dir(tmp_path)
     assert f"continue with: vae train --resume {run}" in _one_line(done.stderr)
     state = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert (state["epoch"], state["step"], state["step_in_epoch"]) == (1, 5, 1)
+    assert (state["epoch"], state["step"], state["epoch_progress"]["steps"]) == (1, 5, 1)
     assert main(["train", "--quiet", "--resume", str(run)]) == 0
     assert [r["epoch"] for r in _metrics(run)] == ["1", "2", "3"]
 
@@ -518,7 +544,7 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(tin
     run = _run_dir(tmp_path)
     assert f"continue with: vae train --resume {run}" in _one_line(capsys.readouterr().err)
     state = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert (state["epoch"], state["step"], state["step_in_epoch"]) == (1, 5, 1)
+    assert (state["epoch"], state["step"], state["epoch_progress"]["steps"]) == (1, 5, 1)
     assert signal.getsignal(signal.SIGINT) is before  # handlers put back
 
 
@@ -610,7 +636,7 @@ def test_a_full_disk_inside_torch_zip_writer_is_one_line_saying_how_much_space(t
 
 
 def test_a_full_disk_while_writing_pictures_is_reported_and_training_goes_on(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_module, "save_sample_grid", _disk_full)
+    monkeypatch.setattr(epoch_pictures, "save_sample_grid", _disk_full)
     assert main(["train", *tiny, "train.epochs=2"]) == 0
     run = _run_dir(tmp_path)
     log = (run / "train.log").read_text()

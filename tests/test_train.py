@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +42,10 @@ def test_vae_train_writes_every_file(tiny, tmp_path, capsys):
 
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["train"]["epochs"] == 2 and config["model"]["latent_dim"] == 8  # fully resolved
-    assert "epoch 2/2" in (run / "train.log").read_text()
+    log = (run / "train.log").read_text()
+    # Each epoch's line has the validation SSIM that picks best.pt, says when it is a new best, and the epoch's time.
+    assert re.search(r"epoch 1/2  loss .* valid SSIM 0\.\d{4} \(best so far\) .* \d+ s  \d+ img/s", log)
+    assert "epoch 2/2" in log
 
     rows = _metrics(run)
     assert [r["epoch"] for r in rows] == ["1", "2"]
@@ -61,6 +65,26 @@ def test_vae_train_writes_every_file(tiny, tmp_path, capsys):
     assert grid.format == "PNG" and grid.height > 0
     for folder, name in (("valid", "reconstruction_epoch_001.png"), ("samples", "samples_epoch_002.png")):
         assert (run / "images" / folder / name).is_file()
+
+
+def test_no_progress_bar_when_the_console_is_not_a_terminal(tiny, tmp_path, capsys):
+    """tqdm's carriage returns would flood a redirected log; the epoch lines say the same."""
+    assert main(["train", *tiny, "train.epochs=1", "train.progress=true", "train.eval_images=32"]) == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "epoch 1/1" in captured.out
+
+
+def test_the_trainer_alone_writes_no_files(tiny, tmp_path, monkeypatch):
+    """The run folder is made by callbacks (runs/run_callbacks.py); a Trainer given none, as in a
+    notebook or a benchmark, trains and validates and leaves the disk alone."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    config = load_config(None, [*tiny, "train.epochs=2", "train.eval_images=32"])
+    trainer = Trainer(config, load_image_data(config.data))
+    trainer.fit()
+    assert trainer.epoch == 2 and trainer.best_ssim > 0
+    assert list(work.iterdir()) == [] and list(tmp_path.iterdir()) == [work]
 
 
 def test_reconstruction_grid_has_inputs_above_outputs(tiny, tmp_path):
@@ -166,8 +190,7 @@ def _three_steps(tiny, tmp_path, mode: str, compiled: bool) -> list[tuple[torch.
     """A full, a partial and a full batch at learning rate 0: each step's sums and gradients."""
     config = load_config(None, [*tiny, "train.precision=fp32", f"train.compile={str(compiled).lower()}",
                                 f"model.mode={mode}", "model.discriminator_channels=[8,16,16,16,32]"])
-    (tmp_path / str(compiled)).mkdir()
-    trainer = Trainer(config, tmp_path / str(compiled), load_image_data(config.data))
+    trainer = Trainer(config, load_image_data(config.data))
     for optimizer in trainer.optimizers:
         optimizer.param_groups[0]["lr"] = 0.0
     networks = {"vae": trainer.model, **({"discriminator": trainer.gan.discriminator} if trainer.gan else {})}
@@ -223,9 +246,7 @@ def test_a_training_step_waits_for_the_device_once(tiny, tmp_path, precision):
     drawing, the KL weight (warm-up changes it every step), the step itself. (fp16 adds GradScaler's
     own check, one per optimizer, as PyTorch does for optimizers without a fused kernel.)"""
     config = load_config(None, [*tiny, f"train.precision={precision}", "train.kl_warmup_steps=10"])
-    run = tmp_path / "run"
-    run.mkdir()
-    trainer = Trainer(config, run, load_image_data(config.data))
+    trainer = Trainer(config, load_image_data(config.data))
     batches = training_batches(trainer.data.train.images, 32, 0, 1, trainer.device, trainer.normalize, 4)
     trainer.train_step(next(batches))  # the first step may set up lazily (optimizer state)
     with _HostSyncs() as syncs:

@@ -34,15 +34,19 @@ def _add_train(subparsers) -> None:
 
 
 def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
-    from image_autoencoding.evaluation import run_report
+    from image_autoencoding.config import save_config
+    from image_autoencoding.runs import report
     from image_autoencoding.runs.resume import prepare_resume
+    from image_autoencoding.runs.run_callbacks import run_folder_callbacks
     from image_autoencoding.runs.run_log import run_logging
     from image_autoencoding.training.distributed import from_environment, process_group
+    from image_autoencoding.training.progress_bar import ProgressBar
     from image_autoencoding.training.trainer import Trainer
 
     if args.resume:
         if args.config:
-            raise ConfigError("--resume uses the run's saved config.yaml; give changes as overrides, not --config")
+            raise ConfigError("--resume continues with the config saved in the checkpoint; give changes as "
+                              "overrides, not --config")
         resume = prepare_resume(args.resume, args.checkpoint, args.overrides, from_environment().world_size)
         config, state = resume.config, resume.state
     else:
@@ -55,7 +59,7 @@ def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
     with process_group(config.train.device) as dist:
         run_dir, data = _run_dir_and_data(config, resume, dist)
         if not dist.is_main:  # the other ranks train and write nothing
-            Trainer(config, run_dir, data, resume=state, dist=dist, callbacks=callbacks).fit()
+            Trainer(config, data, resume=state, dist=dist, callbacks=callbacks).fit()
             return 0
         with run_logging(run_dir, config.train.log_dir, console=not args.quiet) as logger:
             if data.bad_files:
@@ -68,10 +72,23 @@ def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
                             dist.world_size)
                 for key, (old, new) in resume.changed.items():
                     logger.info("resume changes %s: %r -> %r", key, old, new)
-            trainer = Trainer(config, run_dir, data, resume=state, dist=dist, callbacks=callbacks)
-            trainer.fit()
+            logger.info("run folder %s", run_dir)
+            save_config(config, run_dir / "config.yaml")
+            # The bar only on a terminal: its carriage returns would flood a redirected log.
+            bar = [ProgressBar()] if config.train.progress and sys.stderr.isatty() else []
+            trainer = Trainer(config, data, resume=state, dist=dist,
+                              callbacks=[*run_folder_callbacks(run_dir, config, data), *bar, *callbacks])
+            try:
+                trainer.fit()
+            except TrainingInterrupted as exc:
+                if not exc.after_callbacks:  # a second signal: stopped at once, nothing written
+                    raise
+                message = (f"{exc}; checkpoint written to {run_dir / 'checkpoints' / 'last.pt'}; "
+                           f"continue with: vae train --resume {run_dir}")
+                logger.info(message)
+                raise TrainingInterrupted(exc.signum, message, after_callbacks=True) from None
             if trainer.epoch >= config.train.epochs:  # one process scores the whole split
-                run_report.final_report(run_dir, data, str(trainer.device))
+                report.final_report(run_dir, data, str(trainer.device))
     print(run_dir)
     return 0
 
@@ -179,7 +196,7 @@ def _add_evaluate(subparsers) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from image_autoencoding.evaluation.run_report import evaluate_and_write, metrics_table
+    from image_autoencoding.runs.report import evaluate_and_write, metrics_table
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit: expected a number of images >= 1 (got {args.limit})")
@@ -222,7 +239,7 @@ def _sample(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from image_autoencoding.data.batches import Normalizer
-    from image_autoencoding.evaluation.run_report import load_run_model
+    from image_autoencoding.runs.report import load_run_model
     from image_autoencoding.visualization.grids import save_sample_grid
     from image_autoencoding.visualization.images import save_images
 
@@ -279,7 +296,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
     from image_autoencoding.data.batches import Normalizer
     from image_autoencoding.data.preprocess import load_image
-    from image_autoencoding.evaluation.run_report import load_run_model
+    from image_autoencoding.runs.report import load_run_model
     from image_autoencoding.visualization.grids import save_reconstruction_grid
 
     run_dir = Path(args.run_dir)

@@ -151,7 +151,7 @@ class TrainConfig(_Section):
     # torch.compile the model (needs a C++ compiler on CPU; the first steps take longer).
     compile: bool = False
     # On CPU, keep freed memory in the process (glibc malloc settings): +15% images/s measured,
-    # ~60 MB more peak memory (training/cpu_memory.py).
+    # ~60 MB more peak memory (runtime.keep_freed_memory).
     reuse_cpu_memory: bool = True
     output_dir: str = "."
     # Extra copy of the training log (the original's `-l LOGS`); None keeps only <run>/train.log.

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from image_autoencoding.atomic_files import atomic_write
-from image_autoencoding.config import build_config
 from image_autoencoding.errors import UserError
 from image_autoencoding.runs.checkpoint import load_checkpoint
 from image_autoencoding.runs.resume import checkpoint_path
+from image_autoencoding.runs.run_dir import checkpoint_config
 
 FORMAT = "image-autoencoding-vae"
 FORMAT_VERSION = 1
@@ -43,7 +43,7 @@ def export_run(run_dir: str | Path, checkpoint: str | None = None, out: str | Pa
         raise UserError(f"run folder '{run_dir}' not found")
     source = checkpoint_path(run_dir, checkpoint)
     state = load_checkpoint(source)
-    config = build_config(state["config"], f"config in '{source}'")
+    config = checkpoint_config(state, source)
     out = Path(out) if out is not None else run_dir / "export"
     description = {
         "format": FORMAT,

@@ -15,7 +15,7 @@ from image_autoencoding.runs.checkpoint import (
     kept_checkpoints,
     load_checkpoint,
 )
-from image_autoencoding.runs.run_dir import create_stamped_dir, load_run_config
+from image_autoencoding.runs.run_dir import checkpoint_config, create_stamped_dir, load_run_config
 
 # Values that change what the weights mean; a resumed run must keep them.
 FROZEN_SECTIONS = ("data", "model")
@@ -107,13 +107,13 @@ def prepare_resume(
         # A checkpoint the user named is the one they want: no silent substitute.
         path, fallbacks = checkpoint_path(run_dir, checkpoint), []
         state = load_checkpoint(path)
-    saved = build_config(state["config"], f"config in '{path}'")
+    saved = checkpoint_config(state, path)
     _check_checkpoint_fits_run(run_dir, path, saved)
     config = build_config(apply_overrides(saved.to_dict(), overrides), "resume overrides")
     before, after = _flatten(saved.to_dict()), _flatten(config.to_dict())
     changed = {key: (before.get(key), after[key]) for key in after if before.get(key) != after[key]}
     frozen = [key for key in changed if _frozen(key)]
-    inside_epoch = int(state.get("step_in_epoch", 0)) > 0
+    inside_epoch = int((state.get("epoch_progress") or {}).get("steps", 0)) > 0
     if inside_epoch:
         frozen += [key for key in changed if key in FROZEN_INSIDE_EPOCH]
         saved_world = int(state.get("world_size", 1))

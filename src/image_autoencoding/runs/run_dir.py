@@ -3,18 +3,14 @@ config.yaml each one holds."""
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-import yaml
-
-from image_autoencoding.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, build_config
+from image_autoencoding.config import Config, ConfigError, build_config, read_yaml
 from image_autoencoding.errors import UserError
-
-logger = logging.getLogger("image_autoencoding")
 
 
 def create_run_dir(output_dir: str | Path, now: float | None = None) -> Path:
@@ -52,18 +48,25 @@ def ensure_writable(folder: str | Path, what: str = "output folder") -> Path:
     return folder
 
 
+def saved_config(raw: Any, source: str) -> Config:
+    """A config a run saved (its config.yaml, or the copy in each checkpoint), read as strictly as a
+    config file: a key this version does not know, or a value it does not accept, is an error that
+    names it, never silently dropped (it may change what the weights mean)."""
+    try:
+        return build_config(raw if isinstance(raw, dict) else {}, source)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (saved by another version of image-autoencoding, or edited since; this "
+                          "version cannot read it)") from None
+
+
 def load_run_config(run_dir: Path) -> Config:
-    """The run's config.yaml. Keys this version no longer knows are dropped (with a log line), so
-    runs written by earlier versions of the same format still evaluate."""
+    """The run's config.yaml."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"'{run_dir}' is not a run folder: {path.name} not found")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    sections = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
-    for name, section in sections.items():
-        values = raw.get(name) or {}
-        unknown = set(values) - set(section.model_fields)
-        for key in sorted(unknown):
-            logger.info("%s: ignoring %s.%s (not used by this version)", path, name, key)
-        raw[name] = {k: v for k, v in values.items() if k not in unknown}
-    return build_config({k: raw[k] for k in sections}, str(path))
+    return saved_config(read_yaml(path), str(path))
+
+
+def checkpoint_config(state: dict[str, Any], path: str | Path) -> Config:
+    """The config a checkpoint was trained with."""
+    return saved_config(state.get("config"), f"config in '{path}'")

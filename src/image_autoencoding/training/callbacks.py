@@ -1,7 +1,8 @@
-"""What runs around the training loop without being part of it: timing, logging, fault injection in
-tests, a user's own hooks. A callback overrides the methods it needs; the trainer calls each at
-one named point of `fit`, in the order the callbacks were given (after its own checkpoint writes
-of that point, so a callback that stops the process leaves the checkpoint a kill would leave).
+"""What runs around the training loop without being part of it: the run folder's files
+(checkpoints, metrics.csv, TensorBoard, pictures), the progress bar, timing in benchmarks, fault
+injection in tests, a user's own hooks. A callback overrides the methods it needs; the trainer
+calls each at one named point of `fit`, in the order the callbacks were given: the run folder's
+first, so a callback that stops the process leaves the files a kill at that point would leave.
 
 The same shape as PyTorch Lightning's `Callback`, reduced to the points this loop has."""
 
@@ -20,19 +21,31 @@ class Callback:
     def on_fit_start(self, trainer: Trainer) -> None:
         """Before the first epoch this run trains (after a resume has restored its state)."""
 
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        """Before the first step of `epoch` this run takes; `trainer.progress.steps` of its
+        `trainer.epoch_steps` steps are done (more than 0 when resumed inside the epoch)."""
+
     def on_step_start(self, trainer: Trainer) -> None:
         """Before each training step; `trainer.step` steps are done."""
 
     def on_step_end(self, trainer: Trainer, batch: Tensor, sums: Tensor | None) -> None:
-        """After each training step and any checkpoint due at it. `batch`: this process's images
-        of the step; `sums`: their (recon, kl) sums over the global batch, on the device; None
-        when the step was skipped as non-finite."""
+        """After each training step. `batch`: this process's images of the step; `sums`: their
+        (recon, kl) sums over the global batch, on the device; None when the step was skipped as
+        non-finite. `trainer.progress` holds the epoch's running sums."""
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, values: dict[str, Any]) -> None:
-        """After an epoch was validated, logged and checkpointed; `values` is its metrics.csv row."""
+        """After an epoch was trained and validated; `values` is its metrics.csv row, and
+        `trainer.improved` says whether its validation SSIM is the best so far."""
+
+    def on_interrupt(self, trainer: Trainer, signum: int) -> None:
+        """A stop signal was received (and, under torchrun, agreed by all ranks); `fit` raises
+        TrainingInterrupted after this. Write what a resume needs."""
 
     def on_fit_end(self, trainer: Trainer) -> None:
         """After the last epoch, when `fit` returns normally."""
+
+    def teardown(self, trainer: Trainer) -> None:
+        """When `fit` ends, normally or by an exception: close files."""
 
 
 class Callbacks(Callback):
@@ -44,6 +57,10 @@ class Callbacks(Callback):
     def on_fit_start(self, trainer: Trainer) -> None:
         for callback in self.callbacks:
             callback.on_fit_start(trainer)
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        for callback in self.callbacks:
+            callback.on_epoch_start(trainer, epoch)
 
     def on_step_start(self, trainer: Trainer) -> None:
         for callback in self.callbacks:
@@ -57,6 +74,21 @@ class Callbacks(Callback):
         for callback in self.callbacks:
             callback.on_epoch_end(trainer, epoch, values)
 
+    def on_interrupt(self, trainer: Trainer, signum: int) -> None:
+        for callback in self.callbacks:
+            callback.on_interrupt(trainer, signum)
+
     def on_fit_end(self, trainer: Trainer) -> None:
         for callback in self.callbacks:
             callback.on_fit_end(trainer)
+
+    def teardown(self, trainer: Trainer) -> None:
+        """Every callback's, even when one of them fails (the first failure is raised after)."""
+        failure: BaseException | None = None
+        for callback in self.callbacks:
+            try:
+                callback.teardown(trainer)
+            except BaseException as exc:  # noqa: BLE001 -- re-raised below, after the others closed
+                failure = failure or exc
+        if failure is not None:
+            raise failure

@@ -23,6 +23,11 @@ class EpochProgress:
     skipped: int = 0  # steps skipped for a non-finite loss or gradient
     seconds: float = 0.0
 
+    def mean_losses(self) -> tuple[float, float]:
+        """(recon, kl) per image so far (0, 0 before any step was taken); reads the device's sums."""
+        recon, kl = (self.sums / max(self.images, 1)).tolist()
+        return recon, kl
+
     def state(self) -> dict[str, Any]:
         return {"steps": self.steps, "sums": self.sums.detach().cpu().clone(), "images": self.images,
                 "skipped": self.skipped, "seconds": self.seconds}

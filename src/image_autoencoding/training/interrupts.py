@@ -1,5 +1,5 @@
 """SIGTERM and Ctrl-C during training: remember the request, let the current step finish, then the
-trainer writes a checkpoint and stops (exit status 143 / 130, the shell's 128 + signal number).
+trainer's callbacks write a checkpoint and it stops (exit status 143 / 130, the shell's 128 + signal number).
 
 A second signal of either kind stops at once (no checkpoint), for a user who does not want to wait.
 """
@@ -14,10 +14,14 @@ HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 
 class TrainingInterrupted(Exception):
-    """Training stopped on a signal; `exit_status` is 128 + the signal number."""
+    """Training stopped on a signal; `exit_status` is 128 + the signal number. `after_callbacks`:
+    the trainer's callbacks ran their on_interrupt (wrote a checkpoint) before it was raised; a
+    second signal stops at once, without."""
 
-    def __init__(self, signum: int, message: str):
+    def __init__(self, signum: int, message: str, after_callbacks: bool = False):
         super().__init__(message)
+        self.signum = signum
+        self.after_callbacks = after_callbacks
         self.exit_status = 128 + signum
 
 
@@ -46,7 +50,7 @@ class StopRequests:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None:
-            raise TrainingInterrupted(signum, f"stopped at once on a second {signal.Signals(signum).name}")
+            raise TrainingInterrupted(signum, f"stopped at once on a second {signal_name(signum)}")
         self.signum = signum
 
 
@@ -56,9 +60,6 @@ def signal_to_stop_on(counts: list[float]) -> int | None:
     return int(raised[-1]) if raised else None
 
 
-def interrupted_message(signum: int, run_dir: object, checkpoint: object) -> str:
-    return (
-        f"stopped on {signal.Signals(signum).name}; checkpoint written to {checkpoint}; "
-        f"continue with: vae train --resume {run_dir}"
-    )
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
 

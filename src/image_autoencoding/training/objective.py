@@ -33,7 +33,6 @@ class VAEObjective(nn.Module):
     def __init__(
         self,
         vae: VAE,
-        alpha: float,
         autocast: Callable[[], AbstractContextManager],
         rank: int = 0,
         world_size: int = 1,
@@ -41,15 +40,14 @@ class VAEObjective(nn.Module):
     ):
         super().__init__()
         self.vae = vae
-        self.alpha = alpha
         self.autocast = autocast
         self.rank = rank
         self.world_size = world_size
         self.free_bits = free_bits
 
-    def forward(self, x: Tensor, alpha: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """`alpha` overrides the KL weight for this step (KL warm-up); a tensor, so torch.compile
-        does not recompile for every new value."""
+    def forward(self, x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`alpha`: this step's KL weight (TrainConfig.kl_weight, warm-up included); a tensor, so
+        torch.compile does not recompile for every new value."""
         with self.autocast():
             posterior = self.vae.encoder(x)
             z = posterior.mean + posterior.std * share_of_global_noise(posterior.mean, self.rank, self.world_size)
@@ -59,7 +57,7 @@ class VAEObjective(nn.Module):
         # Free bits change what the objective sees of the KL; the returned sums keep the true KL.
         objective_kl = kl if self.free_bits <= 0 else kl_for_objective(
             posterior, self.free_bits, summed_over_ranks if self.world_size > 1 else None, self.world_size)
-        objective = training_objective(recon, objective_kl, self.alpha if alpha is None else alpha)
+        objective = training_objective(recon, objective_kl, alpha)
         if self.world_size > 1:
             objective = objective * self.world_size
         return objective, recon.sum(), kl.sum()

@@ -1,46 +1,35 @@
 """The training loop: one backward pass per step, separate encoder and decoder optimizers, bf16
-autocast where the device has it, and everything a run writes into its run folder."""
+autocast where the device has it. The trainer writes no files: the run folder's checkpoints,
+metrics.csv, TensorBoard and pictures are callbacks (runs/), given by whoever runs it."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import ExponentialLR
-from tqdm import tqdm
 
-from image_autoencoding.config import Config, save_config
+from image_autoencoding.config import Config
 from image_autoencoding.data.batches import Normalizer, steps_per_epoch, training_batches
 from image_autoencoding.data.image_data import ImageData
 from image_autoencoding.errors import UserError
 from image_autoencoding.evaluation.evaluate import evaluate_split
 from image_autoencoding.models.vae import build_model
-from image_autoencoding.runs.checkpoint import (
-    prune_epoch_checkpoints,
-    publish_as,
-    remove_leftover_temporaries,
-    save_checkpoint,
-)
-from image_autoencoding.runs.metrics_log import MetricsLog
-from image_autoencoding.runs.resume import set_aside_later_checkpoints
-from image_autoencoding.runtime import autocast_factory, resolve_precision
+from image_autoencoding.runtime import autocast_factory, keep_freed_memory, resolve_precision
 from image_autoencoding.training.buffer_snapshot import BufferSnapshot
 from image_autoencoding.training.callbacks import Callback, Callbacks
-from image_autoencoding.training.cpu_memory import keep_freed_memory
 from image_autoencoding.training.distributed import SINGLE, Distributed
 from image_autoencoding.training.epoch_progress import EpochProgress
 from image_autoencoding.training.interrupts import (
     HANDLED,
     StopRequests,
     TrainingInterrupted,
-    interrupted_message,
+    signal_name,
     signal_to_stop_on,
 )
 from image_autoencoding.training.objective import VAEObjective, not_finite
@@ -49,11 +38,8 @@ from image_autoencoding.training.rng import rng_state, seed_everything, set_rng_
 from image_autoencoding.training.sharded_evaluation import evaluate_split_across_ranks
 from image_autoencoding.training.sync_batchnorm import convert_batchnorm
 from image_autoencoding.training.vae_gan import VaeGan
-from image_autoencoding.visualization.grids import save_reconstruction_grid, save_sample_grid
 
 logger = logging.getLogger("image_autoencoding")
-
-LOG_EVERY = 10  # steps between progress-bar / TensorBoard updates (each one waits for the device)
 
 
 class TrainingDiverged(UserError):
@@ -61,19 +47,18 @@ class TrainingDiverged(UserError):
 
 
 class Trainer:
-    """`dist` says which of the torchrun processes this is; every rank trains, rank 0 alone writes
-    the run folder (`self.writes`). `callbacks` run at the named points of `fit` (callbacks.py)."""
+    """`dist` says which of the torchrun processes this is (every rank trains); `resume` a
+    checkpoint's state to continue from; `callbacks` run at the named points of `fit`
+    (callbacks.py): runs/run_callbacks.py has those that write a run folder."""
 
     def __init__(
-        self, config: Config, run_dir: Path, data: ImageData, resume: dict[str, Any] | None = None,
+        self, config: Config, data: ImageData, resume: dict[str, Any] | None = None,
         dist: Distributed = SINGLE, callbacks: Sequence[Callback] = (),
     ):
         self.config = config
         self.cfg = config.train
-        self.run_dir = run_dir
         self.data = data
         self.dist = dist
-        self.writes = dist.is_main
         self.device = dist.device(self.cfg.device)
         self.precision = resolve_precision(self.cfg.precision, self.device)
         self.autocast = autocast_factory(self.device, self.precision)
@@ -95,7 +80,7 @@ class Trainer:
         # is wrapped in DDP under torchrun (the VAE-GAN syncs its gradients itself). self.model
         # stays the plain VAE whose weights are saved (the same parameters).
         if self.gan is None:
-            objective = VAEObjective(self.model, self.alpha, self.autocast, dist.rank, dist.world_size,
+            objective = VAEObjective(self.model, self.autocast, dist.rank, dist.world_size,
                                      free_bits=self.cfg.free_bits)
         else:
             objective = self.gan.objective(self.model, self.autocast)
@@ -121,9 +106,10 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.step = 0  # training steps done (batches drawn), skipped ones included
         self.progress = EpochProgress.from_state(None, self.device)
+        self.epoch_steps = 0  # steps of the epoch being trained (set by train_epoch)
         self.bad_steps_in_a_row = 0
-        self.metrics = MetricsLog(run_dir / "metrics.csv")
         self.best_ssim = float("-inf")
+        self.improved = False  # whether the last epoch validated set a new best_ssim
         self.stop = StopRequests()  # installed for the duration of fit()
         self.callbacks = Callbacks(callbacks)
         self._buffers = BufferSnapshot(self.model, *([self.gan.discriminator] if self.gan else []))
@@ -133,13 +119,6 @@ class Trainer:
         self._agreed_stop: int | None = None  # under torchrun: the signal all ranks agreed to stop on
         if resume is not None:
             self._restore(resume)
-
-        # Fixed images and latent vectors, so pictures from different epochs compare.
-        self.picture_generator_seed = self.cfg.seed + 7
-        self.fixed_train = np.array(data.train.images[: self.cfg.grid_images])
-        self.fixed_valid = np.array(data.valid.images[: self.cfg.grid_images])
-        generator = torch.Generator().manual_seed(self.picture_generator_seed)
-        self.fixed_latents = torch.randn(self.cfg.sample_images, config.model.latent_dim, generator=generator)
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -152,7 +131,6 @@ class Trainer:
             "decoder_scheduler": self.decoder_scheduler.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
-            "step_in_epoch": self.progress.steps,
             "epoch_progress": self.progress.state(),
             "bad_steps_in_a_row": self.bad_steps_in_a_row,
             "scaler": self.scaler.state_dict(),
@@ -181,8 +159,6 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        if self.writes:
-            self.metrics.keep_epochs_up_to(self.epoch)
         if self.gan is not None:
             self.gan.load_state(state)
 
@@ -252,24 +228,20 @@ class Trainer:
         self._agreed_stop = signal_to_stop_on(agreed[1:])
         return agreed[0] > 0, packet[:2]
 
-    def train_epoch(self, epoch: int, writer, max_steps: int | None = None) -> dict[str, float]:
+    def train_epoch(self, epoch: int, max_steps: int | None = None) -> dict[str, float]:
         """The rest of `epoch`: all of it, or what follows the checkpoint this run resumed from.
         `max_steps`: end the epoch after this many steps (default train.max_steps_per_epoch)."""
         self.model.train()
-        images = self.data.train.images
-        world = self.dist.world_size
+        images, world = self.data.train.images, self.dist.world_size
         max_steps = self.cfg.max_steps_per_epoch if max_steps is None else max_steps
-        total_steps = steps_per_epoch(len(images), self.cfg.batch_size, max_steps, world)
+        self.epoch_steps = steps_per_epoch(len(images), self.cfg.batch_size, max_steps, world)
         progress = self.progress
         start = time.perf_counter() - progress.seconds
-        bar = tqdm(
-            total=total_steps, initial=progress.steps, desc=f"epoch {epoch}/{self.cfg.epochs}", unit="step",
-            disable=not (self.cfg.progress and self.writes), leave=False, dynamic_ncols=True,
-        )
         batches = training_batches(
             images, self.cfg.batch_size, self.cfg.seed, epoch, self.device, self.normalize,
             max_steps, start_step=progress.steps, rank=self.dist.rank, world_size=world,
         )
+        self.callbacks.on_epoch_start(self, epoch)
         for x in batches:
             self.callbacks.on_step_start(self)
             sums = self.train_step(x)
@@ -280,18 +252,15 @@ class Trainer:
                 self.bad_steps_in_a_row = 0
                 progress.sums += sums
                 progress.images += x.shape[0] * world  # every rank's share is full (see training_batches)
-            bar.update(1)
             progress.seconds = time.perf_counter() - start
-            if (progress.steps % LOG_EVERY == 0 or progress.steps == total_steps) and progress.images:
-                recon, kl = (progress.sums / progress.images).tolist()
-                rate = progress.images / progress.seconds
-                bar.set_postfix(loss=f"{recon + self.alpha * kl:.1f}", img_s=f"{rate:.0f}")
-                if writer is not None:
-                    writer.add_scalar("train/step_encoder_loss", recon + self.alpha * kl, self.step)
-            self._after_step(x, sums)
-        bar.close()
+            self.callbacks.on_step_end(self, x, sums)
+            # Under torchrun, the signals the ranks agreed on in this step's packet: a signal that
+            # arrives after the packet was sent stops every rank after the next step.
+            signum = self._agreed_stop if self.dist.enabled else self.stop.signum
+            if signum is not None:
+                self._stop_on_signal(signum, epoch)
         seconds = time.perf_counter() - start
-        recon, kl = (progress.sums / max(progress.images, 1)).tolist()
+        recon, kl = progress.mean_losses()
         self.progress = EpochProgress.from_state(None, self.device)
         return {
             "encoder_loss": recon + self.alpha * kl,
@@ -303,6 +272,11 @@ class Trainer:
             "lr": self.encoder_optimizer.param_groups[0]["lr"],
             "skipped_steps": progress.skipped,
         }
+
+    def step_lr_schedules(self) -> None:
+        """The learning rates' per-epoch decay (train.decay_lr), after each epoch's steps."""
+        self.encoder_scheduler.step()
+        self.decoder_scheduler.step()
 
     def validate(self) -> dict[str, float]:
         """Losses and per-image metrics on the validation split (the first train.eval_images); under
@@ -333,17 +307,6 @@ class Trainer:
             raise TrainingDiverged(message)
         logger.warning("non-finite loss or gradient at %s: step skipped, weights unchanged", where)
 
-    def _after_step(self, x: Tensor, sums: Tensor | None) -> None:
-        every = self.cfg.checkpoint_every_steps
-        if every is not None and self.step % every == 0:
-            self.save_last_checkpoint()
-        self.callbacks.on_step_end(self, x, sums)
-        # Under torchrun, the signals the ranks agreed on in this step's packet: a signal that
-        # arrives after the packet was sent stops every rank after the next step.
-        signum = self._agreed_stop if self.dist.enabled else self.stop.signum
-        if signum is not None:
-            self._stop_on_signal(signum)
-
     def _stop_signal(self) -> int | None:
         """The signal to stop on between epochs, agreed by all ranks: a SIGTERM that reached one
         rank first (or only) stops every rank at the same point, so no rank waits forever in a
@@ -361,109 +324,41 @@ class Trainer:
             flags[HANDLED.index(self.stop.signum)] = 1
         return flags
 
-    def _stop_on_signal(self, signum: int) -> None:
-        path = self.save_last_checkpoint()
-        message = interrupted_message(signum, self.run_dir, path)
-        logger.info(message)
-        raise TrainingInterrupted(signum, message)
-
-    def save_pictures(self, epoch: int) -> None:
-        """Pictures are derived from the weights and can be made again: a full disk here is
-        reported and training goes on (the checkpoint or metrics.csv write that follows reports it
-        as an error if the disk stays full)."""
-        if not self.writes:
-            return
-        try:
-            self._write_pictures(epoch)
-        except OSError as exc:
-            logger.warning("could not write the pictures of epoch %d: %s; training continues", epoch, exc)
-
-    @torch.no_grad()
-    def _write_pictures(self, epoch: int) -> None:
-        self.model.eval()
-        images_dir = self.run_dir / "images"
-        for split, pixels in (("train", self.fixed_train), ("valid", self.fixed_valid)):
-            x = self.normalize(torch.from_numpy(pixels).to(self.device))
-            with self.autocast():
-                x_hat = self.model.reconstruct(x)
-            save_reconstruction_grid(
-                self.normalize.to_unit(x), self.normalize.to_unit(x_hat),
-                images_dir / split / f"reconstruction_epoch_{epoch:03d}.png",
-            )
-        with self.autocast():
-            samples = self.model.decoder(self.fixed_latents.to(self.device))
-        save_sample_grid(self.normalize.to_unit(samples), images_dir / "samples" / f"samples_epoch_{epoch:03d}.png")
+    def _stop_on_signal(self, signum: int, epoch: int) -> None:
+        self.callbacks.on_interrupt(self, signum)
+        raise TrainingInterrupted(signum, f"stopped on {signal_name(signum)} after step {self.step} (epoch {epoch})",
+                                  after_callbacks=True)
 
     # -- the run ---------------------------------------------------------------------------------
 
-    def tidy_checkpoints(self) -> None:
-        """Before the first checkpoint of this run: delete partial writes a killed run left, and set
-        aside the checkpoints saved after the point this run resumes from (a branch it abandons)."""
-        folder = self.run_dir / "checkpoints"
-        removed = remove_leftover_temporaries(folder)
-        if removed:
-            logger.info("removed %d partial checkpoint write(s) of an interrupted run: %s", len(removed),
-                        ", ".join(path.name for path in removed))
-        aside = set_aside_later_checkpoints(folder, self.epoch, self.step)
-        if aside is not None:
-            moved = sorted(path.name for path in aside.iterdir())
-            logger.info("resuming from epoch %d, step %d: moved the later checkpoints %s to %s",
-                        self.epoch, self.step, ", ".join(moved), aside)
-
-    def save_epoch_checkpoint(self) -> Path:
-        """epoch_N.pt, copied to last.pt: separate files, so a damaged one leaves the other to resume from."""
-        folder = self.run_dir / "checkpoints"
-        path = folder / f"epoch_{self.epoch}.pt"
-        if not self.writes:
-            return path
-        save_checkpoint(self.state(), path)
-        publish_as(path, folder / "last.pt")
-        prune_epoch_checkpoints(folder, self.cfg.keep_checkpoints)
-        return path
-
-    def save_last_checkpoint(self) -> Path:
-        """last.pt alone, possibly inside an epoch (the epoch_N.pt it may name stays as it was)."""
-        path = self.run_dir / "checkpoints" / "last.pt"
-        if self.writes:
-            save_checkpoint(self.state(), path)
-        return path
-
-    def fit(self) -> Path:
+    def fit(self) -> None:
         """Train from the epoch after the last one done to train.epochs. Scoring the finished run
         (report.md) is the caller's: it reads a checkpoint, not the trainer."""
-        from torch.utils.tensorboard import SummaryWriter
-
-        self._start_run()
-        writer = SummaryWriter(str(self.run_dir / "tensorboard")) if self.writes else None
+        self._log_start()
         self.stop.install()
-        self.callbacks.on_fit_start(self)
         try:
+            self.callbacks.on_fit_start(self)
             for epoch in range(self.epoch + 1, self.cfg.epochs + 1):
-                values = self.train_epoch(epoch, writer)
-                self.encoder_scheduler.step()
-                self.decoder_scheduler.step()
+                values = self.train_epoch(epoch)
+                self.step_lr_schedules()
                 values.update(self.validate())
                 self.epoch = epoch
-                self._record_epoch(epoch, values, writer)
+                self.improved = values["valid_ssim"] > self.best_ssim
+                self.best_ssim = max(self.best_ssim, values["valid_ssim"])
                 self.callbacks.on_epoch_end(self, epoch, values)
                 signum = self._stop_signal()
                 if signum is not None and epoch < self.cfg.epochs:
-                    self._stop_on_signal(signum)
+                    self._stop_on_signal(signum, epoch)
+            self.callbacks.on_fit_end(self)
         finally:
             self.stop.restore()
-            if writer is not None:
-                writer.close()
-        self.callbacks.on_fit_end(self)
-        return self.run_dir
+            self.callbacks.teardown(self)
 
-    def _start_run(self) -> None:
-        if self.writes:
-            save_config(self.config, self.run_dir / "config.yaml")
-            self.tidy_checkpoints()
+    def _log_start(self) -> None:
         logger.info(
-            "run folder %s | device %s | precision %s | %d train / %d valid images | alpha %g | %.1fM parameters",
-            self.run_dir, self.device, self.precision, len(self.data.train.images),
-            len(self.data.valid.images), self.alpha, sum(p.numel() for p in self.model.parameters()) / 1e6,
+            "device %s | precision %s | %d train / %d valid images | alpha %g | %.1fM parameters",
+            self.device, self.precision, len(self.data.train.images), len(self.data.valid.images), self.alpha,
+            sum(p.numel() for p in self.model.parameters()) / 1e6,
         )
         if self.dist.enabled:
             logger.info(
@@ -473,34 +368,3 @@ class Trainer:
             )
         if self.epoch >= self.cfg.epochs:
             logger.info("nothing to do: %d of %d epochs already done", self.epoch, self.cfg.epochs)
-
-    def _record_epoch(self, epoch: int, values: dict[str, float], writer) -> None:
-        """metrics.csv, TensorBoard, pictures, the log line, epoch_N.pt / last.pt and best.pt."""
-        if writer is not None:
-            self.metrics.append({"epoch": epoch, "step": self.step, **values})
-            for key, value in values.items():
-                writer.add_scalar(f"epoch/{key}", value, epoch)
-            writer.flush()
-        self.save_pictures(epoch)
-        logger.info(
-            "epoch %d/%d  encoder loss %.2f  recon %.2f  kl %.2f  valid recon %.2f  %.0f img/s",
-            epoch, self.cfg.epochs, values["encoder_loss"], values["recon"], values["kl"],
-            values["valid_recon"], values["images_per_s"],
-        )
-        improved = values["valid_ssim"] > self.best_ssim
-        self.best_ssim = max(self.best_ssim, values["valid_ssim"])
-        saved = None
-        if epoch % self.cfg.checkpoint_every == 0 or epoch == self.cfg.epochs:
-            saved = self.save_epoch_checkpoint()
-        if improved:
-            self.save_best(saved)
-
-    def save_best(self, saved: Path | None) -> None:
-        """checkpoints/best.pt: the epoch with the highest validation SSIM so far."""
-        best = self.run_dir / "checkpoints" / "best.pt"
-        if not self.writes:
-            return
-        if saved is not None:
-            publish_as(saved, best)  # a copy: pruning epoch_N.pt keeps it
-        else:
-            save_checkpoint(self.state(), best)

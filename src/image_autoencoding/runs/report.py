@@ -48,6 +48,9 @@ def resolve_checkpoint(run_dir: Path, name: str) -> Path:
 def load_run_model(run_dir: Path, checkpoint: str = "best") -> tuple[Config, VAE, Path, dict[str, Any]]:
     if not run_dir.is_dir():
         raise ConfigError(f"run folder '{run_dir}' not found")
+    # The run's config.yaml, not the checkpoint's copy: the data and model sections are the same
+    # in both (a resume cannot change them), and a run moved to another machine is evaluated by
+    # pointing data.data_root / cache_dir in config.yaml at the data's new place.
     config = load_run_config(run_dir)
     path = resolve_checkpoint(run_dir, checkpoint)
     state = load_checkpoint(path)

@@ -1,0 +1,53 @@
+"""The pictures of each epoch in the run folder: reconstructions of fixed training and validation
+images, and decoded samples of fixed latent vectors, so pictures of different epochs compare."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from image_autoencoding.config import Config
+from image_autoencoding.data.image_data import ImageData
+from image_autoencoding.training.callbacks import Callback
+from image_autoencoding.training.trainer import Trainer
+from image_autoencoding.visualization.grids import save_reconstruction_grid, save_sample_grid
+
+logger = logging.getLogger("image_autoencoding")
+
+
+class EpochPictures(Callback):
+    """images/{train,valid}/reconstruction_epoch_NNN.png and images/samples/samples_epoch_NNN.png."""
+
+    def __init__(self, run_dir: Path, config: Config, data: ImageData):
+        self.folder = Path(run_dir) / "images"
+        cfg = config.train
+        self.fixed = {"train": np.array(data.train.images[: cfg.grid_images]),
+                      "valid": np.array(data.valid.images[: cfg.grid_images])}
+        generator = torch.Generator().manual_seed(cfg.seed + 7)  # not the run's: training draws the same either way
+        self.latents = torch.randn(cfg.sample_images, config.model.latent_dim, generator=generator)
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, values) -> None:
+        """Pictures are derived from the weights and can be made again: a full disk here is reported
+        and training goes on (the checkpoint or metrics.csv write of the epoch reports it as an
+        error if the disk stays full)."""
+        try:
+            self.write(trainer, epoch)
+        except OSError as exc:
+            logger.warning("could not write the pictures of epoch %d: %s; training continues", epoch, exc)
+
+    @torch.no_grad()
+    def write(self, trainer: Trainer, epoch: int) -> None:
+        model, normalize = trainer.model, trainer.normalize
+        model.eval()
+        for split, pixels in self.fixed.items():
+            x = normalize(torch.from_numpy(pixels).to(trainer.device))
+            with trainer.autocast():
+                x_hat = model.reconstruct(x)
+            save_reconstruction_grid(normalize.to_unit(x), normalize.to_unit(x_hat),
+                                     self.folder / split / f"reconstruction_epoch_{epoch:03d}.png")
+        with trainer.autocast():
+            samples = model.decoder(self.latents.to(trainer.device))
+        save_sample_grid(normalize.to_unit(samples), self.folder / "samples" / f"samples_epoch_{epoch:03d}.png")
