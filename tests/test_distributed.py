@@ -36,7 +36,7 @@ from image_autoencoding.evaluation.evaluate import evaluate_split
 from image_autoencoding.models.vae import build_model
 from image_autoencoding.runs.checkpoint import load_checkpoint
 from image_autoencoding.runs.checkpointing import Checkpointing
-from image_autoencoding.runs.report import load_run_model
+from image_autoencoding.runs.loading import load_from_run
 from image_autoencoding.training.callbacks import Callback
 from image_autoencoding.training.distributed import Distributed
 from image_autoencoding.training.interrupts import TrainingInterrupted
@@ -142,7 +142,8 @@ def test_only_rank_0_writes_one_complete_run_folder(runs):
 def test_validation_across_ranks_equals_one_process_scoring_every_image(runs):
     """The last metrics.csv row was scored 25 images per rank; here one process scores the same 50
     images with the same weights, as `vae evaluate` does."""
-    config, model, _, _ = load_run_model(runs["two"], "last")
+    trained = load_from_run(runs["two"], "last")
+    config, model = trained.config, trained.model
     data = load_image_data(config.data, progress=False)
     normalize = Normalizer(config.data, torch.device("cpu"))
     evaluation = evaluate_split(model, data.valid.images, normalize, torch.device("cpu"), 32, limit=50)

@@ -65,8 +65,31 @@ def test_report_and_metrics_json_at_the_end_of_training(run):
         assert (run / link).is_file(), link
 
 
+def test_the_report_shows_the_pictures_of_the_epoch_it_scores(run, tmp_path):
+    """report.md's metrics are best.pt's: its reconstructions and samples must be that epoch's, not
+    the last epoch's."""
+    import shutil
+
+    from image_autoencoding.runs.checkpoint import save_checkpoint
+
+    copy = shutil.copytree(run, tmp_path / "run")
+    state = load_checkpoint(copy / "checkpoints" / "best.pt")
+    state["epoch"] = 2  # best.pt now says it is epoch 2's weights; the last epoch is 3
+    save_checkpoint(state, copy / "checkpoints" / "best.pt")
+    assert main(["evaluate", str(copy)]) == 0
+    report = (copy / "report.md").read_text()
+    assert "reconstruction_epoch_002.png" in report and "samples_epoch_002.png" in report
+    assert "epoch_003.png" not in report
+
+
+def test_the_training_latents_are_drawn_too_as_the_original_did(run):
+    assert (run / "images/latent/latent_mu_dims_0_1_train.png").is_file()
+    assert "images/latent/latent_mu_dims_0_1_train.png" in (run / "report.md").read_text()
+
+
 @pytest.mark.parametrize("name", [
-    "images/latent/latent_mu_dims_0_1.png", "images/latent/latent_pca.png", "images/latent/latent_tsne.png",
+    "images/latent/latent_mu_dims_0_1.png", "images/latent/latent_mu_dims_0_1_train.png",
+    "images/latent/latent_pca.png", "images/latent/latent_tsne.png",
     "images/latent/interpolation.png", "images/latent/kl_per_dimension.png", "images/training_curves.png",
 ])
 def test_every_picture_is_a_png_of_sensible_size(run, name):
@@ -141,7 +164,8 @@ def test_reconstruct_command_on_user_images(run, tmp_path, capsys):
     assert main(["reconstruct", str(run), str(first), str(second), "--out", str(tmp_path / "out")]) == 0
     for name in ("holiday_reconstruction.png", "scan_reconstruction.png"):
         with Image.open(tmp_path / "out" / name) as image:
-            assert image.size == (72 + 4, 2 * 74 + 2)  # input above its reconstruction, enlarged to 72 px
+            # input above its reconstruction, 24 px enlarged 11x to 264 px (at least 256: a picture to look at)
+            assert image.size == (264 + 4, 2 * 266 + 2)
 
 
 # -- evaluate never replaces the run's own figures ------------------------------------------------------
@@ -192,11 +216,11 @@ def test_many_samples_are_decoded_in_batches_into_files_and_a_capped_grid(run, t
 
 def test_batched_samples_are_the_images_one_whole_batch_gives(run, tmp_path):
     from image_autoencoding.data.batches import Normalizer
-    from image_autoencoding.runs.report import load_run_model
+    from image_autoencoding.runs.loading import load_from_run
 
     assert main(["sample", str(run), "-n", "40", "--seed", "3", "--temperature", "0.8", "--out", str(tmp_path)]) == 0
-    config, model, _, _ = load_run_model(run)
-    model.eval()
+    trained = load_from_run(run)
+    config, model = trained.config, trained.model
     whole = model.sample(40, torch.Generator().manual_seed(3), 0.8)  # all at once, as sample used to decode
     whole = Normalizer(config.data, torch.device("cpu")).to_unit(whole)
     for i in (0, 9, 39):  # 39 is in the second batch of 32

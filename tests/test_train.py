@@ -54,6 +54,17 @@ def test_vae_train_writes_every_file(tiny, tmp_path, capsys):
     assert float(rows[0]["encoder_loss"]) == pytest.approx(float(rows[0]["recon"]) + float(rows[0]["kl"]), rel=1e-4)
 
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    # The pictures of each epoch, as in images/: reconstructions of both splits and the samples.
+    assert set(events.Tags()["images"]) == {"reconstructions/train", "reconstructions/valid", "samples"}
+    assert [event.step for event in events.Images("samples")] == [1, 2]
+    # config.yaml keeps what was asked (auto) and records what it resolved to on this machine.
+    head = (run / "config.yaml").read_text().splitlines()[0]
+    assert head.startswith("# train.device: auto resolved to cpu")
+    assert "ia.load(" in log and f"vae evaluate {run}" in log  # what to do next
     for name in ("last.pt", "epoch_1.pt", "epoch_2.pt"):
         state = load_checkpoint(run / "checkpoints" / name)
         parts = {"model", "encoder_optimizer", "decoder_optimizer", "encoder_scheduler", "decoder_scheduler"}

@@ -17,11 +17,15 @@ if TYPE_CHECKING:
 
 
 def _add_train(subparsers) -> None:
+    from image_autoencoding.config_docs import keys_help_text
+
     parser = subparsers.add_parser(
         "train",
         help="train a VAE (or continue a run with --resume)",
         description="Train the VAE. Values come from the defaults, then --config, then overrides "
-        "such as train.epochs=20 data.image_size=64.",
+        "such as train.epochs=20 data.image_size=64. `vae config` prints the resolved configuration.",
+        epilog="configuration keys (section.key=value):\n" + keys_help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", "-c", help="YAML file with data / model / train sections")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run folder from its last checkpoint")
@@ -34,10 +38,10 @@ def _add_train(subparsers) -> None:
 
 
 def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
-    from image_autoencoding.config import save_config
     from image_autoencoding.runs import report
     from image_autoencoding.runs.resume import prepare_resume
     from image_autoencoding.runs.run_callbacks import run_folder_callbacks
+    from image_autoencoding.runs.run_dir import write_run_config
     from image_autoencoding.runs.run_log import run_logging
     from image_autoencoding.training.distributed import from_environment, process_group
     from image_autoencoding.training.progress_bar import ProgressBar
@@ -73,11 +77,13 @@ def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
                 for key, (old, new) in resume.changed.items():
                     logger.info("resume changes %s: %r -> %r", key, old, new)
             logger.info("run folder %s", run_dir)
-            save_config(config, run_dir / "config.yaml")
             # The bar only on a terminal: its carriage returns would flood a redirected log.
             bar = [ProgressBar()] if config.train.progress and sys.stderr.isatty() else []
             trainer = Trainer(config, data, resume=state, dist=dist,
                               callbacks=[*run_folder_callbacks(run_dir, config, data), *bar, *callbacks])
+            write_run_config(config, run_dir / "config.yaml", {
+                "train.device": (config.train.device, str(trainer.device)),
+                "train.precision": (config.train.precision, trainer.precision)})
             try:
                 trainer.fit()
             except TrainingInterrupted as exc:
@@ -89,6 +95,9 @@ def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
                 raise TrainingInterrupted(exc.signum, message, after_callbacks=True) from None
             if trainer.epoch >= config.train.epochs:  # one process scores the whole split
                 report.final_report(run_dir, data, str(trainer.device))
+                logger.info("next: vae evaluate %s | vae sample %s -n 64 | vae reconstruct %s IMAGE ...\n"
+                            "in Python: import image_autoencoding as ia; vae = ia.load(%r)", run_dir, run_dir, run_dir,
+                            str(run_dir))
     print(run_dir)
     return 0
 
@@ -196,12 +205,14 @@ def _add_evaluate(subparsers) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from image_autoencoding.api import load
     from image_autoencoding.runs.report import evaluate_and_write, metrics_table
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit: expected a number of images >= 1 (got {args.limit})")
-    document, written = evaluate_and_write(Path(args.run_dir), args.checkpoint, args.split, args.limit,
-                                           device=args.device)
+    run_dir = _run_folder(args.run_dir)
+    vae = load(run_dir, args.checkpoint, device="cpu")
+    document, written = evaluate_and_write(run_dir, vae.trained, args.split, args.limit, device=args.device)
     print(f"{document['split']} split, {document['images']} images, {Path(document['checkpoint']).name} "
           f"(epoch {document['epoch']})")
     print(metrics_table(document))
@@ -233,47 +244,47 @@ def _add_sample(subparsers) -> None:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import math
-
     import torch
     from tqdm import tqdm
 
-    from image_autoencoding.data.batches import Normalizer
-    from image_autoencoding.runs.report import load_run_model
+    from image_autoencoding.api import load
     from image_autoencoding.visualization.grids import save_sample_grid
     from image_autoencoding.visualization.images import save_images
 
-    if args.n < 1:
-        raise ConfigError(f"-n: expected a number of images >= 1 (got {args.n})")
-    if not math.isfinite(args.temperature) or args.temperature <= 0:
-        raise ConfigError(f"--temperature: expected a finite number > 0 (got {args.temperature})")
-    run_dir = Path(args.run_dir)
-    config, model, _, _ = load_run_model(run_dir, args.checkpoint)
+    run_dir = _run_folder(args.run_dir)
+    vae = load(run_dir, args.checkpoint, device="cpu")
+    try:
+        # Every latent is drawn first, in one call: the same seed gives the same images whatever the
+        # batch size. n x latent_dim floats are small; the decoded images are what must not all be
+        # in memory at once.
+        z = vae.sample_latents(args.n, args.temperature, args.seed)
+    except ValueError as exc:
+        raise ConfigError(str(exc).replace("n:", "-n:").replace("temperature:", "--temperature:")) from None
     out = Path(args.out) if args.out else run_dir / "samples" / f"seed_{args.seed}_t{args.temperature:g}"
-    model.eval()
-    to_unit = Normalizer(config.data, torch.device("cpu")).to_unit
-    # Every latent is drawn first, in one call: the same seed gives the same images whatever the
-    # batch size. n x latent_dim floats are small; the decoded images are what must not all be in
-    # memory at once.
-    z = model.prior_latents(args.n, torch.Generator().manual_seed(args.seed), args.temperature)
-    batch_size = config.train.batch_size
+    batch_size = vae.config.train.batch_size
     digits = max(4, len(str(args.n - 1)))  # names sort in order however many there are
     grid, grid_size = [], min(args.n, SAMPLE_GRID_IMAGES)
     bar = tqdm(total=args.n, desc="sampling", unit="img", file=sys.stderr, dynamic_ncols=True,
                disable=args.n <= batch_size or not sys.stderr.isatty())
-    with torch.no_grad():
-        for start in range(0, args.n, batch_size):
-            images = to_unit(model.decoder(z[start : start + batch_size]))
-            save_images(images, [out / f"sample_{i:0{digits}d}.png" for i in range(start, start + len(images))])
-            if start < grid_size:
-                grid.append(images[: grid_size - start])
-                if start + len(images) >= grid_size:
-                    save_sample_grid(torch.cat(grid), out / "samples_grid.png")
-                    grid = []
-            bar.update(len(images))
+    for start in range(0, args.n, batch_size):
+        images = vae.decode(z[start : start + batch_size], as_tensor=True)
+        save_images(images, [out / f"sample_{i:0{digits}d}.png" for i in range(start, start + len(images))])
+        if start < grid_size:
+            grid.append(images[: grid_size - start])
+            if start + len(images) >= grid_size:
+                save_sample_grid(torch.cat(grid), out / "samples_grid.png")
+                grid = []
+        bar.update(len(images))
     bar.close()
     print(out)
     return 0
+
+
+def _run_folder(path: str) -> Path:
+    run_dir = Path(path)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder '{run_dir}' not found")
+    return run_dir
 
 
 def _add_reconstruct(subparsers) -> None:
@@ -290,62 +301,125 @@ def _add_reconstruct(subparsers) -> None:
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
-    from PIL import Image, UnidentifiedImageError
 
-    from image_autoencoding.data.batches import Normalizer
-    from image_autoencoding.data.preprocess import load_image
-    from image_autoencoding.runs.report import load_run_model
+    from image_autoencoding.api import load
     from image_autoencoding.visualization.grids import save_reconstruction_grid
 
-    run_dir = Path(args.run_dir)
-    config, model, _, _ = load_run_model(run_dir, args.checkpoint)
-    pixels = []
-    for name in args.images:
-        try:
-            pixels.append(load_image(name, config.data.image_crop, config.data.image_size,
-                                     config.data.max_image_pixels))
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as exc:
-            raise UserError(f"image '{name}' cannot be read: {exc}") from None
-    out = Path(args.out) if args.out else run_dir / "reconstructions"
-    normalize = Normalizer(config.data, torch.device("cpu"))
-    model.eval()
-    with torch.no_grad():
-        x = normalize(torch.from_numpy(np.stack(pixels)))
-        x_hat = model.reconstruct(x)
+    vae = load(_run_folder(args.run_dir), args.checkpoint, device="cpu")
+    out = Path(args.out) if args.out else Path(args.run_dir) / "reconstructions"
     taken: set[str] = set()
-    for i, name in enumerate(args.images):
+    names = []
+    for name in args.images:
         stem = Path(name).stem
         candidate, copy = stem, 1
         while candidate.casefold() in taken:  # casefold: on macOS and Windows X.png and x.png are one file
             copy += 1
             candidate = f"{stem}_{copy}"
         taken.add(candidate.casefold())
-        path = out / f"{candidate}_reconstruction.png"
-        save_reconstruction_grid(normalize.to_unit(x[i : i + 1]), normalize.to_unit(x_hat[i : i + 1]), path, per_row=1)
+        names.append(out / f"{candidate}_reconstruction.png")
+    pixels = vae.preprocess(args.images)  # every file read (or refused) before anything is written
+    inputs = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    outputs = vae.reconstruct(list(pixels), as_tensor=True)
+    for i, path in enumerate(names):
+        save_reconstruction_grid(inputs[i : i + 1], outputs[i : i + 1], path, per_row=1, min_tile=RECONSTRUCTION_TILE)
         print(path)
     return 0
+
+
+# `vae reconstruct`'s pictures: each image enlarged (nearest neighbour) to at least this many pixels,
+# so a 64 px reconstruction is a picture a person can look at, not a 68 x 134 px file.
+RECONSTRUCTION_TILE = 256
 
 
 def _add_export(subparsers) -> None:
     parser = subparsers.add_parser(
         "export",
-        help="write a run's encoder and decoder as safetensors plus a config.json",
+        help="write a run's encoder and decoder as safetensors plus a config.json (and ONNX)",
         description="Export a checkpoint's weights as encoder.safetensors and decoder.safetensors with "
-        "the model config as config.json: loadable with safetensors and json alone, no pickle.",
+        "the model and preprocessing as config.json: loadable with safetensors and json alone, no pickle, "
+        "and with image_autoencoding.load(). --onnx adds encoder.onnx (image -> mean, logvar) and "
+        "decoder.onnx (z -> image) with a dynamic batch axis, checked against torch in onnxruntime.",
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
-    parser.add_argument("--checkpoint", metavar="NAME|PATH", help="checkpoint to export (default last.pt)")
+    parser.add_argument("--checkpoint", default="best", metavar="NAME|PATH",
+                        help="best (default), last, epoch_N or a .pt path")
     parser.add_argument("--out", metavar="DIR", help="folder to write (default RUN_DIR/export)")
+    parser.add_argument("--onnx", action="store_true", help="also write encoder.onnx and decoder.onnx")
     parser.set_defaults(handler=_export)
 
 
 def _export(args: argparse.Namespace) -> int:
     from image_autoencoding.export import export_run
 
-    print(export_run(args.run_dir, args.checkpoint, args.out))
+    print(export_run(_run_folder(args.run_dir), args.checkpoint, args.out, onnx=args.onnx))
     return 0
+
+
+def _add_encode(subparsers) -> None:
+    parser = _add_run_command(
+        subparsers, "encode", _encode,
+        help="latent vectors of a split or of image files, into an .npz file",
+        description="Encode images with a run's encoder and save the posterior of each: an .npz with "
+        "`mean` and `logvar` (N x latent_dim, float32), and `labels` and `class_names` for a split, `files` "
+        "for image files. Files go through the run's preprocessing (crop, resize), as in training.",
+    )
+    parser.add_argument("images", nargs="*", metavar="IMAGE", help="image files (or --split)")
+    parser.add_argument("--split", choices=["valid", "train"], help="encode every image of this split")
+    parser.add_argument("-o", "--out", required=True, metavar="FILE.npz")
+
+
+def _encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from image_autoencoding.api import load
+    from image_autoencoding.data.image_data import load_image_data
+
+    if bool(args.images) == bool(args.split):
+        raise ConfigError("vae encode: give image files or --split valid|train (one of them)")
+    vae = load(_run_folder(args.run_dir), args.checkpoint, device="cpu")
+    if args.split:
+        data = load_image_data(vae.config.data, progress=False)
+        split = data.valid if args.split == "valid" else data.train
+        posterior = vae.encode_pixels(split.images)
+        extra = {"labels": np.asarray(split.labels), "class_names": np.array(data.class_names, dtype=str)}
+    else:
+        posterior = vae.encode(args.images)
+        extra = {"files": np.array([str(name) for name in args.images], dtype=str)}
+    out = Path(args.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(out, mean=posterior.mean.cpu().numpy(), logvar=posterior.logvar.cpu().numpy(), **extra)
+    except OSError as exc:
+        raise UserError(f"cannot write '{out}': {exc.strerror or exc}") from None
+    print(out)
+    return 0
+
+
+def _add_config(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "config",
+        help="print the resolved configuration (defaults, then --config, then overrides) as YAML",
+        description="Print the configuration `vae train` would run with the same --config and overrides, "
+        "without training. Every key, its default and meaning: docs/configuration.md.",
+    )
+    parser.add_argument("--config", "-c", help="YAML file with data / model / train sections")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    parser.set_defaults(handler=_config)
+
+
+def _config(args: argparse.Namespace) -> int:
+    import yaml
+
+    config = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def _version() -> str:
+    from image_autoencoding import __version__
+
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -353,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vae",
         description="Train and use variational autoencoders on image datasets.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train(subparsers)
     _add_prepare(subparsers)
@@ -360,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(subparsers)
     _add_reconstruct(subparsers)
     _add_export(subparsers)
+    _add_encode(subparsers)
+    _add_config(subparsers)
     return parser
 
 

@@ -31,30 +31,61 @@ DatasetName = Literal["digits", "fashion-mnist", "coco", "food-101", "folder"]
 
 
 class DataConfig(_Section):
-    dataset: DatasetName = "digits"
-    data_root: str = "datasets"
-    image_crop: int = Field(375, ge=1)
-    image_size: int = Field(64, ge=8)
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    # Datasets without an official validation split (digits, a plain folder) are split with this fraction and seed.
-    valid_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    split_seed: int = 0
-    # Worker processes that decode images into the cache (the original's `-nw`); 0 decodes in-process.
-    num_workers: int = Field(2, ge=0)
-    # Sub-paths under <data_root>/coco and <data_root>/food-101, as the original's data_config.py.
+    dataset: DatasetName = Field(
+        "digits",
+        description="what to train on: digits (bundled), fashion-mnist, coco, food-101, or folder (any image tree)",
+    )
+    data_root: str = Field("datasets", description="where datasets live; for folder: the image tree itself")
+    image_crop: int = Field(
+        375, ge=1, description="side in pixels of the centre crop (at most the image's short side), before resizing"
+    )
+    image_size: int = Field(
+        64, ge=8,
+        description="side in pixels images are resized to; a multiple of the encoder's downsampling, 8 by default",
+    )
+    mean: tuple[float, float, float] = Field(
+        (0.5, 0.5, 0.5),
+        description="per-channel (RGB) mean; the model sees (pixel / 255 - mean) / std, [-1, 1] by default",
+    )
+    std: tuple[float, float, float] = Field(
+        (0.5, 0.5, 0.5), description="per-channel (RGB) standard deviation, each > 0 (see data.mean)"
+    )
+    valid_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0,
+        description="fraction held out for validation where a dataset has no validation split (digits, folder)",
+    )
+    split_seed: int = Field(0, description="seed of that validation split")
+    num_workers: int = Field(
+        2, ge=0, description="processes decoding images into the cache (the original's -nw); 0 decodes in-process"
+    )
+    # Sub-paths as in the original's data_config.py.
     # COCO's train and test images both train (the VAE needs no labels); val2017 evaluates.
-    coco_train_data: str = "coco_train2017/train2017"
-    coco_test_data: str = "coco_test2017/test2017"
-    coco_valid_data: str = "coco_valid2017/val2017"
-    images_data: str = "images"
-    meta_data: str = "meta"
-    # Where the decoded uint8 cache lives; None: $XDG_CACHE_HOME/image-autoencoding (~/.cache/...).
-    cache_dir: str | None = None
-    # Stop when more than this fraction of a split's files cannot be read (they are listed either way).
-    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
-    # Larger pictures are refused as decompression bombs (Pillow's own default limit).
-    max_image_pixels: int = Field(89_478_485, ge=1)
+    coco_train_data: str = Field(
+        "coco_train2017/train2017", description="COCO training images, under `<data_root>/coco`"
+    )
+    coco_test_data: str = Field(
+        "coco_test2017/test2017", description="COCO test images, under `<data_root>/coco`; they train too"
+    )
+    coco_valid_data: str = Field(
+        "coco_valid2017/val2017", description="COCO validation images, under `<data_root>/coco`"
+    )
+    images_data: str = Field("images", description="Food-101's image folder, under `<data_root>/food-101`")
+    meta_data: str = Field(
+        "meta", description="Food-101's meta folder (train.txt, test.txt), under `<data_root>/food-101`"
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="where the decoded uint8 cache lives; null: `$XDG_CACHE_HOME/image-autoencoding` "
+        "(`~/.cache/image-autoencoding`)",
+    )
+    max_bad_fraction: float = Field(
+        0.05, ge=0.0, le=1.0,
+        description="stop when more than this fraction of a split's files cannot be read (they are listed either way)",
+    )
+    # Pillow's own default limit.
+    max_image_pixels: int = Field(
+        89_478_485, ge=1, description="images with more pixels than this are refused as decompression bombs"
+    )
 
     @field_validator("std")
     @classmethod
@@ -65,26 +96,38 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    # vae: the original's VAE. vae-gan: Larsen et al. 2016, the same VAE plus a discriminator whose
-    # hidden layer measures the reconstruction error (training/vae_gan.py).
-    mode: Literal["vae", "vae-gan"] = "vae"
-    kernel_size: int = Field(5, ge=1)
-    stride: int = Field(2, ge=1)
-    padding: int = Field(2, ge=0)
-    encoder_channels: list[int] = Field(default_factory=lambda: [64, 128, 256], min_length=1)
-    # Transposed-conv block widths, then the output image's channels (3, RGB).
-    decoder_channels: list[int] = Field(default_factory=lambda: [256, 128, 32, 3], min_length=2)
-    fc_dim: int = Field(1024, ge=1)
-    latent_dim: int = Field(128, ge=1)
-    # PyTorch convention (weight of the new batch). The original passed 0.9, TensorFlow's convention
-    # for the same idea, so its running statistics followed the last batch; 0.1 is what it meant.
-    bn_momentum: float = Field(0.1, gt=0.0, le=1.0)
+    # vae-gan: Larsen et al. 2016, the same VAE plus a discriminator whose hidden layer measures the
+    # reconstruction error (training/vae_gan.py).
+    mode: Literal["vae", "vae-gan"] = Field(
+        "vae", description="vae (the original's), or vae-gan: the same VAE plus a discriminator (Larsen et al. 2016)"
+    )
+    kernel_size: int = Field(5, ge=1, description="kernel side of every conv and transposed-conv block")
+    stride: int = Field(2, ge=1, description="stride of every conv block: each divides the image side by it")
+    padding: int = Field(2, ge=0, description="padding of every conv block; (kernel_size - 1) // 2 keeps sizes exact")
+    encoder_channels: list[int] = Field(
+        default_factory=lambda: [64, 128, 256], min_length=1,
+        description="widths of the encoder's strided conv blocks, one per block",
+    )
+    decoder_channels: list[int] = Field(
+        default_factory=lambda: [256, 128, 32, 3], min_length=2,
+        description="widths of the decoder's transposed-conv blocks (one per encoder block), then the output image's "
+        "channels (3, RGB)",
+    )
+    fc_dim: int = Field(1024, ge=1, description="width of the encoder's fully connected layer")
+    latent_dim: int = Field(128, ge=1, description="dimension of the latent space")
+    # The original passed 0.9, TensorFlow's convention for the same setting, so its running statistics
+    # followed the last batch; 0.1 is what it meant.
+    bn_momentum: float = Field(
+        0.1, gt=0.0, le=1.0, description="BatchNorm momentum, PyTorch's convention: the weight of the new batch"
+    )
     # exp(logvar) overflows or underflows in fp32 / bf16 outside this range (diffusers clamps the same).
-    logvar_min: float = -30.0
-    logvar_max: float = 20.0
-    # VAE-GAN discriminator (the original's models config): conv widths, then the fully connected
-    # width. Strides adapt to the image size (models/discriminator.py).
-    discriminator_channels: list[int] = Field(default_factory=lambda: [32, 128, 256, 256, 512], min_length=3)
+    logvar_min: float = Field(-30.0, description="the encoder's log-variance is clamped to at least this before exp")
+    logvar_max: float = Field(20.0, description="the encoder's log-variance is clamped to at most this (> logvar_min)")
+    # As the original's models config. Strides adapt to the image size (models/discriminator.py).
+    discriminator_channels: list[int] = Field(
+        default_factory=lambda: [32, 128, 256, 256, 512], min_length=3,
+        description="model.mode=vae-gan: the discriminator's conv widths, then its fully connected width",
+    )
 
     @field_validator("encoder_channels", "decoder_channels", "discriminator_channels")
     @classmethod
@@ -125,84 +168,131 @@ Alpha = float | Literal["1/batch_size"]
 
 
 class TrainConfig(_Section):
-    # Images per process and step; under torchrun the global batch is batch_size x processes.
-    batch_size: int = Field(64, ge=1)
-    epochs: int = Field(100, ge=1)
-    optimizer: Literal["rmsprop", "adam"] = "rmsprop"
-    lr: float = Field(0.001, gt=0.0)
-    weight_decay: float = Field(1e-7, ge=0.0)
-    # Learning rate x decay_lr after every epoch (ExponentialLR); 1.0 keeps it constant.
-    decay_lr: float = Field(0.75, gt=0.0, le=1.0)
-    # Weight of the KL term in the encoder objective: a number, or 1/batch_size (the original's two
-    # settings were 1 and 1/batch_size). 0.5 x summed squared error is the likelihood of a decoder
-    # with pixel variance 1 on images in [-1, 1], so weak that with alpha 1 the KL wins and the
-    # model blurs; 0.1 scored higher validation SSIM and PCC than 1 on both datasets of
+    batch_size: int = Field(
+        64, ge=1,
+        description="images per process and optimizer step; under torchrun the global batch is this x processes",
+    )
+    epochs: int = Field(100, ge=1, description="passes over the training split")
+    optimizer: Literal["rmsprop", "adam"] = Field(
+        "rmsprop", description="one per network: rmsprop (alpha 0.9, eps 1e-8, as the original) or adam"
+    )
+    lr: float = Field(0.001, gt=0.0, description="learning rate")
+    weight_decay: float = Field(1e-7, ge=0.0, description="the optimizer's weight decay")
+    decay_lr: float = Field(
+        0.75, gt=0.0, le=1.0,
+        description="learning rate x this after every epoch (ExponentialLR); 1.0 keeps it constant",
+    )
+    # The original's two settings were 1 and 1/batch_size. 0.5 x summed squared error is the
+    # likelihood of a decoder with pixel variance 1 on images in [-1, 1], so weak that with alpha 1 the
+    # KL wins and the model blurs; 0.1 scored higher validation SSIM and PCC than 1 on both datasets of
     # benchmarks/quality.py (README "Quality").
-    alpha: Alpha = 0.1
-    seed: int = 12345
-    device: str = "auto"
+    alpha: Alpha = Field(
+        0.1,
+        description="weight of the KL term in the encoder objective: a number >= 0, or 1/batch_size "
+        "(1 / the global batch under torchrun); the original used 1",
+    )
+    seed: int = Field(12345, description="random seed: the same config and seed give the same weights")
+    device: str = Field("auto", description="auto (cuda when available, else cpu), or a device such as cpu, cuda:1")
     # auto: on a CPU with native bf16, bf16 autocast (measured 1.8x fp32 on an AVX-512 BF16 CPU, same
     # quality); elsewhere fp32, GPUs included: on an H200 this model's fp32 step was 13% faster than
     # bf16 (kernel launches, not arithmetic, bound it) and validated better (benchmarks/train_throughput.py).
     # fp16 (with loss scaling) is for GPUs without bf16; on CPU it runs, slowly.
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    # NHWC weights and activations: oneDNN's and cuDNN's preferred layout for convolutions.
-    channels_last: bool = True
-    # torch.compile the model (needs a C++ compiler on CPU; the first steps take longer).
-    compile: bool = False
-    # On CPU, keep freed memory in the process (glibc malloc settings): +15% images/s measured,
-    # ~60 MB more peak memory (runtime.keep_freed_memory).
-    reuse_cpu_memory: bool = True
-    output_dir: str = "."
-    # Extra copy of the training log (the original's `-l LOGS`); None keeps only <run>/train.log.
-    log_dir: str | None = None
-    checkpoint_every: int = Field(10, ge=1)
-    # epoch_N.pt files kept (newest first; last.pt is always kept); 0 keeps every one.
-    keep_checkpoints: int = Field(3, ge=0)
-    # Stop each epoch after this many steps (quick trials and tests); None runs the whole split.
-    max_steps_per_epoch: int | None = Field(None, ge=1)
-    # Validation images scored (SSIM, PCC, MSE, PSNR) after every epoch; None scores the whole split.
-    eval_images: int | None = Field(None, ge=1)
-    # Validation images in the t-SNE picture of the latent space (seconds per thousand); 0 skips it.
-    tsne_points: int = Field(1000, ge=0)
-    grid_images: int = Field(8, ge=1)
-    sample_images: int = Field(64, ge=1)
-    progress: bool = True
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 autocast on a CPU with native bf16, else fp32 (GPUs included); "
+        "or fp32, bf16, fp16 (with loss scaling)",
+    )
+    # oneDNN's and cuDNN's preferred layout for convolutions.
+    channels_last: bool = Field(True, description="NHWC memory layout for weights and activations")
+    compile: bool = Field(
+        False, description="torch.compile the model (needs a C++ compiler on CPU; the first steps take longer)"
+    )
+    # +15% images/s measured, ~60 MB more peak memory (runtime.keep_freed_memory).
+    reuse_cpu_memory: bool = Field(
+        True, description="on CPU, glibc's malloc keeps freed memory for the next step instead of fresh pages"
+    )
+    output_dir: str = Field(".", description="run folders are made under `<output_dir>/results/vae/`")
+    log_dir: str | None = Field(
+        None,
+        description="a folder for an extra copy of the training log (the original's -l); "
+        "null: only `<run>/train.log`",
+    )
+    checkpoint_every: int = Field(10, ge=1, description="write epoch_N.pt every this many epochs and at the end")
+    keep_checkpoints: int = Field(
+        3, ge=0, description="epoch_N.pt files kept, newest first (last.pt is always kept); 0 keeps every one"
+    )
+    max_steps_per_epoch: int | None = Field(
+        None, ge=1, description="stop each epoch after this many steps (quick trials and tests); null: the whole split"
+    )
+    eval_images: int | None = Field(
+        None, ge=1,
+        description="validation images scored (SSIM, PCC, MSE, PSNR) after every epoch; null: the whole split",
+    )
+    tsne_points: int = Field(
+        1000, ge=0,
+        description="validation images in the t-SNE picture of the latent space (seconds per thousand); 0 skips it",
+    )
+    grid_images: int = Field(
+        8, ge=1, description="fixed training and validation images shown in the reconstruction pictures"
+    )
+    sample_images: int = Field(64, ge=1, description="fixed latent vectors decoded into the sample pictures")
+    progress: bool = Field(True, description="progress bars (vae train --quiet turns them off)")
 
     # --- reliability: mid-epoch checkpoints and the non-finite loss guard ---
-    # Also write last.pt every N optimizer steps, so a run killed inside a long epoch resumes inside
-    # it; None writes checkpoints only at epoch ends (train.checkpoint_every).
-    checkpoint_every_steps: int | None = Field(None, ge=1)
-    # A non-finite loss or gradient skips its step; this many in a row stop the run (exit status 2).
-    max_bad_steps: int = Field(3, ge=1)
+    # So that a run killed inside a long epoch resumes inside it.
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1,
+        description="also write last.pt every this many optimizer steps; null: checkpoints at epoch ends only",
+    )
+    max_bad_steps: int = Field(
+        3, ge=1,
+        description="a non-finite loss or gradient skips its step; this many in a row stop the run (exit status 2)",
+    )
     # --- end reliability ---
 
     # --- many GPUs: torchrun / DistributedDataParallel ---
-    # BatchNorm statistics over the global batch (all ranks) instead of each rank's own images.
-    sync_batchnorm: bool = False
+    sync_batchnorm: bool = Field(
+        False, description="under torchrun: BatchNorm statistics over the global batch, not each process's own"
+    )
 
     # --- KL schedule ---
-    # The KL weight ramps linearly from 0 to alpha over this many optimizer steps (KL warm-up,
-    # Bowman et al. 2016); 0 uses alpha from the first step (the original).
-    kl_warmup_steps: int = Field(0, ge=0)
-    # Free bits (Kingma et al. 2016): in the objective only, each latent unit's KL (averaged over the
-    # batch) counts as at least this many nats; metrics still report the true KL. 0 turns it off.
-    free_bits: float = Field(0.0, ge=0.0)
+    # KL warm-up: Bowman et al. 2016; 0 is the original.
+    kl_warmup_steps: int = Field(
+        0, ge=0,
+        description="the KL weight ramps linearly from 0 to alpha over this many optimizer steps; 0: alpha at once",
+    )
+    # Free bits: Kingma et al. 2016. Metrics still report the true KL.
+    free_bits: float = Field(
+        0.0, ge=0.0,
+        description="in the objective, each latent unit's KL (batch mean) counts as at least this many nats; 0: off",
+    )
     # --- VAE-GAN (model.mode=vae-gan; Larsen et al. 2016) ---
     # Decoder and encoder reconstruction error: feature_weight * (discriminator-layer error) +
     # pixel_weight * (pixel error, the VAE's recon). Decoder: + adversarial_weight * GAN loss.
-    gan_feature_weight: float = Field(1.0, ge=0.0)
-    gan_pixel_weight: float = Field(1.0, ge=0.0)
-    gan_adversarial_weight: float = Field(1.0, ge=0.0)
-    # The discriminator's learning rate (None: train.lr); it is not decayed with train.decay_lr.
+    gan_feature_weight: float = Field(
+        1.0, ge=0.0, description="model.mode=vae-gan: weight of the discriminator-feature reconstruction error"
+    )
+    gan_pixel_weight: float = Field(
+        1.0, ge=0.0, description="model.mode=vae-gan: weight of the pixel reconstruction error"
+    )
+    gan_adversarial_weight: float = Field(
+        1.0, ge=0.0, description="model.mode=vae-gan: weight of the decoder's GAN loss"
+    )
     # 1e-4, a tenth of the default train.lr: of the stable variants measured, the best Fashion-MNIST
     # SSIM and among the sharpest reconstructions (README, Quality).
-    discriminator_lr: float | None = Field(1e-4, gt=0.0)
-    # Also decode prior samples z ~ N(0, I) and train the decoder to make them fool the
-    # discriminator (Larsen et al.'s third GAN term). Off by default: with it, the decoder maps the
-    # prior to one or a few patterns (measured on Fashion-MNIST and photos; README, Quality);
-    # without it the GAN sharpens reconstructions only, as in Esser et al. 2021's autoencoder.
-    gan_prior_samples: bool = False
+    discriminator_lr: float | None = Field(
+        1e-4, gt=0.0,
+        description="model.mode=vae-gan: the discriminator's learning rate, not decayed by train.decay_lr; "
+        "null: train.lr",
+    )
+    # Off by default: with it, the decoder maps the prior to one or a few patterns (measured on
+    # Fashion-MNIST and photos; README, Quality); without it the GAN sharpens reconstructions only,
+    # as in Esser et al. 2021's autoencoder.
+    gan_prior_samples: bool = Field(
+        False,
+        description="model.mode=vae-gan: also train the decoder to make prior samples fool the discriminator "
+        "(Larsen et al.'s third GAN term)",
+    )
 
     @field_validator("alpha")
     @classmethod

@@ -1,9 +1,11 @@
-"""`vae export`: a checkpoint's encoder and decoder as safetensors files plus a JSON description,
-readable by anyone with `safetensors` and `json` (no pickle, none of this package's classes).
+"""`vae export`: a run's encoder and decoder as safetensors files plus a JSON description, readable
+by anyone with `safetensors` and `json` (no pickle, none of this package's classes), and loadable
+again with `image_autoencoding.load` (`load_export`), which unpickles nothing.
 
     <out>/encoder.safetensors   Encoder.state_dict() (keys without the "encoder." prefix)
     <out>/decoder.safetensors   Decoder.state_dict()
-    <out>/config.json           model section, image_size, the input normalisation, provenance
+    <out>/config.json           model section, the preprocessing (data section keys), provenance
+    <out>/encoder.onnx, decoder.onnx   with --onnx (see export_onnx.py)
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from image_autoencoding.atomic_files import atomic_write
+from image_autoencoding.config import ConfigError, build_config
 from image_autoencoding.errors import UserError
-from image_autoencoding.runs.checkpoint import load_checkpoint
-from image_autoencoding.runs.resume import checkpoint_path
-from image_autoencoding.runs.run_dir import checkpoint_config
+from image_autoencoding.runs.loading import DEFAULT_CHECKPOINT, TrainedModel, load_from_checkpoint, load_from_run
 
 FORMAT = "image-autoencoding-vae"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# The data keys that decide what the encoder expects: a file or picture goes through exactly the
+# training cache's preprocessing (centre crop, resize) and normalisation with these.
+PREPROCESSING_KEYS = ("image_size", "image_crop", "mean", "std", "max_image_pixels")
 
 
 def split_networks(model_state: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -32,42 +36,90 @@ def split_networks(model_state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return parts
 
 
-def export_run(run_dir: str | Path, checkpoint: str | None = None, out: str | Path | None = None) -> Path:
+def _safetensors():
     try:
-        from safetensors.torch import save
+        import safetensors.torch
     except ImportError:
-        raise UserError("vae export needs the safetensors package: pip install safetensors") from None
+        raise UserError("exports need the safetensors package: pip install safetensors") from None
+    return safetensors.torch
 
+
+def export_run(run_dir: str | Path, checkpoint: str = DEFAULT_CHECKPOINT, out: str | Path | None = None,
+               onnx: bool = False) -> Path:
+    save = _safetensors().save
+    if onnx:
+        from image_autoencoding.export_onnx import export_onnx, require_onnx
+
+        require_onnx()  # before anything is written
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run folder '{run_dir}' not found")
-    source = checkpoint_path(run_dir, checkpoint)
-    state = load_checkpoint(source)
-    config = checkpoint_config(state, source)
+    named = Path(checkpoint)
+    # A checkpoint given as a file path carries its own config; a name (best, last, epoch_N) is the run's.
+    given_file = named.suffix == ".pt" and (len(named.parts) > 1 or named.is_file())
+    trained = load_from_checkpoint(named) if given_file else load_from_run(run_dir, checkpoint)
+    config = trained.config
     out = Path(out) if out is not None else run_dir / "export"
+    data = config.data.model_dump(mode="json")
     description = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": config.model.model_dump(mode="json"),
-        "image_size": config.data.image_size,
+        "data": {key: data[key] for key in PREPROCESSING_KEYS},
         # The encoder expects NCHW float images (pixel / 255 - mean) / std; the decoder's tanh output
         # maps back with x * std + mean.
+        "image_size": config.data.image_size,
         "mean": list(config.data.mean),
         "std": list(config.data.std),
         "encoder_outputs": ["mean", "logvar"],
-        "source_checkpoint": str(source),
-        "epoch": int(state["epoch"]),
-        "step": int(state["step"]),
+        "source_checkpoint": str(trained.source),
+        "epoch": trained.epoch,
+        "step": trained.step,
     }
-    networks = split_networks(state["model"])
+    networks = split_networks(trained.model.state_dict())
     try:
         out.mkdir(parents=True, exist_ok=True)
         for name, tensors in networks.items():
-            data = save(tensors, {"format": FORMAT})
-            atomic_write(out / f"{name}.safetensors", lambda handle, data=data: handle.write(data))
+            blob = save(tensors, {"format": FORMAT})
+            atomic_write(out / f"{name}.safetensors", lambda handle, blob=blob: handle.write(blob))
+        if onnx:
+            export_onnx(trained.model, config.data.image_size, out)
         text = json.dumps(description, indent=2) + "\n"
         atomic_write(out / "config.json", lambda handle: handle.write(text), binary=False)
     except OSError as exc:
         raise UserError(f"cannot write the export to '{out}': {exc.strerror or exc}") from None
     return out
 
+
+def is_export(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "encoder.safetensors").is_file()
+
+
+def load_export(folder: str | Path) -> TrainedModel:
+    """An export folder back as a model, from safetensors and JSON alone: nothing is unpickled."""
+    from image_autoencoding.models.vae import build_model
+
+    folder = Path(folder)
+    path = folder / "config.json"
+    try:
+        description = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"'{path}' cannot be read as an export description: {exc}") from None
+    if not isinstance(description, dict) or description.get("format") != FORMAT:
+        raise UserError(f"'{path}' is not an image-autoencoding export (no \"format\": \"{FORMAT}\")")
+    if description.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"'{path}' is export format version {description.get('format_version')}, this version "
+                        f"reads {FORMAT_VERSION}: export the run again with this version (vae export RUN_DIR)")
+    try:
+        config = build_config({"model": description["model"], "data": description["data"]}, str(path))
+    except KeyError as exc:
+        raise ConfigError(f"'{path}': the {exc.args[0]} section is missing") from None
+    load_file = _safetensors().load_file
+    model = build_model(config.model, config.data.image_size)
+    for network in ("encoder", "decoder"):
+        weights = folder / f"{network}.safetensors"
+        try:
+            getattr(model, network).load_state_dict(load_file(weights))
+        except (OSError, RuntimeError) as exc:
+            raise UserError(f"'{weights}' does not hold the {network} config.json describes: "
+                            f"{str(exc).splitlines()[0]}") from None
+    return TrainedModel(config, model.eval(), folder, int(description.get("epoch", 0)),
+                        int(description.get("step", 0)))

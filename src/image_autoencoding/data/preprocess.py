@@ -65,6 +65,24 @@ def centre_crop_resize(image: Image.Image, image_crop: float, image_size: int) -
     return np.asarray(image, dtype=np.uint8)
 
 
+def prepare_image(image: Image.Image, image_crop: float, image_size: int) -> np.ndarray:
+    """A decoded Pillow image -> uint8 (image_size, image_size, 3): upright (EXIF), RGB, centre
+    crop, resize. What every image file goes through (`load_image`), and an image given in memory."""
+    return centre_crop_resize(to_rgb(ImageOps.exif_transpose(image)), image_crop, image_size)
+
+
+def array_to_image(array: np.ndarray) -> Image.Image:
+    """A uint8 image array, (H, W) grey, (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA -> a Pillow image."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image array (0-255), got {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise ValueError(f"expected an image array of shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
 def grey_array_to_rgb(grey: np.ndarray, image_crop: int, image_size: int) -> np.ndarray:
     """A (H, W) uint8 grey image -> (image_size, image_size, 3), grey replicated to RGB."""
     return centre_crop_resize(Image.fromarray(grey, mode="L"), image_crop, image_size)
@@ -158,7 +176,6 @@ def load_image(
             if image.width != full_width:
                 # Decoded at reduced scale: the crop shrinks by the same factor.
                 crop = image_crop * image.width / full_width
-            image = ImageOps.exif_transpose(image)
-            return centre_crop_resize(to_rgb(image), crop, image_size)
+            return prepare_image(image, crop, image_size)
         except Image.DecompressionBombWarning as exc:
             raise ImageTooLarge(str(exc)) from None

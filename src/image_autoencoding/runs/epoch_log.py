@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from image_autoencoding.runs.metrics_log import MetricsLog
+from image_autoencoding.runs.tensorboard import TensorBoard
 from image_autoencoding.training.callbacks import Callback
 from image_autoencoding.training.trainer import Trainer
 
@@ -17,20 +18,9 @@ LOG_EVERY = 10  # steps between TensorBoard's running-loss points (each one wait
 
 
 class EpochLog(Callback):
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: TensorBoard | None = None):
         self.metrics = MetricsLog(Path(run_dir) / "metrics.csv")
-        self.tensorboard_dir = Path(run_dir) / "tensorboard"
         self.tensorboard = tensorboard
-        self._writer = None
-
-    @property
-    def writer(self):
-        """The TensorBoard writer, made on first use (its import costs ~1 s)."""
-        if self._writer is None and self.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.tensorboard_dir))
-        return self._writer
 
     def on_fit_start(self, trainer: Trainer) -> None:
         # A resumed run drops the rows written after the checkpoint it continues from.
@@ -38,26 +28,22 @@ class EpochLog(Callback):
 
     def on_step_end(self, trainer: Trainer, batch, sums) -> None:
         progress = trainer.progress
-        if self.writer is None or not progress.images:
+        if self.tensorboard is None or not progress.images:
             return
         if progress.steps % LOG_EVERY == 0 or progress.steps == trainer.epoch_steps:
             recon, kl = progress.mean_losses()
-            self.writer.add_scalar("train/step_encoder_loss", recon + trainer.alpha * kl, trainer.step)
+            self.tensorboard.writer.add_scalar("train/step_encoder_loss", recon + trainer.alpha * kl, trainer.step)
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, values) -> None:
         self.metrics.append({"epoch": epoch, "step": trainer.step, **values})
-        if self.writer is not None:
+        if self.tensorboard is not None:
+            writer = self.tensorboard.writer
             for key, value in values.items():
-                self.writer.add_scalar(f"epoch/{key}", value, epoch)
-            self.writer.flush()
+                writer.add_scalar(f"epoch/{key}", value, epoch)
+            writer.flush()
         logger.info(
             "epoch %d/%d  loss %.2f (recon %.2f, kl %.2f)  valid SSIM %.4f%s  valid recon %.2f  %.0f s  %.0f img/s",
             epoch, trainer.cfg.epochs, values["encoder_loss"], values["recon"], values["kl"], values["valid_ssim"],
             " (best so far)" if trainer.improved else "", values["valid_recon"], values["seconds"],
             values["images_per_s"],
         )
-
-    def teardown(self, trainer: Trainer) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from image_autoencoding.config import Config
 from image_autoencoding.data.image_data import ImageData
+from image_autoencoding.runs.tensorboard import TensorBoard
 from image_autoencoding.training.callbacks import Callback
 from image_autoencoding.training.trainer import Trainer
 from image_autoencoding.visualization.grids import save_reconstruction_grid, save_sample_grid
@@ -19,10 +21,12 @@ logger = logging.getLogger("image_autoencoding")
 
 
 class EpochPictures(Callback):
-    """images/{train,valid}/reconstruction_epoch_NNN.png and images/samples/samples_epoch_NNN.png."""
+    """images/{train,valid}/reconstruction_epoch_NNN.png and images/samples/samples_epoch_NNN.png,
+    and the same grids in TensorBoard's images tab when given `tensorboard`."""
 
-    def __init__(self, run_dir: Path, config: Config, data: ImageData):
+    def __init__(self, run_dir: Path, config: Config, data: ImageData, tensorboard: TensorBoard | None = None):
         self.folder = Path(run_dir) / "images"
+        self.tensorboard = tensorboard
         cfg = config.train
         self.fixed = {"train": np.array(data.train.images[: cfg.grid_images]),
                       "valid": np.array(data.valid.images[: cfg.grid_images])}
@@ -46,8 +50,17 @@ class EpochPictures(Callback):
             x = normalize(torch.from_numpy(pixels).to(trainer.device))
             with trainer.autocast():
                 x_hat = model.reconstruct(x)
-            save_reconstruction_grid(normalize.to_unit(x), normalize.to_unit(x_hat),
-                                     self.folder / split / f"reconstruction_epoch_{epoch:03d}.png")
+            path = self.folder / split / f"reconstruction_epoch_{epoch:03d}.png"
+            save_reconstruction_grid(normalize.to_unit(x), normalize.to_unit(x_hat), path)
+            self._to_tensorboard(f"reconstructions/{split}", path, epoch)
         with trainer.autocast():
             samples = model.decoder(self.latents.to(trainer.device))
-        save_sample_grid(normalize.to_unit(samples), self.folder / "samples" / f"samples_epoch_{epoch:03d}.png")
+        path = self.folder / "samples" / f"samples_epoch_{epoch:03d}.png"
+        save_sample_grid(normalize.to_unit(samples), path)
+        self._to_tensorboard("samples", path, epoch)
+
+    def _to_tensorboard(self, tag: str, path: Path, epoch: int) -> None:
+        """The grid as saved (inputs above outputs, enlarged), so TensorBoard shows the PNG's picture."""
+        if self.tensorboard is not None:
+            with Image.open(path) as grid:
+                self.tensorboard.writer.add_image(tag, np.asarray(grid.convert("RGB")), epoch, dataformats="HWC")

@@ -16,50 +16,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from image_autoencoding.config import Config, ConfigError
+from image_autoencoding.config import Config
 from image_autoencoding.data.batches import Normalizer
 from image_autoencoding.data.image_data import ImageData, load_image_data
 from image_autoencoding.evaluation.evaluate import SplitEvaluation, evaluate_split
-from image_autoencoding.models.vae import VAE, build_model
-from image_autoencoding.runs.checkpoint import CheckpointError, load_checkpoint
+from image_autoencoding.models.vae import VAE
+from image_autoencoding.runs.checkpoint import CheckpointError
+from image_autoencoding.runs.loading import TrainedModel, load_from_run, resolve_checkpoint
 from image_autoencoding.runs.metrics_log import MetricsLog
-from image_autoencoding.runs.resume import checkpoint_path
-from image_autoencoding.runs.run_dir import load_run_config
 from image_autoencoding.runtime import autocast_factory, resolve_device, resolve_precision
 from image_autoencoding.visualization import plots
 
 logger = logging.getLogger("image_autoencoding")
 
 INTERPOLATION_PAIRS, INTERPOLATION_STEPS = 6, 10
+LATENT_SCATTER_IMAGES = 512  # the original's batch for its mu[0] / mu[1] scatter
 METRIC_LABELS = {"ssim": "SSIM", "pcc": "PCC", "mse": "MSE", "psnr": "PSNR (dB)", "recon": "reconstruction loss",
                  "kl": "KL (nats)"}
-
-
-def resolve_checkpoint(run_dir: Path, name: str) -> Path:
-    """best | last | epoch_N | a path. `best` falls back to `last` for runs without validation metrics."""
-    if name == "best" and not (run_dir / "checkpoints" / "best.pt").is_file():
-        name = "last"
-    path = checkpoint_path(run_dir, name)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' not found (expected best, last, epoch_N or a .pt path)")
-    return path
-
-
-def load_run_model(run_dir: Path, checkpoint: str = "best") -> tuple[Config, VAE, Path, dict[str, Any]]:
-    if not run_dir.is_dir():
-        raise ConfigError(f"run folder '{run_dir}' not found")
-    # The run's config.yaml, not the checkpoint's copy: the data and model sections are the same
-    # in both (a resume cannot change them), and a run moved to another machine is evaluated by
-    # pointing data.data_root / cache_dir in config.yaml at the data's new place.
-    config = load_run_config(run_dir)
-    path = resolve_checkpoint(run_dir, checkpoint)
-    state = load_checkpoint(path)
-    model = build_model(config.model, config.data.image_size)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError:
-        raise CheckpointError(f"checkpoint '{path}' does not fit the model in {run_dir / 'config.yaml'}") from None
-    return config, model, path, state
 
 
 # -- pictures -----------------------------------------------------------------------------------------
@@ -84,7 +57,8 @@ def write_pictures(
     labels = np.asarray(labels[: evaluation.n])
     mu = evaluation.mu
     pictures = {
-        "latent_dims": plots.save_latent_dims(mu, labels, class_names, latent / f"latent_mu_dims_0_1{suffix}.png"),
+        "latent_dims": plots.save_latent_dims(mu, labels, class_names, latent / f"latent_mu_dims_0_1{suffix}.png",
+                                              LATENT_SCATTER_IMAGES),
         "latent_pca": plots.save_latent_projection(mu, labels, class_names, latent / f"latent_pca{suffix}.png"),
         "kl_per_dimension": plots.save_kl_per_dimension(
             evaluation.kl_per_dim, latent / f"kl_per_dimension{suffix}.png"
@@ -148,11 +122,6 @@ def metrics_table(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _latest(folder: Path, pattern: str) -> Path | None:
-    found = sorted(folder.glob(pattern))
-    return found[-1] if found else None
-
-
 def write_report(
     run_dir: Path, config: Config, document: dict[str, Any], pictures: dict[str, Path], suffix: str = ""
 ) -> Path:
@@ -186,13 +155,16 @@ def write_report(
         "## Pictures",
         "",
     ]
-    images = run_dir / "images"
+    images, epoch = run_dir / "images", document["epoch"]
+    # The pictures of the epoch whose weights the metrics above scored (best.pt's), not the last one's.
     figures = [
-        ("Validation reconstructions (inputs above outputs), last epoch", _latest(images / "valid", "*.png")),
-        ("Training reconstructions, last epoch", _latest(images / "train", "*.png")),
-        ("Samples from random latent vectors, last epoch", _latest(images / "samples", "*.png")),
+        (f"Validation reconstructions (inputs above outputs), epoch {epoch}",
+         images / "valid" / f"reconstruction_epoch_{epoch:03d}.png"),
+        (f"Training reconstructions, epoch {epoch}", images / "train" / f"reconstruction_epoch_{epoch:03d}.png"),
+        (f"Samples from random latent vectors, epoch {epoch}", images / "samples" / f"samples_epoch_{epoch:03d}.png"),
         ("Training curves", pictures.get("training_curves")),
         ("Latent means, first two dimensions", pictures.get("latent_dims")),
+        ("Latent means of training images, first two dimensions", pictures.get("latent_dims_train")),
         ("Latent means, PCA", pictures.get("latent_pca")),
         ("Latent means, t-SNE", pictures.get("latent_tsne")),
         ("Interpolations between validation images", pictures.get("interpolation")),
@@ -207,26 +179,33 @@ def write_report(
 
 
 def evaluate_and_write(
-    run_dir: Path, checkpoint: str = "best", split: str = "valid", limit: int | None = None,
+    run_dir: Path, trained: TrainedModel, split: str = "valid", limit: int | None = None,
     data: ImageData | None = None, device: str | None = None,
 ) -> tuple[dict[str, Any], list[Path]]:
-    """Score a run's checkpoint on a whole split (or its first `limit` images); write the metrics
-    document, the pictures and a report, under names from `output_suffix`. Returns the document and
-    the files written."""
-    config, model, path, state = load_run_model(run_dir, checkpoint)
+    """Score a run's trained model (runs/loading.py) on a whole split (or its first `limit`
+    images); write the metrics document, the pictures and a report, under names from
+    `output_suffix`. Returns the document and the files written."""
+    config = trained.config
     data = data if data is not None else load_image_data(config.data, progress=False)
     chosen = data.valid if split == "valid" else data.train
     torch_device = resolve_device(device or config.train.device)
-    model = model.to(torch_device)
+    model = trained.model.to(torch_device)
     normalize = Normalizer(config.data, torch_device)
     autocast = autocast_factory(torch_device, resolve_precision(config.train.precision, torch_device))
     evaluation = evaluate_split(model, chosen.images, normalize, torch_device, config.train.batch_size, autocast, limit)
-    suffix = output_suffix(run_dir, path, split, limit)
-    document = metrics_document(evaluation, split, path, int(state.get("epoch", 0)), limit)
+    suffix = output_suffix(run_dir, trained.source, split, limit)
+    document = metrics_document(evaluation, split, trained.source, trained.epoch, limit)
     metrics_json = run_dir / f"metrics{suffix}.json"
     metrics_json.write_text(json.dumps(document, indent=2), encoding="utf-8")
     pictures = write_pictures(run_dir, model, chosen.images, chosen.labels, data.class_names, evaluation, normalize,
                               torch_device, suffix, config.train.tsne_points)
+    if split == "valid" and len(data.train.images):
+        # The original drew the first two latent dimensions for the training images as well.
+        train = evaluate_split(model, data.train.images, normalize, torch_device, config.train.batch_size, autocast,
+                               LATENT_SCATTER_IMAGES)
+        pictures["latent_dims_train"] = plots.save_latent_dims(
+            train.mu, np.asarray(data.train.labels[: train.n]), data.class_names,
+            run_dir / "images" / "latent" / f"latent_mu_dims_0_1_train{suffix}.png", split="training")
     report = write_report(run_dir, config, document, pictures, suffix)
     return document, [metrics_json, report, *pictures.values()]
 
@@ -234,7 +213,7 @@ def evaluate_and_write(
 def final_report(run_dir: Path, data: ImageData, device: str) -> dict[str, Any]:
     """The end of a finished training run: `best` on the whole validation split, written as the
     run's own metrics.json, pictures and report.md, and logged."""
-    document, _ = evaluate_and_write(run_dir, "best", data=data, device=device)
+    document, _ = evaluate_and_write(run_dir, load_from_run(run_dir, "best"), data=data, device=device)
     logger.info(
         "validation metrics of %s (epoch %d, %d images), written to metrics.json and report.md:\n%s",
         Path(document["checkpoint"]).name, document["epoch"], document["images"], metrics_table(document),

@@ -9,6 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from image_autoencoding.atomic_files import atomic_write
 from image_autoencoding.config import Config, ConfigError, build_config, read_yaml
 from image_autoencoding.errors import UserError
 
@@ -46,6 +49,19 @@ def ensure_writable(folder: str | Path, what: str = "output folder") -> Path:
     except OSError as exc:
         raise UserError(f"{what} '{folder}' is not writable: {exc.strerror or exc}") from None
     return folder
+
+
+def write_run_config(config: Config, path: Path, resolved: dict[str, tuple[str, str]] | None = None) -> None:
+    """config.yaml of a run, written atomically. `resolved`: keys whose value (such as `auto`) was
+    resolved on this machine, key -> (value, what it resolved to), recorded as a comment so the
+    file still says what the user asked for (a resume on another machine resolves `auto` again)."""
+    lines = [f"# {key}: {value} resolved to {actual} on this machine" for key, (value, actual) in
+             (resolved or {}).items() if value != actual]
+    text = "".join(f"{line}\n" for line in lines) + yaml.safe_dump(config.to_dict(), sort_keys=False)
+    try:
+        atomic_write(path, lambda handle: handle.write(text), binary=False)
+    except OSError as exc:
+        raise UserError(f"cannot write '{path}': {exc.strerror or exc}") from None
 
 
 def saved_config(raw: Any, source: str) -> Config:

@@ -51,12 +51,14 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def save_latent_dims(mu: Tensor, labels: np.ndarray, class_names: list[str], path: Path, n: int = 512) -> Path:
+def save_latent_dims(
+    mu: Tensor, labels: np.ndarray, class_names: list[str], path: Path, n: int = 512, split: str = "validation"
+) -> Path:
     """The original's picture: the first two latent dimensions of mu on a batch of `n` images."""
     points, labels = mu[:n, :2].numpy(), labels[:n]
     fig, ax = plt.subplots(figsize=(6.5, 5))
     _scatter(ax, points, labels, class_names)
-    ax.set(title=f"Latent means, dimensions 1 and 2 ({len(points)} validation images)",
+    ax.set(title=f"Latent means, dimensions 1 and 2 ({len(points)} {split} images)",
            xlabel="mu[0]", ylabel="mu[1]")
     return _save(fig, path)
 
@@ -125,7 +127,11 @@ def save_training_curves(rows: list[dict[str, str]], path: Path) -> Path:
         epochs, values = series(key)
         if epochs:
             losses.plot(epochs, values, marker="o", markersize=3, label=label)
-    losses.set(title="Losses per image", xlabel="epoch", ylabel="nats (summed over pixels / units)")
+    # Log scale: the first epochs' losses are often 10-1000x the later ones, which flattens every
+    # later epoch on a linear axis.
+    drawn = [value for line in losses.get_lines() for value in line.get_ydata()]
+    losses.set_yscale("log" if drawn and min(drawn) > 0 else "symlog")
+    losses.set(title="Losses per image (log scale)", xlabel="epoch", ylabel="nats (summed over pixels / units)")
     losses.legend(frameon=False)
     for key, label in (("valid_ssim", "SSIM"), ("valid_pcc", "PCC")):
         epochs, values = series(key)

@@ -1,0 +1,63 @@
+"""A trained model from a run folder or a checkpoint file: the one loader that `vae evaluate`,
+`sample`, `reconstruct`, `export` and the Python API (`image_autoencoding.load`) go through."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from image_autoencoding.config import Config, ConfigError
+from image_autoencoding.models.vae import VAE, build_model
+from image_autoencoding.runs.checkpoint import CheckpointError, load_checkpoint
+from image_autoencoding.runs.resume import checkpoint_path
+from image_autoencoding.runs.run_dir import checkpoint_config, load_run_config
+
+DEFAULT_CHECKPOINT = "best"  # every command that reads a run; `best` is `last` for a run without validation
+
+
+@dataclass
+class TrainedModel:
+    config: Config  # data (the preprocessing) and model sections as trained; train as last run
+    model: VAE  # on the CPU, in eval mode
+    source: Path  # the checkpoint (or export folder) the weights came from
+    epoch: int
+    step: int
+
+
+def resolve_checkpoint(run_dir: Path, name: str = DEFAULT_CHECKPOINT) -> Path:
+    """best | last | epoch_N | a path. `best` falls back to `last` for runs without validation metrics."""
+    if name == "best" and not (run_dir / "checkpoints" / "best.pt").is_file():
+        name = "last"
+    path = checkpoint_path(run_dir, name)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' not found (expected best, last, epoch_N or a .pt path)")
+    return path
+
+
+def load_from_run(run_dir: str | Path, checkpoint: str = DEFAULT_CHECKPOINT) -> TrainedModel:
+    """A run folder's checkpoint, with the run's config.yaml: the data and model sections are the
+    same in both (a resume cannot change them), and a run moved to another machine is evaluated by
+    pointing data.data_root / cache_dir in config.yaml at the data's new place."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder '{run_dir}' not found")
+    config = load_run_config(run_dir)
+    path = resolve_checkpoint(run_dir, checkpoint)
+    return _with_weights(config, path, load_checkpoint(path), f"the model in {run_dir / 'config.yaml'}")
+
+
+def load_from_checkpoint(path: str | Path) -> TrainedModel:
+    """A checkpoint file on its own, with the config saved inside it."""
+    path = Path(path)
+    state = load_checkpoint(path)
+    return _with_weights(checkpoint_config(state, path), path, state, "the model its config describes")
+
+
+def _with_weights(config: Config, path: Path, state: dict, described: str) -> TrainedModel:
+    model = build_model(config.model, config.data.image_size)
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError):
+        raise CheckpointError(f"checkpoint '{path}' does not fit {described}") from None
+    return TrainedModel(config, model.eval(), path, int(state.get("epoch", 0)), int(state.get("step", 0)))
+

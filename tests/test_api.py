@@ -1,0 +1,234 @@
+"""The Python API (`import image_autoencoding as ia`): one loader for a run folder, a checkpoint and
+an export folder; inputs preprocessed exactly as the training cache; the CLI's commands through it."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import image_autoencoding as ia
+from conftest import TINY
+from fixtures import odd_but_valid_files, photo, save_jpeg
+from image_autoencoding.cli import main
+from image_autoencoding.config import load_config
+from image_autoencoding.data.cache import open_or_build
+from image_autoencoding.data.sources import FileSplit
+from image_autoencoding.models.vae import build_model
+from image_autoencoding.runs.checkpoint import load_checkpoint
+from image_autoencoding.runs.loading import TrainedModel
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("api")
+    assert main(["train", "data.dataset=digits", *TINY, f"train.output_dir={out}", "train.epochs=2",
+                 "train.checkpoint_every=1", "data.image_size=16"]) == 0
+    (run_dir,) = (out / "results" / "vae").iterdir()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "export"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("photos")
+    return [save_jpeg(photo(i, 90, 70), folder / f"p{i}.jpg") for i in range(3)]
+
+
+def test_a_run_folder_a_checkpoint_and_an_export_give_the_same_reconstructions(run, exported, photos):
+    results = [ia.load(path, device="cpu").reconstruct(photos, as_tensor=True)
+               for path in (run, run / "checkpoints" / "best.pt", exported)]
+    assert results[0].shape == (3, 3, 16, 16) and 0 <= results[0].min() and results[0].max() <= 1
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+def test_loading_an_export_unpickles_nothing(exported, monkeypatch, photos):
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling while loading an export")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    vae = ia.load(exported, device="cpu")
+    assert vae.reconstruct(photos[0]).__len__() == 1
+
+
+def test_inputs_are_preprocessed_exactly_as_the_training_cache(tmp_path):
+    """Odd files (grey, CMYK, alpha, palette, 16-bit, EXIF-rotated, smaller than the crop, a PNG named
+    .jpg): the API's pixels equal the cache's rows bit for bit, with a crop and size of the run's own."""
+    files = list(odd_but_valid_files(tmp_path / "odd").values())
+    config = load_config(None, [*TINY, "data.image_size=24", "data.image_crop=100",
+                                f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=1"])
+    cached = open_or_build(FileSplit(tmp_path / "odd", files, np.zeros(len(files), dtype=np.int64)), config.data,
+                           "train", progress=False)
+    assert not cached.bad_files
+    vae = ia.TrainedVAE(TrainedModel(config, build_model(config.model, 24), tmp_path, 0, 0), torch.device("cpu"))
+    assert np.array_equal(vae.preprocess(files), np.asarray(cached.images))
+
+
+def test_pil_images_and_uint8_arrays_are_inputs_like_files(run, tmp_path):
+    vae = ia.load(run, device="cpu")
+    png = tmp_path / "x.png"
+    photo(3, 60, 48).save(png)
+    pixels = np.asarray(Image.open(png).convert("RGB"))
+    from_file = vae.encode(png).mean
+    assert torch.equal(vae.encode(Image.open(png)).mean, from_file)
+    assert torch.equal(vae.encode(pixels).mean, from_file)
+    assert torch.equal(vae.encode(pixels[None]).mean, from_file)  # a 4-D array is a batch
+    grey = np.asarray(Image.open(png).convert("L"))
+    assert vae.encode([grey, pixels, Image.open(png)]).mean.shape == (3, vae.latent_dim)
+    with pytest.raises(ValueError, match="uint8"):
+        vae.encode(pixels.astype(np.float32))
+    with pytest.raises(TypeError, match="image path, a PIL image or a uint8 array"):
+        vae.encode([3.5])
+
+
+def test_many_inputs_go_through_the_network_in_batches_with_the_results_of_one_at_a_time(run):
+    vae = ia.load(run, device="cpu")
+    images = [np.asarray(photo(i, 20, 20)) for i in range(70)]  # more than one batch of 64
+    together = vae.encode(images)
+    alone = torch.cat([vae.encode(image).mean for image in images[62:66]])
+    assert together.mean.shape == (70, vae.latent_dim)
+    torch.testing.assert_close(together.mean[62:66], alone, rtol=1e-5, atol=1e-5)
+    decoded = vae.decode(together.mean)
+    assert len(decoded) == 70 and decoded[0].size == (16, 16) and decoded[0].mode == "RGB"
+
+
+def test_samples_and_interpolations(run, photos):
+    vae = ia.load(run, device="cpu")
+    first, again = vae.sample(5, seed=3, as_tensor=True), vae.sample(5, seed=3, as_tensor=True)
+    assert torch.equal(first, again) and first.shape == (5, 3, 16, 16)
+    assert not torch.equal(first, vae.sample(5, seed=4, as_tensor=True))
+    path = vae.interpolate(photos[0], photos[1], steps=6, as_tensor=True)
+    assert path.shape == (6, 3, 16, 16)
+    ends = vae.reconstruct(photos[:2], as_tensor=True)
+    torch.testing.assert_close(path[[0, -1]], ends, rtol=0, atol=1e-6)  # both ends included
+    with pytest.raises(ValueError, match="temperature"):
+        vae.sample(2, temperature=0)
+
+
+def test_vae_sample_writes_the_images_of_the_api(run, tmp_path):
+    assert main(["sample", str(run), "-n", "3", "--seed", "5", "--out", str(tmp_path)]) == 0
+    api = ia.load(run, device="cpu").sample(3, seed=5)
+    for i, image in enumerate(api):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"sample_{i:04d}.png").convert("RGB")),
+                              np.asarray(image))
+
+
+def test_vae_reconstruct_writes_the_api_reconstruction_at_a_size_a_person_can_see(run, photos, tmp_path):
+    assert main(["reconstruct", str(run), str(photos[0]), "--out", str(tmp_path)]) == 0
+    picture = Image.open(tmp_path / "p0_reconstruction.png").convert("RGB")
+    assert min(picture.size) >= 256
+    scale = 256 // 16  # 16 px images enlarged by a whole factor, nearest neighbour; 2 px padding
+    grid = np.asarray(picture)
+    output = grid[2 + 16 * scale + 2 :: scale, 2::scale][:16, :16]  # the second tile: the reconstruction
+    expected = np.asarray(ia.load(run, device="cpu").reconstruct(photos[0])[0])
+    assert np.array_equal(output, expected)
+
+
+def test_export_defaults_to_best_like_every_other_command(run, tmp_path):
+    """best.pt is replaced by epoch 1's checkpoint: the export must be of epoch 1, not of last.pt's 2."""
+    copy = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(run, copy)
+    shutil.copy(copy / "checkpoints" / "epoch_1.pt", copy / "checkpoints" / "best.pt")
+    assert main(["export", str(copy)]) == 0
+    description = json.loads((copy / "export" / "config.json").read_text())
+    assert description["epoch"] == 1 and description["source_checkpoint"].endswith("best.pt")
+    assert description["data"]["image_size"] == 16 and "image_crop" in description["data"]
+
+
+def test_onnx_export_matches_torch_in_onnxruntime(run, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime", reason="vae export --onnx needs onnxruntime (the onnx extra)")
+    pytest.importorskip("onnxscript", reason="vae export --onnx needs onnxscript (the onnx extra)")
+    out = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(out), "--onnx"]) == 0
+    vae = ia.load(out, device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    for batch in (1, 7):  # a dynamic batch axis
+        x = torch.randn(batch, 3, 16, 16, generator=generator)
+        z = torch.randn(batch, vae.latent_dim, generator=generator)
+        encoder = onnxruntime.InferenceSession(str(out / "encoder.onnx"), providers=["CPUExecutionProvider"])
+        decoder = onnxruntime.InferenceSession(str(out / "decoder.onnx"), providers=["CPUExecutionProvider"])
+        mean, logvar = encoder.run(["mean", "logvar"], {"image": x.numpy()})
+        (image,) = decoder.run(["image"], {"z": z.numpy()})
+        with torch.no_grad():
+            posterior = vae.model.encoder(x)
+            np.testing.assert_allclose(mean, posterior.mean.numpy(), rtol=0, atol=1e-4)
+            np.testing.assert_allclose(logvar, posterior.logvar.numpy(), rtol=0, atol=1e-4)
+            np.testing.assert_allclose(image, vae.model.decoder(z).numpy(), rtol=0, atol=1e-4)
+
+
+def test_vae_encode_writes_the_latents_of_a_split_or_of_files(run, photos, tmp_path):
+    assert main(["encode", str(run), "--split", "valid", "-o", str(tmp_path / "valid.npz")]) == 0
+    saved = np.load(tmp_path / "valid.npz")
+    assert saved["mean"].shape == (359, 8) == saved["logvar"].shape and saved["labels"].shape == (359,)
+    assert list(saved["class_names"]) == [str(d) for d in range(10)]
+    assert main(["encode", str(run), *map(str, photos), "-o", str(tmp_path / "files.npz")]) == 0
+    files = np.load(tmp_path / "files.npz")
+    expected = ia.load(run, device="cpu").encode(photos).mean.numpy()
+    assert np.array_equal(files["mean"], expected) and list(files["files"]) == list(map(str, photos))
+
+
+def test_vae_config_prints_the_resolved_configuration_and_version(capsys, tmp_path):
+    import yaml
+
+    assert main(["config", "--config", str(REPO / "configs/demo.yaml"), "train.epochs=3"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["epochs"] == 3 and printed["data"]["dataset"] == "digits"
+    assert printed == load_config(REPO / "configs/demo.yaml", ["train.epochs=3"]).to_dict()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and re.fullmatch(r"vae \S+\n", capsys.readouterr().out)
+
+
+def test_loading_something_else_is_one_line(tmp_path, capsys):
+    assert main(["sample", str(tmp_path / "missing")]) == 2
+    assert "not found" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "encoder.safetensors").write_bytes(b"")
+    with pytest.raises(ia.api.UserError, match="not an image-autoencoding export"):
+        ia.load(tmp_path)
+
+
+def test_the_readme_python_example_runs_as_written(run, tmp_path, monkeypatch):
+    readme = (REPO / "README.md").read_text()
+    (block,) = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert "ia.load(" in block
+    code = re.sub(r"results/vae/vae_\d{8}-\d{6}", str(run), block)
+    monkeypatch.chdir(tmp_path)
+    for i, name in enumerate(("photo.jpg", "other.jpg")):
+        save_jpeg(photo(i), tmp_path / name)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert Image.open(tmp_path / "photo_reconstruction.png").size == (16, 16)
+    assert len(namespace["samples"]) == 16 and len(namespace["steps"]) == 8
+
+
+def test_importing_the_package_loads_no_torch():
+    code = "import sys, image_autoencoding; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_checkpoint_holds_the_weights_the_api_uses(run):
+    vae = ia.load(run, checkpoint="last", device="cpu")
+    state = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(v, state[k]) for k, v in vae.model.state_dict().items())
