@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml $(BIN)/activate
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(BIN)/activate
-	$(BIN)/pip install --quiet $(TORCH_PINS) -e '.[dev]'
+	$(BIN)/pip install --quiet --no-compile $(TORCH_PINS) -e '.[dev]'
 	touch $(VENV)/.installed $@
 
 demo: $(VENV)/.installed
