@@ -124,6 +124,14 @@ def test_samples_and_interpolations(run, photos):
         vae.sample(2, temperature=0)
 
 
+def test_bfloat16_weights_give_nearly_the_float32_reconstructions(run, photos):
+    exact = ia.load(run, device="cpu").reconstruct(photos, as_tensor=True)
+    fast = ia.load(run, device="cpu", dtype=torch.bfloat16)
+    assert next(fast.model.parameters()).dtype == torch.bfloat16
+    approximate = fast.reconstruct(photos, as_tensor=True)
+    assert approximate.dtype == torch.float32 and (approximate - exact).abs().max() < 0.1
+
+
 def test_vae_sample_writes_the_images_of_the_api(run, tmp_path):
     assert main(["sample", str(run), "-n", "3", "--seed", "5", "--out", str(tmp_path)]) == 0
     api = ia.load(run, device="cpu").sample(3, seed=5)

@@ -77,8 +77,7 @@ def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
                 for key, (old, new) in resume.changed.items():
                     logger.info("resume changes %s: %r -> %r", key, old, new)
             logger.info("run folder %s", run_dir)
-            # The bar only on a terminal: its carriage returns would flood a redirected log.
-            bar = [ProgressBar()] if config.train.progress and sys.stderr.isatty() else []
+            bar = [ProgressBar()] if _bars(config.train.progress) else []
             trainer = Trainer(config, data, resume=state, dist=dist,
                               callbacks=[*run_folder_callbacks(run_dir, config, data), *bar, *callbacks])
             write_run_config(config, run_dir / "config.yaml", {
@@ -102,6 +101,11 @@ def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
     return 0
 
 
+def _bars(wanted: bool) -> bool:
+    """Progress bars only on a terminal: their carriage returns would flood a redirected log."""
+    return wanted and sys.stderr.isatty()
+
+
 def _run_dir_and_data(config, resume, dist):
     """Rank 0 checks the output folder, reads (on first use builds) the cache and makes the run
     folder; then it tells the other ranks the folder, or the error that stopped it, and they open
@@ -119,7 +123,7 @@ def _run_dir_and_data(config, resume, dist):
             ensure_writable(config.train.log_dir, "train.log_dir")
         ensure_writable(resume.run_dir if resume else f"{config.train.output_dir}/results/vae")
         # Fails on a missing dataset or too many bad images before any run folder is made.
-        data = load_image_data(config.data, progress=config.train.progress)
+        data = load_image_data(config.data, progress=_bars(config.train.progress))
         run_dir = resume.run_dir if resume else create_run_dir(config.train.output_dir)
         data.write_bad_files(run_dir / "bad_files.csv")
     except UserError as exc:
@@ -152,7 +156,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from image_autoencoding.data.image_data import load_image_data
 
     config = load_config(args.config, args.overrides)
-    data = load_image_data(config.data, progress=not args.quiet, verify=args.verify)
+    data = load_image_data(config.data, progress=_bars(not args.quiet), verify=args.verify)
     for name, split in (("train", data.train), ("valid", data.valid)):
         where = split.cache_dir or "in memory (bundled dataset, not cached)"
         print(f"{config.data.dataset} {name}: {len(split.labels)} images, {split.images.shape[1]} px -> {where}")
@@ -265,7 +269,7 @@ def _sample(args: argparse.Namespace) -> int:
     digits = max(4, len(str(args.n - 1)))  # names sort in order however many there are
     grid, grid_size = [], min(args.n, SAMPLE_GRID_IMAGES)
     bar = tqdm(total=args.n, desc="sampling", unit="img", file=sys.stderr, dynamic_ncols=True,
-               disable=args.n <= batch_size or not sys.stderr.isatty())
+               disable=args.n <= batch_size or not _bars(True))
     for start in range(0, args.n, batch_size):
         images = vae.decode(z[start : start + batch_size], as_tensor=True)
         save_images(images, [out / f"sample_{i:0{digits}d}.png" for i in range(start, start + len(images))])

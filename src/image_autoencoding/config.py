@@ -236,7 +236,9 @@ class TrainConfig(_Section):
         8, ge=1, description="fixed training and validation images shown in the reconstruction pictures"
     )
     sample_images: int = Field(64, ge=1, description="fixed latent vectors decoded into the sample pictures")
-    progress: bool = Field(True, description="progress bars (vae train --quiet turns them off)")
+    progress: bool = Field(
+        True, description="progress bars, shown only when the console is a terminal (vae train --quiet: none)"
+    )
 
     # --- reliability: mid-epoch checkpoints and the non-finite loss guard ---
     # So that a run killed inside a long epoch resumes inside it.
