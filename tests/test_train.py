@@ -35,7 +35,8 @@ def _metrics(run: Path) -> list[dict[str, str]]:
 
 
 def test_vae_train_writes_every_file(tiny, tmp_path, capsys):
-    assert main(["train", "--config", str(REPO / "configs/demo.yaml"), *tiny, "train.epochs=2"]) == 0
+    assert main(["train", "--config", str(REPO / "configs/demo.yaml"), *tiny, "train.epochs=2",
+                 "train.checkpoint_every=1"]) == 0
     run = _run_dir(tmp_path)
     assert capsys.readouterr().out.strip().endswith(str(run))
     assert run.name.startswith("vae_") and len(run.name) == len("vae_20261124-101500")
