@@ -1,6 +1,6 @@
 """The package's imports run one way (docs/design.md): config -> data -> models -> visualization ->
-evaluation -> training -> runs -> export -> api -> cli. A module that imports a later layer, even inside a
-function to dodge the cycle, is in the wrong place."""
+evaluation / sampling -> training -> runs -> export -> api -> cli. A module that imports a later
+layer, even inside a function to dodge the cycle, is in the wrong place."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ LAYERS = [
     {"data"},
     {"models"},
     {"visualization"},
-    {"evaluation"},
+    {"evaluation", "sampling"},
     {"training"},
     {"runs"},
     {"export", "export_onnx"},

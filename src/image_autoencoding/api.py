@@ -28,15 +28,18 @@ from image_autoencoding.config import Config
 from image_autoencoding.data.batches import Normalizer
 from image_autoencoding.data.preprocess import array_to_image, load_image, prepare_image
 from image_autoencoding.errors import UserError
-from image_autoencoding.export import is_export, load_export
+from image_autoencoding.export import EXPORT_MIXTURE, is_export, load_export
 from image_autoencoding.models.vae import DiagonalGaussian
+from image_autoencoding.runs.latent_sampler import load_run_mixture
 from image_autoencoding.runs.loading import DEFAULT_CHECKPOINT, TrainedModel, load_from_checkpoint, load_from_run
 from image_autoencoding.runtime import resolve_device
+from image_autoencoding.sampling.latent_mixture import LatentMixture
 
 __all__ = ["DiagonalGaussian", "ImageInput", "TrainedVAE", "load"]
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]  # noqa: UP007 -- a runtime alias users may import
 BATCH_SIZE = 64  # images through the network at a time
+SAMPLERS = ("prior", "gmm")
 
 
 def load(
@@ -50,21 +53,29 @@ def load(
     path = Path(path)
     if path.is_dir() and is_export(path):
         trained = load_export(path)
+        mixture = LatentMixture.load(path / EXPORT_MIXTURE) if (path / EXPORT_MIXTURE).is_file() else None
     elif path.is_dir():
         trained = load_from_run(path, checkpoint)
+        mixture = load_run_mixture(path, trained)
     elif path.is_file():
         trained = load_from_checkpoint(path)
+        in_run = path.parent.name == "checkpoints"  # a run's own checkpoint: its mixture, if fitted to it
+        mixture = load_run_mixture(path.parent.parent, trained) if in_run else None
     else:
         raise UserError(f"'{path}' not found (expected a run folder, a .pt checkpoint or an export folder)")
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    return TrainedVAE(trained, device, dtype)
+    return TrainedVAE(trained, device, dtype, mixture)
 
 
 class TrainedVAE:
     """A trained encoder and decoder with the preprocessing they were trained with."""
 
-    def __init__(self, trained: TrainedModel, device: torch.device, dtype: torch.dtype = torch.float32):
+    def __init__(self, trained: TrainedModel, device: torch.device, dtype: torch.dtype = torch.float32,
+                 mixture: LatentMixture | None = None):
         self.trained = trained  # what was loaded: config, model, source, epoch, step
+        # The ex-post latent sampler (sampler="gmm"): loaded with a run or export that has one for
+        # these weights, or set from sampling.latent_mixture.fit_latent_mixture(vae.encode(images).mean).
+        self.mixture = mixture
         self.config: Config = trained.config
         self.source: Path = trained.source
         self.epoch: int = trained.epoch
@@ -154,21 +165,32 @@ class TrainedVAE:
         """Encode, then decode the posterior mean (deterministic), as `vae reconstruct` does."""
         return self.decode(self.encode(images).mean, as_tensor)
 
-    def sample_latents(self, n: int, temperature: float = 1.0, seed: int | None = None) -> Tensor:
-        """n latent vectors from the prior N(0, temperature^2 I), drawn on the CPU: the same seed gives
-        the same vectors on every device, and the same images as `vae sample --seed`."""
+    def sample_latents(self, n: int, temperature: float = 1.0, seed: int | None = None, sampler: str = "prior"
+                       ) -> Tensor:
+        """n latent vectors, drawn on the CPU (the same seed gives the same vectors on every device,
+        and the same images as `vae sample --seed`): from the prior N(0, temperature^2 I), or with
+        sampler="gmm" from the Gaussian mixture fitted to the training images' latents (Ghosh et
+        al. 2020), each component's spread scaled by `temperature`."""
         if n < 1:
             raise ValueError(f"n: expected a number of images >= 1, got {n}")
         if not np.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"temperature: expected a finite number > 0, got {temperature}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
         generator = torch.Generator()
         generator.manual_seed(seed) if seed is not None else generator.seed()
-        return torch.randn(n, self.latent_dim, generator=generator) * temperature
+        if sampler == "prior":
+            return torch.randn(n, self.latent_dim, generator=generator) * temperature
+        if self.mixture is None:
+            raise ValueError(f"sampler 'gmm': no latent mixture fitted to these weights ({self.source}); "
+                             "`vae sample RUN_DIR --sampler gmm` fits and saves one")
+        return self.mixture.sample(n, generator, temperature)
 
-    def sample(self, n: int, temperature: float = 1.0, seed: int | None = None, as_tensor: bool = False
-               ) -> list[Image.Image] | Tensor:
-        """n images decoded from latent vectors of the prior N(0, temperature^2 I)."""
-        return self.decode(self.sample_latents(n, temperature, seed), as_tensor)
+    def sample(self, n: int, temperature: float = 1.0, seed: int | None = None, as_tensor: bool = False,
+               sampler: str = "prior") -> list[Image.Image] | Tensor:
+        """n images decoded from latent vectors of the prior (or with sampler="gmm" of the latent
+        mixture, see `sample_latents`)."""
+        return self.decode(self.sample_latents(n, temperature, seed, sampler), as_tensor)
 
     def interpolate(self, a: ImageInput | Tensor, b: ImageInput | Tensor, steps: int = 8, as_tensor: bool = False
                     ) -> list[Image.Image] | Tensor:

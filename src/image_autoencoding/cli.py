@@ -243,8 +243,12 @@ def _add_sample(subparsers) -> None:
     )
     parser.add_argument("-n", type=int, default=64, help="number of images (default 64)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--temperature", type=float, default=1.0, help="scale of the prior's std, > 0 (default 1)")
-    parser.add_argument("--out", help="output folder (default RUN_DIR/samples/seed_S_tT)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="scale of the prior's (or each mixture component's) std, > 0 (default 1)")
+    parser.add_argument("--sampler", choices=["prior", "gmm"], default="prior",
+                        help="prior: N(0, I); gmm: a Gaussian mixture fitted to the training images' latents "
+                        "(Ghosh et al. 2020), fitted and saved in the run folder on first use")
+    parser.add_argument("--out", help="output folder (default RUN_DIR/samples/[gmm_]seed_S_tT)")
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -261,10 +265,13 @@ def _sample(args: argparse.Namespace) -> int:
         # Every latent is drawn first, in one call: the same seed gives the same images whatever the
         # batch size. n x latent_dim floats are small; the decoded images are what must not all be
         # in memory at once.
-        z = vae.sample_latents(args.n, args.temperature, args.seed)
+        if args.sampler == "gmm" and vae.mixture is None:
+            vae.mixture = _fit_mixture(run_dir, vae)
+        z = vae.sample_latents(args.n, args.temperature, args.seed, args.sampler)
     except ValueError as exc:
         raise ConfigError(str(exc).replace("n:", "-n:").replace("temperature:", "--temperature:")) from None
-    out = Path(args.out) if args.out else run_dir / "samples" / f"seed_{args.seed}_t{args.temperature:g}"
+    prefix = "gmm_" if args.sampler == "gmm" else ""
+    out = Path(args.out) if args.out else run_dir / "samples" / f"{prefix}seed_{args.seed}_t{args.temperature:g}"
     batch_size = vae.config.train.batch_size
     digits = max(4, len(str(args.n - 1)))  # names sort in order however many there are
     grid, grid_size = [], min(args.n, SAMPLE_GRID_IMAGES)
@@ -282,6 +289,21 @@ def _sample(args: argparse.Namespace) -> int:
     bar.close()
     print(out)
     return 0
+
+
+def _fit_mixture(run_dir: Path, vae):
+    """The run's latent mixture for these weights, fitted now (to the training split the run's
+    config names) and saved beside the checkpoints for next time."""
+    from image_autoencoding.data.image_data import load_image_data
+    from image_autoencoding.runs.latent_sampler import fit_and_save, mixture_path
+
+    data = load_image_data(vae.config.data, progress=_bars(True))
+    mixture = fit_and_save(run_dir, vae.trained, data.train.images, vae.device, vae.config.train.batch_size,
+                           vae.config.train.seed)
+    info = mixture.info
+    print(f"fitted a {info['components']}-component Gaussian mixture to {info['points']} training latents in "
+          f"{info['seconds']} s: {mixture_path(run_dir, vae.source)}", file=sys.stderr)
+    return mixture
 
 
 def _run_folder(path: str) -> Path:

@@ -5,6 +5,7 @@ again with `image_autoencoding.load` (`load_export`), which unpickles nothing.
     <out>/encoder.safetensors   Encoder.state_dict() (keys without the "encoder." prefix)
     <out>/decoder.safetensors   Decoder.state_dict()
     <out>/config.json           model section, the preprocessing (data section keys), provenance
+    <out>/latent_gmm.safetensors  the run's latent sampler for these weights, when it has one
     <out>/encoder.onnx, decoder.onnx   with --onnx (see export_onnx.py)
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 from image_autoencoding.atomic_files import atomic_write
 from image_autoencoding.config import ConfigError, build_config
 from image_autoencoding.errors import UserError
+from image_autoencoding.runs.latent_sampler import load_run_mixture
 from image_autoencoding.runs.loading import DEFAULT_CHECKPOINT, TrainedModel, load_from_checkpoint, load_from_run
 
 FORMAT = "image-autoencoding-vae"
@@ -24,6 +26,7 @@ FORMAT_VERSION = 2
 # The data keys that decide what the encoder expects: a file or picture goes through exactly the
 # training cache's preprocessing (centre crop, resize) and normalisation with these.
 PREPROCESSING_KEYS = ("image_size", "image_crop", "mean", "std", "max_image_pixels")
+EXPORT_MIXTURE = "latent_gmm.safetensors"  # the run's latent sampler for the exported weights, when fitted
 
 
 def split_networks(model_state: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -80,6 +83,9 @@ def export_run(run_dir: str | Path, checkpoint: str = DEFAULT_CHECKPOINT, out: s
         for name, tensors in networks.items():
             blob = save(tensors, {"format": FORMAT})
             atomic_write(out / f"{name}.safetensors", lambda handle, blob=blob: handle.write(blob))
+        mixture = load_run_mixture(run_dir, trained)
+        if mixture is not None:
+            mixture.save(out / EXPORT_MIXTURE)
         if onnx:
             export_onnx(trained.model, config.data.image_size, out)
         text = json.dumps(description, indent=2) + "\n"

@@ -22,15 +22,19 @@ from image_autoencoding.data.image_data import ImageData, load_image_data
 from image_autoencoding.evaluation.evaluate import SplitEvaluation, evaluate_split
 from image_autoencoding.models.vae import VAE
 from image_autoencoding.runs.checkpoint import CheckpointError
+from image_autoencoding.runs.latent_sampler import fit_and_save, load_run_mixture
 from image_autoencoding.runs.loading import TrainedModel, load_from_run, resolve_checkpoint
 from image_autoencoding.runs.metrics_log import MetricsLog
 from image_autoencoding.runtime import autocast_factory, resolve_device, resolve_precision
+from image_autoencoding.sampling.latent_mixture import LatentMixture
 from image_autoencoding.visualization import plots
+from image_autoencoding.visualization.grids import save_sample_grid
 
 logger = logging.getLogger("image_autoencoding")
 
 INTERPOLATION_PAIRS, INTERPOLATION_STEPS = 6, 10
 LATENT_SCATTER_IMAGES = 512  # the original's batch for its mu[0] / mu[1] scatter
+SAMPLE_PICTURE_IMAGES = 64
 METRIC_LABELS = {"ssim": "SSIM", "pcc": "PCC", "mse": "MSE", "psnr": "PSNR (dB)", "recon": "reconstruction loss",
                  "kl": "KL (nats)"}
 
@@ -46,6 +50,20 @@ def _interpolation_rows(model: VAE, images: np.ndarray, normalize: Normalizer, d
     path = plots.interpolate_latents(mu[0::2], mu[1::2], INTERPOLATION_STEPS)
     decoded = model.decoder(path.flatten(0, 1))
     return normalize.to_unit(decoded).view(count // 2, INTERPOLATION_STEPS, *decoded.shape[1:]).cpu()
+
+
+@torch.no_grad()
+def _prior_and_mixture_samples(run_dir: Path, model: VAE, mixture: LatentMixture, normalize: Normalizer,
+                               device: torch.device, suffix: str) -> dict[str, Path]:
+    """Samples from the prior and from the latent mixture side by side: the same decoder, the same
+    number of images, a fixed seed."""
+    pictures = {}
+    for name, z in (("prior", model.prior_latents(SAMPLE_PICTURE_IMAGES, torch.Generator().manual_seed(0))),
+                    ("gmm", mixture.sample(SAMPLE_PICTURE_IMAGES, torch.Generator().manual_seed(0)))):
+        path = run_dir / "images" / "samples" / f"samples_{name}{suffix}.png"
+        save_sample_grid(normalize.to_unit(model.decoder(z.to(device))), path)
+        pictures[f"samples_{name}"] = path
+    return pictures
 
 
 def write_pictures(
@@ -156,12 +174,16 @@ def write_report(
         "",
     ]
     images, epoch = run_dir / "images", document["epoch"]
+    mixture = document.get("latent_mixture") or {}
+    mixture_note = f"{mixture.get('components')} components, fitted to training latents"
     # The pictures of the epoch whose weights the metrics above scored (best.pt's), not the last one's.
     figures = [
         (f"Validation reconstructions (inputs above outputs), epoch {epoch}",
          images / "valid" / f"reconstruction_epoch_{epoch:03d}.png"),
         (f"Training reconstructions, epoch {epoch}", images / "train" / f"reconstruction_epoch_{epoch:03d}.png"),
         (f"Samples from random latent vectors, epoch {epoch}", images / "samples" / f"samples_epoch_{epoch:03d}.png"),
+        ("Samples from the prior N(0, I), seed 0", pictures.get("samples_prior")),
+        (f"Samples from the latent mixture ({mixture_note}), seed 0", pictures.get("samples_gmm")),
         ("Training curves", pictures.get("training_curves")),
         ("Latent means, first two dimensions", pictures.get("latent_dims")),
         ("Latent means of training images, first two dimensions", pictures.get("latent_dims_train")),
@@ -195,10 +217,15 @@ def evaluate_and_write(
     evaluation = evaluate_split(model, chosen.images, normalize, torch_device, config.train.batch_size, autocast, limit)
     suffix = output_suffix(run_dir, trained.source, split, limit)
     document = metrics_document(evaluation, split, trained.source, trained.epoch, limit)
+    mixture = load_run_mixture(run_dir, trained)
+    if mixture is not None:
+        document["latent_mixture"] = {"components": mixture.components, "bic": mixture.info.get("bic")}
     metrics_json = run_dir / f"metrics{suffix}.json"
     metrics_json.write_text(json.dumps(document, indent=2), encoding="utf-8")
     pictures = write_pictures(run_dir, model, chosen.images, chosen.labels, data.class_names, evaluation, normalize,
                               torch_device, suffix, config.train.tsne_points)
+    if mixture is not None:
+        pictures.update(_prior_and_mixture_samples(run_dir, model, mixture, normalize, torch_device, suffix))
     if split == "valid" and len(data.train.images):
         # The original drew the first two latent dimensions for the training images as well.
         train = evaluate_split(model, data.train.images, normalize, torch_device, config.train.batch_size, autocast,
@@ -211,9 +238,14 @@ def evaluate_and_write(
 
 
 def final_report(run_dir: Path, data: ImageData, device: str) -> dict[str, Any]:
-    """The end of a finished training run: `best` on the whole validation split, written as the
-    run's own metrics.json, pictures and report.md, and logged."""
-    document, _ = evaluate_and_write(run_dir, load_from_run(run_dir, "best"), data=data, device=device)
+    """The end of a finished training run: the latent mixture fitted to `best`'s training latents,
+    then `best` on the whole validation split, written as the run's own metrics.json, pictures and
+    report.md, and logged."""
+    trained = load_from_run(run_dir, "best")
+    config = trained.config
+    fit_and_save(run_dir, trained, data.train.images, resolve_device(device), config.train.batch_size,
+                 config.train.seed)
+    document, _ = evaluate_and_write(run_dir, trained, data=data, device=device)
     logger.info(
         "validation metrics of %s (epoch %d, %d images), written to metrics.json and report.md:\n%s",
         Path(document["checkpoint"]).name, document["epoch"], document["images"], metrics_table(document),
