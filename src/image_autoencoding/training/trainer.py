@@ -356,7 +356,7 @@ class Trainer:
 
     def _log_start(self) -> None:
         logger.info(
-            "device %s | precision %s | %d train / %d valid images | alpha %g | %.1fM parameters",
+            "device %s | precision %s | %d train / %d valid images | alpha %g | %.2fM parameters",
             self.device, self.precision, len(self.data.train.images), len(self.data.valid.images), self.alpha,
             sum(p.numel() for p in self.model.parameters()) / 1e6,
         )
