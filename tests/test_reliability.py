@@ -419,7 +419,9 @@ def test_export_is_loadable_with_safetensors_and_json_alone(tiny, tmp_path):
     assert main(["train", *tiny, "train.epochs=1"]) == 0
     run, out = _run_dir(tmp_path), tmp_path / "exported"
     assert main(["export", str(run), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "decoder.safetensors", "encoder.safetensors"]
+    # and the run's latent sampler (sampling/latent_mixture.py), plain arrays too
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "decoder.safetensors", "encoder.safetensors",
+                                                     "latent_gmm.safetensors"]
 
     description = json.loads((out / "config.json").read_text())
     encoder = safetensors_torch.load_file(out / "encoder.safetensors")
