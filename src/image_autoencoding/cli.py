@@ -252,6 +252,8 @@ def _add_sample(subparsers) -> None:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    import math
+
     import torch
     from tqdm import tqdm
 
@@ -259,17 +261,18 @@ def _sample(args: argparse.Namespace) -> int:
     from image_autoencoding.visualization.grids import save_sample_grid
     from image_autoencoding.visualization.images import save_images
 
+    if args.n < 1:
+        raise ConfigError(f"-n: expected a number of images >= 1 (got {args.n})")
+    if not math.isfinite(args.temperature) or args.temperature <= 0:
+        raise ConfigError(f"--temperature: expected a finite number > 0 (got {args.temperature})")
     run_dir = _run_folder(args.run_dir)
     vae = load(run_dir, args.checkpoint, device="cpu")
-    try:
-        # Every latent is drawn first, in one call: the same seed gives the same images whatever the
-        # batch size. n x latent_dim floats are small; the decoded images are what must not all be
-        # in memory at once.
-        if args.sampler == "gmm" and vae.mixture is None:
-            vae.mixture = _fit_mixture(run_dir, vae)
-        z = vae.sample_latents(args.n, args.temperature, args.seed, args.sampler)
-    except ValueError as exc:
-        raise ConfigError(str(exc).replace("n:", "-n:").replace("temperature:", "--temperature:")) from None
+    if args.sampler == "gmm" and vae.mixture is None:
+        vae.mixture = _fit_mixture(run_dir, vae)
+    # Every latent is drawn first, in one call: the same seed gives the same images whatever the
+    # batch size. n x latent_dim floats are small; the decoded images are what must not all be in
+    # memory at once.
+    z = vae.sample_latents(args.n, args.temperature, args.seed, args.sampler)
     prefix = "gmm_" if args.sampler == "gmm" else ""
     out = Path(args.out) if args.out else run_dir / "samples" / f"{prefix}seed_{args.seed}_t{args.temperature:g}"
     batch_size = vae.config.train.batch_size
