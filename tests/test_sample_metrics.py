@@ -1,0 +1,71 @@
+"""FID / KID / precision-recall formulas on features (evaluation/sample_metrics.py), against direct
+computations and cases whose answer is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+from image_autoencoding.evaluation.sample_metrics import frechet_distance, kernel_distance, precision_recall
+
+
+def _features(n: int, dim: int, seed: int, shift: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+    """Correlated features (as a network's), the same distribution for every seed; `seed` draws the points."""
+    mixing = torch.randn(dim, dim, generator=torch.Generator().manual_seed(1234)) / dim**0.5
+    return (torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)) @ mixing) * scale + shift
+
+
+def _scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """The FID formula as pytorch-fid / torchmetrics write it, with scipy's matrix square root."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root.real))
+
+
+@pytest.mark.parametrize("shift, scale", [(0.0, 1.0), (0.5, 1.0), (0.0, 1.7), (0.3, 0.6)])
+def test_frechet_distance_equals_scipys_computation(shift, scale):
+    real, fake = _features(800, 24, seed=0), _features(700, 24, seed=1, shift=shift, scale=scale)
+    expected = _scipy_frechet(real.double().numpy(), fake.double().numpy())
+    assert frechet_distance(real, fake) == pytest.approx(expected, rel=1e-6, abs=1e-8)
+
+
+def test_frechet_distance_is_zero_for_identical_sets_and_grows_with_a_shift():
+    real = _features(500, 8, seed=0)
+    assert abs(frechet_distance(real, real)) < 1e-9
+    near, far = (frechet_distance(real, real + shift) for shift in (0.1, 1.0))
+    assert near == pytest.approx(8 * 0.1**2, rel=1e-6) and far == pytest.approx(8 * 1.0, rel=1e-6)
+
+
+def test_kernel_distance_is_near_zero_for_one_distribution_and_large_for_two():
+    real = _features(600, 16, seed=0)
+    fresh = _features(600, 16, seed=5)  # another draw of the same distribution
+    other = _features(600, 16, seed=2, shift=1.0)
+    mean_same, _ = kernel_distance(real, fresh, subsets=20, subset_size=200)
+    mean_other, std_other = kernel_distance(real, other, subsets=20, subset_size=200)
+    assert abs(mean_same) < 0.05 * mean_other and mean_other > 10 * std_other
+
+
+def test_kernel_distance_matches_the_unbiased_mmd_formula_on_one_subset():
+    x, y = _features(50, 6, seed=0).double(), _features(50, 6, seed=1, shift=0.4).double()
+    k = lambda a, b: (a @ b.T / 6 + 1) ** 3  # noqa: E731
+    n = 50
+    direct = ((k(x, x).sum() - k(x, x).trace()) / (n * (n - 1)) + (k(y, y).sum() - k(y, y).trace()) / (n * (n - 1))
+              - 2 * k(x, y).mean())
+    mean, std = kernel_distance(x, y, subsets=1, subset_size=50)
+    assert mean == pytest.approx(float(direct), rel=1e-10) and std == 0.0
+
+
+def test_precision_and_recall_separate_looking_real_from_covering_it():
+    real = _features(400, 4, seed=0)
+    # Mode collapse: 40 samples all next to one real image, so they look real and cover nothing else.
+    collapsed = real[0] + 0.01 * torch.randn(40, 4, generator=torch.Generator().manual_seed(1))
+    assert precision_recall(real, real, k=3) == (1.0, 1.0)
+    precision, recall = precision_recall(real, collapsed, k=3)
+    assert precision == 1.0 and recall < 0.05
+    elsewhere = real + 10.0  # varied but off the data: neither
+    assert precision_recall(real, elsewhere, k=3) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="k=3"):
+        precision_recall(real[:3], real, k=3)
