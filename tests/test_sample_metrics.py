@@ -69,3 +69,60 @@ def test_precision_and_recall_separate_looking_real_from_covering_it():
     assert precision_recall(real, elsewhere, k=3) == (0.0, 0.0)
     with pytest.raises(ValueError, match="k=3"):
         precision_recall(real[:3], real, k=3)
+
+
+# -- the feature networks and `vae evaluate --fid` -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from conftest import TINY
+    from image_autoencoding.cli import main
+
+    out = tmp_path_factory.mktemp("fid")
+    assert main(["train", "data.dataset=digits", *TINY, f"train.output_dir={out}", "train.epochs=1"]) == 0
+    (run_dir,) = (out / "results" / "vae").iterdir()
+    return run_dir
+
+
+def test_fid_without_inception_weights_is_one_line_saying_which_file_goes_where(run, tmp_path, monkeypatch, capsys):
+    from image_autoencoding.cli import main
+    from image_autoencoding.evaluation.feature_networks import INCEPTION_FILE
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    before = (run / "metrics.json").read_bytes()
+    assert main(["evaluate", str(run), "--fid"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and INCEPTION_FILE in error
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_FILE) in error
+    assert (run / "metrics.json").read_bytes() == before and not list(run.glob("sample_quality*"))
+
+
+def test_fid_runs_through_the_real_inception_code_with_a_weights_file(run, tmp_path, capsys):
+    """torchvision's Inception-v3 with random weights saved to a file (no download here): the same
+    loading (weights_only), resizing and scoring as with the real weights."""
+    import json
+
+    from torchvision.models import inception_v3
+
+    from image_autoencoding.cli import main
+
+    weights = tmp_path / "inception.pth"
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), weights)
+    assert main(["evaluate", str(run), "--fid", "--inception-weights", str(weights), "--limit", "8"]) == 0
+    assert "| reconstructions |" in capsys.readouterr().out
+    (path,) = run.glob("sample_quality*.json")
+    scores = json.loads(path.read_text())["scores"]
+    assert set(scores) == {"reconstructions", "prior_samples", "mixture_samples"}
+    for score in scores.values():
+        assert score["images"] == 8 and np.isfinite(score["fid"]) and 0 <= score["precision"] <= 1
+
+
+def test_a_weights_file_for_another_network_is_refused_in_one_line(tmp_path):
+    from image_autoencoding.errors import UserError
+    from image_autoencoding.evaluation.feature_networks import inception_network
+
+    path = tmp_path / "other.pth"
+    torch.save({"w": torch.ones(3)}, path)
+    with pytest.raises(UserError, match="not usable weights for Inception3"):
+        inception_network(path)

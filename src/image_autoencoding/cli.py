@@ -206,6 +206,11 @@ def _add_evaluate(subparsers) -> None:
     parser.add_argument("--split", choices=["valid", "train"], default="valid")
     parser.add_argument("--limit", type=int, metavar="N", help="score only the first N images")
     parser.add_argument("--device", help="auto, cpu, cuda[:N] (default: the run's)")
+    parser.add_argument("--fid", action="store_true",
+                        help="also FID, KID, precision and recall (Inception-v3 features) of reconstructions, prior "
+                        "samples and latent-mixture samples against the split: sample_quality.json")
+    parser.add_argument("--inception-weights", metavar="PATH",
+                        help="Inception-v3 weights file (default: torch's hub cache, where torchvision keeps it)")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -215,12 +220,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit: expected a number of images >= 1 (got {args.limit})")
     run_dir = _run_folder(args.run_dir)
+    network = None
+    if args.fid:  # before any work: missing weights are a one-line error, exit 2
+        from image_autoencoding.evaluation.feature_networks import inception_network, inception_weights
+
+        network = inception_network(inception_weights(args.inception_weights))
     vae = load(run_dir, args.checkpoint, device="cpu")
     document, written = evaluate_and_write(run_dir, vae.trained, args.split, args.limit, device=args.device)
     print(f"{document['split']} split, {document['images']} images, {Path(document['checkpoint']).name} "
           f"(epoch {document['epoch']})")
     print(metrics_table(document))
     print(f"original first-batch PCC: {document['original_first_batch_pcc']:.4f}")
+    if network is not None:
+        from image_autoencoding.runs.report import write_sample_quality
+
+        quality, path = write_sample_quality(run_dir, vae.trained, network, args.split, args.limit, args.device)
+        written.append(path)
+        print("| images (Inception-v3 features) | FID | KID | precision | recall |\n|---|---|---|---|---|")
+        for name, score in quality["scores"].items():
+            print(f"| {name} | {score['fid']:.2f} | {score['kid']:.4f} | {score['precision']:.3f} | "
+                  f"{score['recall']:.3f} |")
     print("written:")
     for path in written:
         print(path)

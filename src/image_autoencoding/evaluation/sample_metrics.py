@@ -13,6 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from image_autoencoding.evaluation.feature_networks import FeatureNetwork
+
+BLOCK = 1024  # rows of a distance matrix computed at once
+
 
 def _as_double(features: Tensor) -> Tensor:
     features = torch.as_tensor(features).double()
@@ -70,11 +74,29 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, flo
     if k >= min(len(real), len(fake)):
         raise ValueError(f"k={k} needs more than {k} points in each set")
 
+    # In row blocks: the distance matrix of 50,000 points would be 20 GB at once.
     def radii(points: Tensor) -> Tensor:
         # The k-th nearest other point: index k of the sorted distances (index 0 is the point itself).
-        return torch.cdist(points, points).kthvalue(k + 1, dim=1).values
+        return torch.cat([torch.cdist(block, points).kthvalue(k + 1, dim=1).values for block in points.split(BLOCK)])
 
     def covered(points: Tensor, manifold: Tensor, manifold_radii: Tensor) -> float:
-        return float((torch.cdist(points, manifold) <= manifold_radii.unsqueeze(0)).any(dim=1).double().mean())
+        inside = [(torch.cdist(block, manifold) <= manifold_radii.unsqueeze(0)).any(dim=1)
+                  for block in points.split(BLOCK)]
+        return float(torch.cat(inside).double().mean())
 
     return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
+
+
+def sample_quality(network: FeatureNetwork, real: Tensor, generated: dict[str, Tensor], k: int = 3
+                   ) -> dict[str, dict[str, float]]:
+    """For each set of generated images (in [0, 1], N x 3 x H x W): FID, KID (mean, std),
+    precision and recall against `real` images, all in the feature space of `network`."""
+    real_features = network.features(real)
+    scores = {}
+    for name, images in generated.items():
+        features = network.features(images)
+        kid, kid_std = kernel_distance(real_features, features)
+        precision, recall = precision_recall(real_features, features, k)
+        scores[name] = {"fid": frechet_distance(real_features, features), "kid": kid, "kid_std": kid_std,
+                        "precision": precision, "recall": recall, "images": len(features)}
+    return scores

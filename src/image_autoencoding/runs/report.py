@@ -17,9 +17,11 @@ import numpy as np
 import torch
 
 from image_autoencoding.config import Config
-from image_autoencoding.data.batches import Normalizer
+from image_autoencoding.data.batches import Normalizer, evaluation_batches
 from image_autoencoding.data.image_data import ImageData, load_image_data
 from image_autoencoding.evaluation.evaluate import SplitEvaluation, evaluate_split
+from image_autoencoding.evaluation.feature_networks import FeatureNetwork
+from image_autoencoding.evaluation.sample_metrics import sample_quality
 from image_autoencoding.models.vae import VAE
 from image_autoencoding.runs.checkpoint import CheckpointError
 from image_autoencoding.runs.latent_sampler import fit_and_save, load_run_mixture
@@ -235,6 +237,41 @@ def evaluate_and_write(
             run_dir / "images" / "latent" / f"latent_mu_dims_0_1_train{suffix}.png", split="training")
     report = write_report(run_dir, config, document, pictures, suffix)
     return document, [metrics_json, report, *pictures.values()]
+
+
+@torch.no_grad()
+def write_sample_quality(run_dir: Path, trained: TrainedModel, network: FeatureNetwork, split: str = "valid",
+                         limit: int | None = None, device: str | None = None) -> tuple[dict[str, Any], Path]:
+    """FID, KID, precision and recall against the split's images (its first `limit`) of: their
+    reconstructions, as many prior samples and, when the run has a latent mixture for these weights,
+    as many mixture samples (seed 0). Written to sample_quality<suffix>.json."""
+    config = trained.config
+    data = load_image_data(config.data, progress=False)
+    images = (data.valid if split == "valid" else data.train).images
+    images = images[:limit] if limit is not None else images
+    torch_device = resolve_device(device or config.train.device)
+    model = trained.model.to(torch_device).eval()
+    normalize = Normalizer(config.data, torch_device)
+    real, recon = [], []
+    for x in evaluation_batches(images, config.train.batch_size, torch_device, normalize):
+        real.append(normalize.to_unit(x).cpu())
+        recon.append(normalize.to_unit(model.reconstruct(x)).cpu())
+    n = sum(len(batch) for batch in real)
+
+    def decoded(z: torch.Tensor) -> torch.Tensor:
+        return torch.cat([normalize.to_unit(model.decoder(chunk.to(torch_device))).cpu()
+                          for chunk in z.split(config.train.batch_size)])
+
+    generated = {"reconstructions": torch.cat(recon),
+                 "prior_samples": decoded(model.prior_latents(n, torch.Generator().manual_seed(0)))}
+    mixture = load_run_mixture(run_dir, trained)
+    if mixture is not None:
+        generated["mixture_samples"] = decoded(mixture.sample(n, torch.Generator().manual_seed(0)))
+    document = {"split": split, "images": n, "checkpoint": str(trained.source), "epoch": trained.epoch,
+                "scores": sample_quality(network, torch.cat(real), generated)}
+    path = run_dir / f"sample_quality{output_suffix(run_dir, trained.source, split, limit)}.json"
+    path.write_text(json.dumps(document, indent=2), encoding="utf-8")
+    return document, path
 
 
 def final_report(run_dir: Path, data: ImageData, device: str) -> dict[str, Any]:

@@ -1,0 +1,84 @@
+"""Feature networks for sample-quality metrics (evaluation/sample_metrics.py): Inception-v3 for FID /
+KID, or any network with a state-dict file (a domain classifier; a tiny one in tests), through the
+same loading and feature code.
+
+Inception-v3 here is torchvision's ImageNet model (IMAGENET1K_V1), its 2048 pooled features, inputs
+resized to 299 px and normalised as for ImageNet. FID papers use the TensorFlow Inception graph of
+pytorch-fid / torch-fidelity, whose figures differ somewhat from these: compare FIDs computed here
+with each other, not with published numbers.
+
+No weights are downloaded: a machine without internet (ours) cannot, and a user's machine usually has
+them in torch's cache already. `inception_weights` finds the file or says in one line where to put it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from image_autoencoding.errors import UserError
+
+INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"
+INCEPTION_URL = f"https://download.pytorch.org/models/{INCEPTION_FILE}"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class MissingWeights(UserError):
+    """A feature network's weights file is not where it was looked for."""
+
+
+@dataclass
+class FeatureNetwork:
+    """images in [0, 1], (N, 3, H, W) -> features (N, D): resized to `input_size`, normalised."""
+
+    module: nn.Module
+    input_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @torch.no_grad()
+    def features(self, images: Tensor, batch_size: int = 64) -> Tensor:
+        self.module.eval()
+        device = next(self.module.parameters()).device
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        out = []
+        for batch in images.split(batch_size):
+            x = F.interpolate(batch.to(device).float(), size=(self.input_size, self.input_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+            out.append(self.module((x - mean) / std).flatten(1).double().cpu())
+        return torch.cat(out)
+
+
+def load_weights(module: nn.Module, path: Path) -> nn.Module:
+    """A state dict read with weights_only=True (plain tensors, no code), strictly matched."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        module.load_state_dict(state)
+    except (OSError, RuntimeError, KeyError) as exc:
+        raise UserError(f"'{path}' is not usable weights for {type(module).__name__}: "
+                        f"{str(exc).splitlines()[0]}") from None
+    return module
+
+
+def inception_weights(explicit: str | Path | None = None) -> Path:
+    """The Inception-v3 weights file: `explicit`, else torch's hub cache (where torchvision's own
+    download puts it, $TORCH_HOME/hub/checkpoints)."""
+    where = Path(explicit) if explicit else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if not where.is_file():
+        raise MissingWeights(f"FID / KID need Inception-v3 weights: put {INCEPTION_FILE} (from {INCEPTION_URL}) "
+                             f"at {where}, or give its path with --inception-weights")
+    return where
+
+
+def inception_network(weights: Path) -> FeatureNetwork:
+    """Inception-v3 with `weights`, its final classifier removed (2048 pooled features)."""
+    from torchvision.models import inception_v3
+
+    module = load_weights(inception_v3(weights=None, aux_logits=True, init_weights=False), weights)
+    module.fc = nn.Identity()
+    return FeatureNetwork(module.eval(), input_size=299)
