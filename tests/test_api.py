@@ -240,3 +240,16 @@ def test_the_checkpoint_holds_the_weights_the_api_uses(run):
     vae = ia.load(run, checkpoint="last", device="cpu")
     state = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
     assert all(torch.equal(v, state[k]) for k, v in vae.model.state_dict().items())
+
+
+def test_vae_reconstruct_does_not_crop_twice_when_the_crop_is_smaller_than_the_size(tmp_path, photos):
+    """data.image_crop below data.image_size: the cache crops 12 px and enlarges to 16. The command
+    must reconstruct those pixels, not crop the 16 px result again."""
+    assert main(["train", "data.dataset=digits", *TINY, f"train.output_dir={tmp_path}", "train.epochs=1",
+                 "data.image_size=16", "data.image_crop=12", "train.tsne_points=0"]) == 0
+    (run,) = (tmp_path / "results" / "vae").iterdir()
+    assert main(["reconstruct", str(run), str(photos[0]), "--out", str(tmp_path / "out")]) == 0
+    grid = np.asarray(Image.open(tmp_path / "out" / "p0_reconstruction.png").convert("RGB"))
+    scale = 256 // 16
+    output = grid[2 + 16 * scale + 2 :: scale, 2::scale][:16, :16]
+    assert np.array_equal(output, np.asarray(ia.load(run, device="cpu").reconstruct(photos[0])[0]))

@@ -215,6 +215,7 @@ def _add_evaluate(subparsers) -> None:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from image_autoencoding.api import load
+    from image_autoencoding.data.image_data import load_image_data
     from image_autoencoding.runs.report import evaluate_and_write, metrics_table
 
     if args.limit is not None and args.limit < 1:
@@ -226,7 +227,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         network = inception_network(inception_weights(args.inception_weights))
     vae = load(run_dir, args.checkpoint, device="cpu")
-    document, written = evaluate_and_write(run_dir, vae.trained, args.split, args.limit, device=args.device)
+    data = load_image_data(vae.config.data, progress=False)  # read once for the metrics and --fid
+    document, written = evaluate_and_write(run_dir, vae.trained, args.split, args.limit, data, args.device)
     print(f"{document['split']} split, {document['images']} images, {Path(document['checkpoint']).name} "
           f"(epoch {document['epoch']})")
     print(metrics_table(document))
@@ -234,7 +236,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if network is not None:
         from image_autoencoding.runs.report import write_sample_quality
 
-        quality, path = write_sample_quality(run_dir, vae.trained, network, args.split, args.limit, args.device)
+        quality, path = write_sample_quality(run_dir, vae.trained, network, args.split, args.limit, data,
+                                             args.device)
         written.append(path)
         print("| images (Inception-v3 features) | FID | KID | precision | recall |\n|---|---|---|---|---|")
         for name, score in quality["scores"].items():
@@ -368,7 +371,9 @@ def _reconstruct(args: argparse.Namespace) -> int:
         names.append(out / f"{candidate}_reconstruction.png")
     pixels = vae.preprocess(args.images)  # every file read (or refused) before anything is written
     inputs = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
-    outputs = vae.reconstruct(list(pixels), as_tensor=True)
+    # The pixels are preprocessed already: cropping and resizing them again would not be the identity
+    # when data.image_crop is smaller than data.image_size.
+    outputs = vae.decode(vae.encode_pixels(pixels).mean, as_tensor=True)
     for i, path in enumerate(names):
         save_reconstruction_grid(inputs[i : i + 1], outputs[i : i + 1], path, per_row=1, min_tile=RECONSTRUCTION_TILE)
         print(path)

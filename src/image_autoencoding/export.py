@@ -20,6 +20,7 @@ from image_autoencoding.config import ConfigError, build_config
 from image_autoencoding.errors import UserError
 from image_autoencoding.runs.latent_sampler import load_run_mixture
 from image_autoencoding.runs.loading import DEFAULT_CHECKPOINT, TrainedModel, load_from_checkpoint, load_from_run
+from image_autoencoding.runs.resume import names_a_file
 
 FORMAT = "image-autoencoding-vae"
 FORMAT_VERSION = 2
@@ -55,10 +56,8 @@ def export_run(run_dir: str | Path, checkpoint: str = DEFAULT_CHECKPOINT, out: s
 
         require_onnx()  # before anything is written
     run_dir = Path(run_dir)
-    named = Path(checkpoint)
     # A checkpoint given as a file path carries its own config; a name (best, last, epoch_N) is the run's.
-    given_file = named.suffix == ".pt" and (len(named.parts) > 1 or named.is_file())
-    trained = load_from_checkpoint(named) if given_file else load_from_run(run_dir, checkpoint)
+    trained = load_from_checkpoint(checkpoint) if names_a_file(checkpoint) else load_from_run(run_dir, checkpoint)
     config = trained.config
     out = Path(out) if out is not None else run_dir / "export"
     data = config.data.model_dump(mode="json")

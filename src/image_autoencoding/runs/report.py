@@ -54,16 +54,30 @@ def _interpolation_rows(model: VAE, images: np.ndarray, normalize: Normalizer, d
     return normalize.to_unit(decoded).view(count // 2, INTERPOLATION_STEPS, *decoded.shape[1:]).cpu()
 
 
+def _sample_latents(model: VAE, mixture: LatentMixture | None, n: int) -> dict[str, torch.Tensor]:
+    """n latents from the prior and, when there is one, from the latent mixture: seed 0 for both, so
+    every picture and score of a run compares the same draws."""
+    latents = {"prior": model.prior_latents(n, torch.Generator().manual_seed(0))}
+    if mixture is not None:
+        latents["gmm"] = mixture.sample(n, torch.Generator().manual_seed(0))
+    return latents
+
+
 @torch.no_grad()
+def _decoded(model: VAE, normalize: Normalizer, z: torch.Tensor, device: torch.device, batch_size: int
+             ) -> torch.Tensor:
+    """Images in [0, 1] on the CPU, decoded batch by batch."""
+    return torch.cat([normalize.to_unit(model.decoder(chunk.to(device))).cpu() for chunk in z.split(batch_size)])
+
+
 def _prior_and_mixture_samples(run_dir: Path, model: VAE, mixture: LatentMixture, normalize: Normalizer,
                                device: torch.device, suffix: str) -> dict[str, Path]:
     """Samples from the prior and from the latent mixture side by side: the same decoder, the same
-    number of images, a fixed seed."""
+    number of images."""
     pictures = {}
-    for name, z in (("prior", model.prior_latents(SAMPLE_PICTURE_IMAGES, torch.Generator().manual_seed(0))),
-                    ("gmm", mixture.sample(SAMPLE_PICTURE_IMAGES, torch.Generator().manual_seed(0)))):
+    for name, z in _sample_latents(model, mixture, SAMPLE_PICTURE_IMAGES).items():
         path = run_dir / "images" / "samples" / f"samples_{name}{suffix}.png"
-        save_sample_grid(normalize.to_unit(model.decoder(z.to(device))), path)
+        save_sample_grid(_decoded(model, normalize, z, device, SAMPLE_PICTURE_IMAGES), path)
         pictures[f"samples_{name}"] = path
     return pictures
 
@@ -241,32 +255,28 @@ def evaluate_and_write(
 
 @torch.no_grad()
 def write_sample_quality(run_dir: Path, trained: TrainedModel, network: FeatureNetwork, split: str = "valid",
-                         limit: int | None = None, device: str | None = None) -> tuple[dict[str, Any], Path]:
+                         limit: int | None = None, data: ImageData | None = None, device: str | None = None,
+                         ) -> tuple[dict[str, Any], Path]:
     """FID, KID, precision and recall against the split's images (its first `limit`) of: their
     reconstructions, as many prior samples and, when the run has a latent mixture for these weights,
     as many mixture samples (seed 0). Written to sample_quality<suffix>.json."""
     config = trained.config
-    data = load_image_data(config.data, progress=False)
+    data = data if data is not None else load_image_data(config.data, progress=False)
     images = (data.valid if split == "valid" else data.train).images
     images = images[:limit] if limit is not None else images
     torch_device = resolve_device(device or config.train.device)
     model = trained.model.to(torch_device).eval()
     normalize = Normalizer(config.data, torch_device)
     real, recon = [], []
-    for x in evaluation_batches(images, config.train.batch_size, torch_device, normalize):
-        real.append(normalize.to_unit(x).cpu())
-        recon.append(normalize.to_unit(model.reconstruct(x)).cpu())
+    with torch.no_grad():
+        for x in evaluation_batches(images, config.train.batch_size, torch_device, normalize):
+            real.append(normalize.to_unit(x).cpu())
+            recon.append(normalize.to_unit(model.reconstruct(x)).cpu())
     n = sum(len(batch) for batch in real)
-
-    def decoded(z: torch.Tensor) -> torch.Tensor:
-        return torch.cat([normalize.to_unit(model.decoder(chunk.to(torch_device))).cpu()
-                          for chunk in z.split(config.train.batch_size)])
-
-    generated = {"reconstructions": torch.cat(recon),
-                 "prior_samples": decoded(model.prior_latents(n, torch.Generator().manual_seed(0)))}
-    mixture = load_run_mixture(run_dir, trained)
-    if mixture is not None:
-        generated["mixture_samples"] = decoded(mixture.sample(n, torch.Generator().manual_seed(0)))
+    generated = {"reconstructions": torch.cat(recon)}
+    names = {"prior": "prior_samples", "gmm": "mixture_samples"}
+    for name, z in _sample_latents(model, load_run_mixture(run_dir, trained), n).items():
+        generated[names[name]] = _decoded(model, normalize, z, torch_device, config.train.batch_size)
     document = {"split": split, "images": n, "checkpoint": str(trained.source), "epoch": trained.epoch,
                 "scores": sample_quality(network, torch.cat(real), generated)}
     path = run_dir / f"sample_quality{output_suffix(run_dir, trained.source, split, limit)}.json"

@@ -69,12 +69,18 @@ def _check_checkpoint_fits_run(run_dir: Path, path: Path, saved: Config) -> None
         )
 
 
+def names_a_file(checkpoint: str) -> bool:
+    """Whether --checkpoint gives a file path (an existing file, or a path with folders) rather
+    than a name in the run's checkpoints/ (best, last, epoch_N)."""
+    candidate = Path(checkpoint)
+    return candidate.is_file() or candidate.is_absolute() or len(candidate.parts) > 1
+
+
 def checkpoint_path(run_dir: Path, checkpoint: str | None) -> Path:
     if checkpoint is None:
         return run_dir / "checkpoints" / "last.pt"
-    candidate = Path(checkpoint)
-    if candidate.is_file() or candidate.is_absolute() or len(candidate.parts) > 1:
-        return candidate
+    if names_a_file(checkpoint):
+        return Path(checkpoint)
     name = checkpoint if checkpoint.endswith(".pt") else f"{checkpoint}.pt"
     return run_dir / "checkpoints" / name
 
