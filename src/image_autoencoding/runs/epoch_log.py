@@ -1,5 +1,5 @@
 """What a run records of its training as it goes: metrics.csv (one row per epoch), TensorBoard
-scalars (per epoch, and the running loss every LOG_EVERY steps) and the console / train.log line
+scalars (per epoch, and the running loss every few steps) and the console / train.log line
 of each epoch."""
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from image_autoencoding.training.trainer import Trainer
 
 logger = logging.getLogger("image_autoencoding")
 
-LOG_EVERY = 10  # steps between TensorBoard's running-loss points (each one waits for the device)
-
 
 class EpochLog(Callback):
     def __init__(self, run_dir: Path, tensorboard: TensorBoard | None = None):
@@ -28,11 +26,9 @@ class EpochLog(Callback):
 
     def on_step_end(self, trainer: Trainer, batch, sums) -> None:
         progress = trainer.progress
-        if self.tensorboard is None or not progress.images:
-            return
-        if progress.steps % LOG_EVERY == 0 or progress.steps == trainer.epoch_steps:
-            recon, kl = progress.mean_losses()
-            self.tensorboard.writer.add_scalar("train/step_encoder_loss", recon + trainer.alpha * kl, trainer.step)
+        if self.tensorboard is not None and progress.running_loss_due(trainer.epoch_steps):
+            self.tensorboard.writer.add_scalar("train/step_encoder_loss", progress.running_encoder_loss(trainer.alpha),
+                                               trainer.step)
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, values) -> None:
         self.metrics.append({"epoch": epoch, "step": trainer.step, **values})

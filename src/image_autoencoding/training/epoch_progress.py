@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+REPORT_EVERY = 10  # steps between showings of the running loss
+
 
 @dataclass
 class EpochProgress:
@@ -27,6 +29,15 @@ class EpochProgress:
         """(recon, kl) per image so far (0, 0 before any step was taken); reads the device's sums."""
         recon, kl = (self.sums / max(self.images, 1)).tolist()
         return recon, kl
+
+    def running_loss_due(self, epoch_steps: int) -> bool:
+        """Whether the running loss is shown now (progress bar, TensorBoard): every REPORT_EVERY
+        steps and at the epoch's last, once a step was taken. Each showing waits for the device."""
+        return self.images > 0 and (self.steps % REPORT_EVERY == 0 or self.steps == epoch_steps)
+
+    def running_encoder_loss(self, alpha: float) -> float:
+        recon, kl = self.mean_losses()
+        return recon + alpha * kl
 
     def state(self) -> dict[str, Any]:
         return {"steps": self.steps, "sums": self.sums.detach().cpu().clone(), "images": self.images,

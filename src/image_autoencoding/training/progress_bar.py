@@ -7,8 +7,6 @@ from tqdm import tqdm
 from image_autoencoding.training.callbacks import Callback
 from image_autoencoding.training.trainer import Trainer
 
-UPDATE_EVERY = 10  # steps between updates of the loss shown (each one waits for the device)
-
 
 class ProgressBar(Callback):
     def __init__(self) -> None:
@@ -21,9 +19,8 @@ class ProgressBar(Callback):
     def on_step_end(self, trainer: Trainer, batch, sums) -> None:
         progress = trainer.progress
         self.bar.update(1)
-        if progress.images and (progress.steps % UPDATE_EVERY == 0 or progress.steps == trainer.epoch_steps):
-            recon, kl = progress.mean_losses()
-            self.bar.set_postfix(loss=f"{recon + trainer.alpha * kl:.1f}",
+        if progress.running_loss_due(trainer.epoch_steps):
+            self.bar.set_postfix(loss=f"{progress.running_encoder_loss(trainer.alpha):.1f}",
                                  img_s=f"{progress.images / progress.seconds:.0f}")
         if progress.steps == trainer.epoch_steps:
             self.teardown(trainer)
