@@ -33,6 +33,32 @@ class SignalAtStep(Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class NanBatches(Callback):
+    """Makes the batches for which bad(epoch, batch) holds all NaN (batch counted from 1 within its
+    epoch), through a forward pre-hook on the trainer's step module: the step then sees a
+    non-finite loss exactly as with corrupt data."""
+
+    def __init__(self, bad):
+        self.bad, self.epoch, self.batch, self.hook = bad, 0, 0, None
+
+    def on_fit_start(self, trainer) -> None:
+        self.hook = trainer.objective.register_forward_pre_hook(self._poison)
+
+    def on_epoch_start(self, trainer, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_step_start(self, trainer) -> None:
+        self.batch = trainer.progress.steps + 1
+
+    def _poison(self, module, args):
+        x, *rest = args
+        return (x * float("nan"), *rest) if self.bad(self.epoch, self.batch) else None
+
+    def teardown(self, trainer) -> None:
+        if self.hook is not None:
+            self.hook.remove()
+
+
 if __name__ == "__main__":
     from image_autoencoding.cli import main
 
