@@ -43,14 +43,23 @@ from image_autoencoding.data.batches import evaluation_batches, steps_per_epoch
 from image_autoencoding.data.image_data import ImageData, Split, load_image_data
 from image_autoencoding.evaluation.diversity import relative_diversity
 from image_autoencoding.evaluation.evaluate import evaluate_split
+from image_autoencoding.evaluation.feature_networks import (
+    FeatureNetwork,
+    MissingWeights,
+    inception_network,
+    inception_weights,
+)
+from image_autoencoding.evaluation.sample_metrics import sample_quality
 from image_autoencoding.evaluation.sharpness import laplacian_variance
+from image_autoencoding.runs.latent_sampler import fit_model_mixture
 from image_autoencoding.training.trainer import Trainer
 from image_autoencoding.visualization.grids import save_reconstruction_grid, save_sample_grid
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RECIPES = ("seed", "default", "vae-gan")
-SAMPLES = 1000
+SAMPLES = 1000  # images of a set whose mean pairwise distance is its diversity
+SAMPLE_SET = 10_000  # images per set (at most the validation split's) for sharpness, FID, KID, precision, recall
 
 
 def recipe_overrides(
@@ -140,51 +149,94 @@ def train_recipe(
 
 
 @torch.no_grad()
-def score(trainer: Trainer, data: ImageData, picture_prefix: Path | None) -> dict:
+def decoded(trainer: Trainer, z: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] on the CPU, decoded 256 at a time."""
+    with trainer.autocast():
+        return torch.cat([trainer.normalize.to_unit(trainer.model.decoder(chunk.to(trainer.device))).float().cpu()
+                          for chunk in z.split(256)])
+
+
+@torch.no_grad()
+def score(trainer: Trainer, data: ImageData, picture_prefix: Path | None,
+          feature_networks: dict[str, FeatureNetwork]) -> dict:
+    """Reconstruction metrics on the whole validation split, then three image sets judged against the
+    real validation images: the reconstructions, prior samples and latent-mixture samples (as many
+    as there are validation images, at most SAMPLE_SET; seed 0): sharpness and diversity always, and
+    FID, KID, precision and recall in the features of each of `feature_networks`."""
     evaluation = evaluate_split(trainer.model, data.valid.images, trainer.normalize, trainer.device, 256,
                                 trainer.autocast)
     row = {key: float(v) for key, v in evaluation.means().items()}
     model = trainer.model.eval()
-    real, recon, real_images = [], [], []
-    for x in evaluation_batches(data.valid.images, 256, trainer.device, trainer.normalize):
+    real, recon = [], []
+    for x in evaluation_batches(data.valid.images[:SAMPLE_SET], 256, trainer.device, trainer.normalize):
         with trainer.autocast():
             x_hat = model.reconstruct(x)
-        real.append(laplacian_variance(trainer.normalize.to_unit(x)))
-        recon.append(laplacian_variance(trainer.normalize.to_unit(x_hat)))
-        if sum(len(r) for r in real_images) < SAMPLES:
-            real_images.append(trainer.normalize.to_unit(x).float().cpu())
-    generator = torch.Generator().manual_seed(0)
-    with trainer.autocast():
-        samples = trainer.normalize.to_unit(model.sample(SAMPLES, generator=generator))
-    real_sharp = float(torch.cat(real).mean())
-    row["sharpness_recon"] = float(torch.cat(recon).mean()) / real_sharp
-    row["sharpness_samples"] = float(laplacian_variance(samples).mean()) / real_sharp
-    row["diversity_samples"] = relative_diversity(samples, torch.cat(real_images)[:SAMPLES])
+        real.append(trainer.normalize.to_unit(x).float().cpu())
+        recon.append(trainer.normalize.to_unit(x_hat).float().cpu())
+    real = torch.cat(real)
+    mixture = fit_model_mixture(model, trainer.normalize, data.train.images, trainer.device, 256)
+    row["mixture"] = {key: mixture.info[key] for key in ("components", "points", "seconds")}
+    sets = {"reconstructions": torch.cat(recon),
+            "prior": decoded(trainer, model.prior_latents(len(real), torch.Generator().manual_seed(0))),
+            "mixture": decoded(trainer, mixture.sample(len(real), torch.Generator().manual_seed(0)))}
+    real_sharpness = float(laplacian_variance(real).mean())
+    row["sets"] = {name: {"sharpness": float(laplacian_variance(images).mean()) / real_sharpness,
+                          "diversity": relative_diversity(images[:SAMPLES], real[:SAMPLES])}
+                   for name, images in sets.items()}
+    for network_name, network in feature_networks.items():
+        for name, scores in sample_quality(network, real, sets).items():
+            row["sets"][name].update({f"{network_name}_{key}": value for key, value in scores.items()
+                                      if key != "images"})
     if picture_prefix is not None:
-        x = trainer.normalize(torch.from_numpy(np.array(data.valid.images[:16])).to(trainer.device))
-        with trainer.autocast():
-            x_hat = model.reconstruct(x)
-        save_reconstruction_grid(trainer.normalize.to_unit(x), trainer.normalize.to_unit(x_hat),
-                                 f"{picture_prefix}_reconstructions.png")
-        save_sample_grid(samples[:64], f"{picture_prefix}_samples.png")
+        save_reconstruction_grid(real[:16], sets["reconstructions"][:16], f"{picture_prefix}_reconstructions.png")
+        save_sample_grid(sets["prior"][:64], f"{picture_prefix}_samples.png")
+        save_sample_grid(sets["mixture"][:64], f"{picture_prefix}_samples_gmm.png")
     return row
 
 
 # -- the table ----------------------------------------------------------------------------------------
 
 COLUMNS = (("ssim", "SSIM", ".4f"), ("pcc", "PCC", ".4f"), ("psnr", "PSNR dB", ".2f"), ("kl", "KL", ".1f"),
-           ("sharpness_recon", "sharp. recon", ".3f"), ("sharpness_samples", "sharp. samples", ".3f"),
-           ("diversity_samples", "divers. samples", ".3f"),
            ("train_seconds", "train s", ".0f"))
+SET_COLUMNS = (("domain_fid", "domain FID", ".2f"), ("domain_kid", "domain KID", ".4f"),
+               ("domain_precision", "precision", ".3f"), ("domain_recall", "recall", ".3f"),
+               ("inception_fid", "FID", ".2f"), ("inception_kid", "KID", ".4f"),
+               ("sharpness", "sharpness", ".3f"), ("diversity", "diversity", ".3f"))
+
+
+def _markdown(head: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def table(results: list[dict]) -> str:
-    head = "| dataset | recipe | images seen | " + " | ".join(name for _, name, _ in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (3 + len(COLUMNS))]
-    for r in results:
-        cells = [format(r[key], fmt) if key in r else "-" for key, _, fmt in COLUMNS]
-        lines.append(f"| {r['dataset']} | {r['recipe']} | {r['images_seen']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """The reconstruction metrics, one row per trained model."""
+    rows = [[r["dataset"], r["recipe"], str(r["images_seen"]),
+             *(format(r[key], fmt) if key in r else "-" for key, _, fmt in COLUMNS)] for r in results]
+    return _markdown(["dataset", "recipe", "images seen", *(name for _, name, _ in COLUMNS)], rows)
+
+
+def set_table(results: list[dict]) -> str:
+    """The image sets of each model (reconstructions, prior samples, mixture samples) against the
+    real validation images; the columns no row has (e.g. FID without Inception weights) left out."""
+    columns = [c for c in SET_COLUMNS if any(c[0] in s for r in results for s in r.get("sets", {}).values())]
+    rows = [[r["dataset"], r["recipe"], name, *(format(s[key], fmt) if key in s else "-" for key, _, fmt in columns)]
+            for r in results for name, s in r.get("sets", {}).items()]
+    return _markdown(["dataset", "recipe", "images", *(name for _, name, _ in columns)], rows)
+
+
+def feature_networks(name: str, data: ImageData, inception: FeatureNetwork | None, info: dict
+                     ) -> dict[str, FeatureNetwork]:
+    """The feature spaces samples are judged in: Inception-v3 where its weights are present, and for
+    Fashion-MNIST a classifier trained here on its training split (its test accuracy into `info`)."""
+    networks = {"inception": inception} if inception is not None else {}
+    if name == "fashion-mnist":
+        from domain_classifier import train_domain_classifier
+
+        networks["domain"], info[name] = train_domain_classifier(
+            data.train.images, data.train.labels, data.valid.images, data.valid.labels)
+        print(f"domain classifier: {info[name]}", flush=True)
+    return networks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME RECIPE KEY=VALUE",
                         help="one more row: RECIPE (seed, default, vae-gan) with these config overrides; repeatable")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--inception-weights", type=Path,
+                        help="Inception-v3 weights for FID / KID (default: torch's hub cache; skipped when absent)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--pictures", type=Path, help="folder for reconstruction and sample grids")
     args = parser.parse_args(argv)
@@ -213,28 +267,36 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(recipe, recipe, []) for recipe in args.recipes] + [(v[0], v[1], v[2:]) for v in args.variant]
     given = argv if argv is not None else sys.argv[1:]
     command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in given)
-    results = []
+    try:
+        inception = inception_network(inception_weights(args.inception_weights))
+    except MissingWeights as missing:
+        inception = None
+        print(f"no Inception FID / KID columns: {missing}", flush=True)
+    results, classifiers = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name in args.datasets:
             data, data_overrides = dataset(name, args, work)
             print(f"{name}: {len(data.train.images)} train / {len(data.valid.images)} valid images", flush=True)
+            networks = feature_networks(name, data, inception, classifiers)
             for label, recipe, extra in runs:
                 trainer, info = train_recipe(recipe, data, data_overrides, args, work, extra)
                 prefix = None
                 if args.pictures is not None:
                     args.pictures.mkdir(parents=True, exist_ok=True)
                     prefix = args.pictures / f"{name}_{label}"
-                row = {"dataset": name, "recipe": label, **info, **score(trainer, data, prefix),
+                row = {"dataset": name, "recipe": label, **info, **score(trainer, data, prefix, networks),
                        "valid_images": len(data.valid.images), "train_images": len(data.train.images)}
                 results.append(row)
                 print(table([row]).splitlines()[-1], flush=True)
     print(f"\n{command}\n")
     print(table(results))
+    print()
+    print(set_table(results))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         document = {"command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "machine": describe(), "results": results}
+                    "machine": describe(), "domain_classifiers": classifiers, "results": results}
         args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     return 0
 

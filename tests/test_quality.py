@@ -187,6 +187,7 @@ def test_diversity_is_one_for_real_images_and_zero_for_a_collapsed_generator():
 
 def test_quality_benchmark_variants_add_rows_with_their_overrides(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights
     import quality
 
     calls = []
@@ -194,7 +195,7 @@ def test_quality_benchmark_variants_add_rows_with_their_overrides(monkeypatch, t
     monkeypatch.setattr(quality, "dataset", lambda name, args, work: (tiny, []))
     monkeypatch.setattr(quality, "train_recipe", lambda recipe, data, data_overrides, args, work, extra=():
                         calls.append((recipe, list(extra))) or (None, {"images_seen": 64}))
-    monkeypatch.setattr(quality, "score", lambda trainer, data, prefix: {"ssim": 0.5})
+    monkeypatch.setattr(quality, "score", lambda trainer, data, prefix, networks: {"ssim": 0.5})
     assert quality.main(["--datasets", "photos", "--recipes", "seed", "--variant", "gan-a1", "vae-gan",
                          "train.alpha=1", "--json", str(tmp_path / "q.json")]) == 0
     assert calls == [("seed", []), ("vae-gan", ["train.alpha=1"])]
@@ -217,3 +218,44 @@ def test_quality_benchmark_recipes_read_the_configs(monkeypatch):
     assert path is None and overrides[-2:] == ["train.kl_warmup_steps=25", "model.mode=vae-gan"]
     config = load_config(None, overrides)
     assert (config.train.optimizer, config.train.kl_warmup_steps, config.model.mode) == ("adam", 25, "vae-gan")
+
+
+def test_quality_benchmark_judges_reconstructions_prior_and_mixture_samples(monkeypatch, tiny, tmp_path):
+    """The benchmark's sample columns: each image set against the real validation images, in a
+    classifier's feature space, with a latent mixture fitted to the model's training latents; the
+    same model's reconstruction metrics are unchanged by it."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import quality
+    from domain_classifier import train_domain_classifier
+
+    trainer = _trainer(tiny, tmp_path)
+    data = trainer.data
+    trainer.train_epoch(1, max_steps=3)
+    network, info = train_domain_classifier(data.train.images, data.train.labels, data.valid.images,
+                                            data.valid.labels, epochs=1, batch_size=64)
+    assert 0 <= info["test_accuracy"] <= 1 and info["features"] == 128
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    row = quality.score(trainer, data, tmp_path / "digits", {"domain": network})
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert set(row["sets"]) == {"reconstructions", "prior", "mixture"}
+    assert 1 <= row["mixture"]["components"] <= 20
+    for scores in row["sets"].values():
+        expected = {"domain_fid", "domain_kid", "domain_precision", "domain_recall", "sharpness", "diversity"}
+        assert expected <= set(scores)
+        assert 0 <= scores["domain_precision"] <= 1 and scores["domain_fid"] >= 0
+    assert {p.name for p in tmp_path.glob("digits_*.png")} == {
+        "digits_reconstructions.png", "digits_samples.png", "digits_samples_gmm.png"}
+    assert "| digits | x | mixture |" in quality.set_table([{"dataset": "digits", "recipe": "x", **row}])
+
+
+def test_domain_classifier_learns_the_classes(monkeypatch, tmp_path):
+    """The domain features come from a classifier that separates the classes: on the 8x8 digits
+    scaled to 16 px it is far above chance (10%) after a few epochs."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from domain_classifier import train_domain_classifier
+
+    config = load_config(None, ["data.dataset=digits", "data.image_size=16", f"data.cache_dir={tmp_path}"])
+    data = load_image_data(config.data)
+    _, info = train_domain_classifier(data.train.images, data.train.labels, data.valid.images, data.valid.labels,
+                                      epochs=5, batch_size=32)
+    assert info["test_accuracy"] > 0.8

@@ -111,6 +111,8 @@ def test_fid_runs_through_the_real_inception_code_with_a_weights_file(run, tmp_p
     torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), weights)
     assert main(["evaluate", str(run), "--fid", "--inception-weights", str(weights), "--limit", "8"]) == 0
     assert "| reconstructions |" in capsys.readouterr().out
+    (report,) = run.glob("report_limit_8.md")
+    assert "| prior_samples |" in report.read_text()
     (path,) = run.glob("sample_quality*.json")
     scores = json.loads(path.read_text())["scores"]
     assert set(scores) == {"reconstructions", "prior_samples", "mixture_samples"}
@@ -126,3 +128,14 @@ def test_a_weights_file_for_another_network_is_refused_in_one_line(tmp_path):
     torch.save({"w": torch.ones(3)}, path)
     with pytest.raises(UserError, match="not usable weights for Inception3"):
         inception_network(path)
+
+
+def test_the_report_says_where_the_inception_weights_go_when_they_are_absent(run, tmp_path, monkeypatch):
+    from image_autoencoding.cli import main
+    from image_autoencoding.evaluation.feature_networks import INCEPTION_FILE
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert main(["evaluate", str(run), "--limit", "4"]) == 0
+    section = (run / "report_limit_4.md").read_text().split("## Sample quality")[1].split("##")[0]
+    assert f"vae evaluate {run} --fid" in section
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_FILE) in section

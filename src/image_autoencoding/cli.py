@@ -216,7 +216,12 @@ def _add_evaluate(subparsers) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from image_autoencoding.api import load
     from image_autoencoding.data.image_data import load_image_data
-    from image_autoencoding.runs.report import evaluate_and_write, metrics_table
+    from image_autoencoding.runs.report import (
+        evaluate_and_write,
+        metrics_table,
+        sample_quality_table,
+        write_sample_quality,
+    )
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit: expected a number of images >= 1 (got {args.limit})")
@@ -228,21 +233,19 @@ def _evaluate(args: argparse.Namespace) -> int:
         network = inception_network(inception_weights(args.inception_weights))
     vae = load(run_dir, args.checkpoint, device="cpu")
     data = load_image_data(vae.config.data, progress=False)  # read once for the metrics and --fid
-    document, written = evaluate_and_write(run_dir, vae.trained, args.split, args.limit, data, args.device)
+    quality, written = None, []
+    if network is not None:  # first, so that the report shows it
+        quality, path = write_sample_quality(run_dir, vae.trained, network, args.split, args.limit, data,
+                                             args.device)
+        written.append(path)
+    document, files = evaluate_and_write(run_dir, vae.trained, args.split, args.limit, data, args.device, quality)
     print(f"{document['split']} split, {document['images']} images, {Path(document['checkpoint']).name} "
           f"(epoch {document['epoch']})")
     print(metrics_table(document))
     print(f"original first-batch PCC: {document['original_first_batch_pcc']:.4f}")
-    if network is not None:
-        from image_autoencoding.runs.report import write_sample_quality
-
-        quality, path = write_sample_quality(run_dir, vae.trained, network, args.split, args.limit, data,
-                                             args.device)
-        written.append(path)
-        print("| images (Inception-v3 features) | FID | KID | precision | recall |\n|---|---|---|---|---|")
-        for name, score in quality["scores"].items():
-            print(f"| {name} | {score['fid']:.2f} | {score['kid']:.4f} | {score['precision']:.3f} | "
-                  f"{score['recall']:.3f} |")
+    if quality is not None:
+        print(sample_quality_table(quality["scores"]))
+    written = files + written
     print("written:")
     for path in written:
         print(path)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from image_autoencoding.data.batches import Normalizer, evaluation_batches
+from image_autoencoding.models.vae import VAE
 from image_autoencoding.runs.loading import TrainedModel
 from image_autoencoding.sampling.latent_mixture import FIT_POINTS, LatentMixture, fit_latent_mixture
 
@@ -26,18 +27,26 @@ def _fitted_to(trained: TrainedModel) -> dict:
 
 
 @torch.no_grad()
-def fit_run_mixture(trained: TrainedModel, images: np.ndarray, device: torch.device, batch_size: int,
-                    seed: int = 0) -> LatentMixture:
+def fit_model_mixture(model: VAE, normalize: Normalizer, images: np.ndarray, device: torch.device, batch_size: int,
+                      seed: int = 0) -> LatentMixture:
     """Encode (up to FIT_POINTS of, drawn with `seed`) the training images through the posterior
     mean and fit the mixture to them."""
     chosen = np.arange(len(images))
     if len(images) > FIT_POINTS:
         chosen = np.sort(np.random.default_rng(seed).choice(len(images), FIT_POINTS, replace=False))
-    model = trained.model.to(device).eval()
-    normalize = Normalizer(trained.config.data, device)
+    model = model.to(device).eval()
     means = [model.encoder(x).mean.cpu() for x in evaluation_batches(images[chosen], batch_size, device, normalize)]
     mixture = fit_latent_mixture(torch.cat(means), seed=seed)
-    mixture.info.update(checkpoint=_fitted_to(trained), training_images=len(images))
+    mixture.info.update(training_images=len(images))
+    return mixture
+
+
+def fit_run_mixture(trained: TrainedModel, images: np.ndarray, device: torch.device, batch_size: int,
+                    seed: int = 0) -> LatentMixture:
+    """A trained model's mixture (fit_model_mixture), recording the checkpoint it was fitted to."""
+    normalize = Normalizer(trained.config.data, device)
+    mixture = fit_model_mixture(trained.model, normalize, images, device, batch_size, seed)
+    mixture.info.update(checkpoint=_fitted_to(trained))
     return mixture
 
 

@@ -20,7 +20,7 @@ from image_autoencoding.config import Config
 from image_autoencoding.data.batches import Normalizer, evaluation_batches
 from image_autoencoding.data.image_data import ImageData, load_image_data
 from image_autoencoding.evaluation.evaluate import SplitEvaluation, evaluate_split
-from image_autoencoding.evaluation.feature_networks import FeatureNetwork
+from image_autoencoding.evaluation.feature_networks import FeatureNetwork, MissingWeights, inception_weights
 from image_autoencoding.evaluation.sample_metrics import sample_quality
 from image_autoencoding.models.vae import VAE
 from image_autoencoding.runs.checkpoint import CheckpointError
@@ -156,8 +156,33 @@ def metrics_table(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def sample_quality_table(scores: dict[str, dict[str, float]]) -> str:
+    lines = ["| images (Inception-v3 features) | FID | KID | precision | recall |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {s['fid']:.2f} | {s['kid']:.4f} | {s['precision']:.3f} | {s['recall']:.3f} |"
+              for name, s in scores.items()]
+    return "\n".join(lines)
+
+
+def sample_quality_section(run_dir: Path, quality: dict[str, Any] | None) -> list[str]:
+    """The report's FID / KID table when `vae evaluate --fid` computed it; otherwise how to get it
+    and, when the Inception-v3 weights are not on this machine, which file to put where."""
+    if quality is not None:
+        return [f"{quality['images']} images of each kind against as many of the split's "
+                f"(`vae evaluate --fid`; torchvision's Inception-v3, so compare these FIDs with each other, "
+                f"not with published ones):", "", sample_quality_table(quality["scores"])]
+    command = f"`vae evaluate {run_dir} --fid`"
+    try:
+        weights = f"the Inception-v3 weights are at {inception_weights()}."
+    except MissingWeights as missing:
+        weights = f"not on this machine: {missing}."
+    return [f"FID, KID, precision and recall of reconstructions, prior and mixture samples: not computed "
+            f"during training (Inception-v3 on every validation image takes minutes on a CPU). {command} "
+            f"computes them; {weights}"]
+
+
 def write_report(
-    run_dir: Path, config: Config, document: dict[str, Any], pictures: dict[str, Path], suffix: str = ""
+    run_dir: Path, config: Config, document: dict[str, Any], pictures: dict[str, Path], suffix: str = "",
+    sample_quality: dict[str, Any] | None = None,
 ) -> Path:
     data, model, train = config.data, config.model, config.train
     limit = document.get("limit")
@@ -185,6 +210,10 @@ def write_report(
         f"{document['original_first_batch_pcc']:.4f} (not comparable with the per-image PCC above).",
         f"Active latent units (mean KL > {plots.ACTIVE_UNIT_KL} nats): {document['active_latent_units']} of "
         f"{model.latent_dim}.",
+        "",
+        "## Sample quality",
+        "",
+        *sample_quality_section(run_dir, sample_quality),
         "",
         "## Pictures",
         "",
@@ -218,11 +247,12 @@ def write_report(
 
 def evaluate_and_write(
     run_dir: Path, trained: TrainedModel, split: str = "valid", limit: int | None = None,
-    data: ImageData | None = None, device: str | None = None,
+    data: ImageData | None = None, device: str | None = None, sample_quality: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[Path]]:
     """Score a run's trained model (runs/loading.py) on a whole split (or its first `limit`
-    images); write the metrics document, the pictures and a report, under names from
-    `output_suffix`. Returns the document and the files written."""
+    images); write the metrics document, the pictures and a report (with `sample_quality`, the
+    document of write_sample_quality, when given), under names from `output_suffix`. Returns the
+    document and the files written."""
     config = trained.config
     data = data if data is not None else load_image_data(config.data, progress=False)
     chosen = data.valid if split == "valid" else data.train
@@ -249,7 +279,7 @@ def evaluate_and_write(
         pictures["latent_dims_train"] = plots.save_latent_dims(
             train.mu, np.asarray(data.train.labels[: train.n]), data.class_names,
             run_dir / "images" / "latent" / f"latent_mu_dims_0_1_train{suffix}.png", split="training")
-    report = write_report(run_dir, config, document, pictures, suffix)
+    report = write_report(run_dir, config, document, pictures, suffix, sample_quality)
     return document, [metrics_json, report, *pictures.values()]
 
 

@@ -1,8 +1,9 @@
-"""What runs around the training loop without being part of it: the run folder's files
-(checkpoints, metrics.csv, TensorBoard, pictures), the progress bar, timing in benchmarks, the
-tests' crashes and corrupt batches (tests/helpers/faults.py), a user's own hooks. A callback overrides the methods it needs; the trainer
-calls each at one named point of `fit`, in the order the callbacks were given: the run folder's
-first, so a callback that stops the process leaves the files a kill at that point would leave.
+"""What runs around the training loop without being part of it: the run folder's files (checkpoints,
+metrics.csv, TensorBoard, pictures), the progress bar, timing in benchmarks, the tests' crashes and
+corrupt batches (tests/helpers/faults.py), a user's own hooks. A callback overrides the methods it
+needs; the trainer calls each at one named point of `fit`, in the order the callbacks were given:
+the run folder's first, so a callback that stops the process leaves the files a kill at that point
+would leave.
 
 The same shape as PyTorch Lightning's `Callback`, reduced to the points this loop has."""
 
