@@ -71,7 +71,8 @@ def recipe_overrides(
     train = read_yaml(REPO / "configs/coco.yaml").get("train", {})
     if default_overrides is not None:
         train = {key.removeprefix("train."): value for key, _, value in (o.partition("=") for o in default_overrides)}
-    keep = ("optimizer", "lr", "decay_lr", "weight_decay", "alpha", "kl_warmup_steps", "free_bits", "batch_size")
+    keep = ("optimizer", "lr", "lr_schedule", "decay_lr", "warmup_steps", "weight_decay", "alpha", "kl_warmup_steps",
+            "free_bits", "batch_size")
     overrides = [f"train.{key}={train[key]}" for key in keep if key in train]
     if warmup_fraction >= 0 and train.get("kl_warmup_steps"):
         # The shipped warm-up is sized for full runs; a reduced run ramps over the same share of it.
@@ -131,21 +132,40 @@ def train_recipe(
         f"train.output_dir={work}", "train.batch_size=64", *overrides,
     ])
     trainer = Trainer(config, data)
+    trainer.planned_steps = steps  # the horizon of a cosine schedule: this run's steps, not train.epochs'
     per_epoch = steps_per_epoch(len(data.train.images), batch, None)
-    start, epoch, done = time.perf_counter(), 0, 0
+    start, epoch, done, curve, scoring = time.perf_counter(), 0, 0, [], 0.0
     while done < steps:
         epoch += 1
         epoch_steps = min(per_epoch, steps - done)
         trainer.train_epoch(epoch, max_steps=epoch_steps)
         done += epoch_steps
-        trainer.step_lr_schedules()
-    seconds = time.perf_counter() - start
+        if args.curve:
+            started = time.perf_counter()
+            curve.append(trainer.validate())
+            scoring += time.perf_counter() - started
+    seconds = time.perf_counter() - start - scoring
     info = {"config": path or "configs/coco.yaml (train section)", "overrides": overrides, "steps": steps,
             "images_seen": steps * batch, "epochs": epoch, "train_seconds": round(seconds, 1),
             "final_lr": trainer.encoder_optimizer.param_groups[0]["lr"]}
+    if curve:
+        info["valid_by_epoch"] = [{key.removeprefix("valid_"): round(v, 5) for key, v in values.items()}
+                                  for values in curve]
+        info["last_gain_epoch"] = last_gain_epoch([values["valid_ssim"] for values in curve])
     if trainer.gan is not None:
         info.update(trainer.gan.take_stats())
     return trainer, info
+
+
+def last_gain_epoch(ssim_by_epoch: list[float], min_delta: float = 1e-3) -> int:
+    """The last epoch (1-based) whose validation SSIM beat the best before it by at least min_delta:
+    where the run stopped improving."""
+    best, last = float("-inf"), 1
+    for epoch, ssim in enumerate(ssim_by_epoch, start=1):
+        if ssim - best >= min_delta:
+            last = epoch
+        best = max(best, ssim)
+    return last
 
 
 @torch.no_grad()
@@ -255,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME RECIPE KEY=VALUE",
                         help="one more row: RECIPE (seed, default, vae-gan) with these config overrides; repeatable")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--curve", action="store_true",
+                        help="score the validation split after every epoch (valid_by_epoch, last_gain_epoch in the "
+                        "JSON; not counted in train s)")
     parser.add_argument("--inception-weights", type=Path,
                         help="Inception-v3 weights for FID / KID (default: torch's hub cache; skipped when absent)")
     parser.add_argument("--json", type=Path)

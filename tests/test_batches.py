@@ -52,3 +52,15 @@ def test_a_resumed_epoch_sees_the_same_batches_and_flips(images):
     rest = list(training_batches(images, 32, 5, 1, device, normalize, start_step=3))
     assert len(rest) == len(whole) - 3
     assert all(torch.equal(a, b) for a, b in zip(whole[3:], rest, strict=True))
+
+
+def test_without_random_flip_every_image_is_seen_as_stored(images):
+    device = torch.device("cpu")
+    normalize = Normalizer(load_config().data, device)
+    seen = np.concatenate([_to_pixels(x, normalize)
+                           for x in training_batches(images, 32, 5, 1, device, normalize, flip=False)])
+    as_stored = {image.tobytes() for image in images}
+    assert len(seen) == len(images) and all(image.tobytes() in as_stored for image in seen)
+    # The same order as with flips: switching them off changes nothing else.
+    flipped = np.concatenate([_to_pixels(x, normalize) for x in training_batches(images, 32, 5, 1, device, normalize)])
+    assert all(np.array_equal(a, b) or np.array_equal(a, b[:, ::-1]) for a, b in zip(seen, flipped, strict=True))

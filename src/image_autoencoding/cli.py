@@ -92,7 +92,7 @@ def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
                            f"continue with: vae train --resume {run_dir}")
                 logger.info(message)
                 raise TrainingInterrupted(exc.signum, message, after_callbacks=True) from None
-            if trainer.epoch >= config.train.epochs:  # one process scores the whole split
+            if trainer.finished:  # one process scores the whole split
                 report.final_report(run_dir, data, str(trainer.device))
                 logger.info("next: vae evaluate %s | vae sample %s -n 64 | vae reconstruct %s IMAGE ...\n"
                             "in Python: import image_autoencoding as ia; vae = ia.load(%r)", run_dir, run_dir, run_dir,

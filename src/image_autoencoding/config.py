@@ -55,6 +55,9 @@ class DataConfig(_Section):
         description="fraction held out for validation where a dataset has no validation split (digits, folder)",
     )
     split_seed: int = Field(0, description="seed of that validation split")
+    # The original's RandomHorizontalFlip (configs/seed.yaml keeps it); a key so that whether it helps
+    # each dataset can be measured.
+    random_flip: bool = Field(True, description="flip each training image left-right with probability 1/2")
     num_workers: int = Field(
         2, ge=0, description="processes decoding images into the cache (the original's -nw); 0 decodes in-process"
     )
@@ -178,9 +181,26 @@ class TrainConfig(_Section):
     )
     lr: float = Field(0.001, gt=0.0, description="learning rate")
     weight_decay: float = Field(1e-7, ge=0.0, description="the optimizer's weight decay")
+    # training/lr_schedule.py has the formulas and why.
+    lr_schedule: Literal["exponential", "cosine", "constant"] = Field(
+        "exponential",
+        description="exponential: lr x train.decay_lr after every epoch (the original's); cosine: down to 0 over "
+        "the planned steps; constant",
+    )
     decay_lr: float = Field(
         0.75, gt=0.0, le=1.0,
-        description="learning rate x this after every epoch (ExponentialLR); 1.0 keeps it constant",
+        description="train.lr_schedule=exponential: learning rate x this after every epoch; 1.0 keeps it constant",
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="the learning rate rises linearly from lr / this to lr over this many steps; 0: none"
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1,
+        description="end the run after this many epochs without a validation-SSIM gain of at least "
+        "train.early_stopping_min_delta; null: train every epoch",
+    )
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0.0, description="the validation-SSIM gain over the best so far that counts as improving"
     )
     # The original's two settings were 1 and 1/batch_size. 0.5 x summed squared error is the
     # likelihood of a decoder with pixel variance 1 on images in [-1, 1], so weak that with alpha 1 the

@@ -53,9 +53,10 @@ def training_batches(
     start_step: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    flip: bool = True,
 ) -> Iterator[Tensor]:
-    """Shuffled, flipped, normalised batches for one epoch; a last partial batch is kept unless it
-    holds a single image (BatchNorm cannot normalise a batch of one).
+    """Shuffled, flipped (unless `flip` is false), normalised batches for one epoch; a last partial
+    batch is kept unless it holds a single image (BatchNorm cannot normalise a batch of one).
 
     With several processes, step s is one global batch of `batch_size x world_size` images of the
     epoch's order (the same order on every rank, from (seed, epoch)), and rank r takes the r-th
@@ -81,13 +82,13 @@ def training_batches(
         start = step * global_batch
         # Sorted indices read a memory-mapped array front to back; the batch is shuffled anyway.
         index = np.sort(order[start : start + global_batch])
-        flip = torch.rand(len(index), generator=flip_generator) < 0.5
+        flips = torch.rand(len(index), generator=flip_generator) < 0.5
         # Fancy indexing copies the rows into a new array, which a tensor can share.
-        pixels, flip = torch.from_numpy(images[index[mine]]), flip[mine]
+        pixels, flips = torch.from_numpy(images[index[mine]]), flips[mine]
         if pin:
-            pixels, flip = pixels.pin_memory(), flip.pin_memory()
+            pixels, flips = pixels.pin_memory(), flips.pin_memory()
         x = normalize(pixels.to(device, non_blocking=True))
-        yield flip_where(x, flip.to(device, non_blocking=True))
+        yield flip_where(x, flips.to(device, non_blocking=True)) if flip else x
 
 
 def steps_per_epoch(n: int, batch_size: int, max_steps: int | None, world_size: int = 1) -> int:

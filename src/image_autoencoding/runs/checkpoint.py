@@ -20,8 +20,7 @@ from image_autoencoding.errors import UserError
 FORMAT_VERSION = 1
 # What every checkpoint we write holds; a file without these is not ours, whatever else it has.
 REQUIRED_KEYS = (
-    "model", "encoder_optimizer", "decoder_optimizer", "encoder_scheduler", "decoder_scheduler",
-    "epoch", "step", "rng", "config",
+    "model", "encoder_optimizer", "decoder_optimizer", "epoch", "step", "rng", "config",
 )
 
 

@@ -53,7 +53,7 @@ class Checkpointing(Callback):
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, values) -> None:
         saved = None
-        if epoch % self.cfg.checkpoint_every == 0 or epoch == self.cfg.epochs:
+        if epoch % self.cfg.checkpoint_every == 0 or trainer.is_final_epoch(epoch):
             saved = self.folder / f"epoch_{epoch}.pt"
             save_checkpoint(trainer.state(), saved)
             publish_as(saved, self.last)

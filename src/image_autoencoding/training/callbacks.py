@@ -19,6 +19,16 @@ if TYPE_CHECKING:  # annotations only: the trainer imports this module, and the 
 
 
 class Callback:
+    # A callback whose state must survive a resume names it here and implements state_dict /
+    # load_state_dict (plain values only: checkpoints are read with weights_only=True).
+    state_key: str | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The state `state_dict` returned, from the checkpoint a run resumes from."""
+
     def on_fit_start(self, trainer: Trainer) -> None:
         """Before the first epoch this run trains (after a resume has restored its state)."""
 
@@ -54,6 +64,14 @@ class Callbacks(Callback):
 
     def __init__(self, callbacks: Sequence[Callback] = ()):
         self.callbacks = list(callbacks)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {c.state_key: c.state_dict() for c in self.callbacks if c.state_key is not None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for callback in self.callbacks:
+            if callback.state_key is not None and callback.state_key in state:
+                callback.load_state_dict(state[callback.state_key])
 
     def on_fit_start(self, trainer: Trainer) -> None:
         for callback in self.callbacks:

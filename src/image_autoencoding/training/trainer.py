@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.lr_scheduler import ExponentialLR
 
 from image_autoencoding.config import Config
 from image_autoencoding.data.batches import Normalizer, steps_per_epoch, training_batches
@@ -24,6 +23,7 @@ from image_autoencoding.runtime import autocast_factory, keep_freed_memory, reso
 from image_autoencoding.training.buffer_snapshot import BufferSnapshot
 from image_autoencoding.training.callbacks import Callback, Callbacks
 from image_autoencoding.training.distributed import SINGLE, Distributed
+from image_autoencoding.training.early_stopping import EarlyStopping
 from image_autoencoding.training.epoch_progress import EpochProgress
 from image_autoencoding.training.interrupts import (
     HANDLED,
@@ -32,6 +32,7 @@ from image_autoencoding.training.interrupts import (
     signal_name,
     signal_to_stop_on,
 )
+from image_autoencoding.training.lr_schedule import learning_rate
 from image_autoencoding.training.objective import VAEObjective, not_finite
 from image_autoencoding.training.optimizers import build_optimizers
 from image_autoencoding.training.rng import rng_state, seed_everything, set_rng_state
@@ -101,8 +102,10 @@ class Trainer:
         # The VAE-GAN's gradients come from autograd.grad, unscaled: no loss scaling there.
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=1.0,
                                            enabled=self.precision == "fp16" and self.gan is None)
-        self.encoder_scheduler = ExponentialLR(self.encoder_optimizer, gamma=self.cfg.decay_lr)
-        self.decoder_scheduler = ExponentialLR(self.decoder_optimizer, gamma=self.cfg.decay_lr)
+        # The horizon of train.lr_schedule=cosine; a caller that stops the run early (a benchmark
+        # training a fixed number of images) sets it to the steps it will take.
+        self.planned_steps = self.cfg.epochs * steps_per_epoch(
+            len(data.train.images), self.cfg.batch_size, self.cfg.max_steps_per_epoch, dist.world_size)
         self.epoch = 0  # epochs completed
         self.step = 0  # training steps done (batches drawn), skipped ones included
         self.progress = EpochProgress.from_state(None, self.device)
@@ -111,7 +114,12 @@ class Trainer:
         self.best_ssim = float("-inf")
         self.improved = False  # whether the last epoch validated set a new best_ssim
         self.stop = StopRequests()  # installed for the duration of fit()
-        self.callbacks = Callbacks(callbacks)
+        self.stop_reason: str | None = None  # set by request_stop: fit ends after the current epoch
+        # Behaviour the config asks for comes first, so that the run folder's callbacks see its
+        # decisions (early stopping's) in the same epoch.
+        early_stopping = ([EarlyStopping(self.cfg.early_stopping_patience, self.cfg.early_stopping_min_delta)]
+                          if self.cfg.early_stopping_patience else [])
+        self.callbacks = Callbacks([*early_stopping, *callbacks])
         self._buffers = BufferSnapshot(self.model, *([self.gan.discriminator] if self.gan else []))
         # This step's KL weight, filled in place: torch.tensor(alpha, device=...) would be a copy
         # from pageable host memory, which on a GPU waits for all queued work before every step.
@@ -127,8 +135,6 @@ class Trainer:
             "model": self.model.state_dict(),
             "encoder_optimizer": self.encoder_optimizer.state_dict(),
             "decoder_optimizer": self.decoder_optimizer.state_dict(),
-            "encoder_scheduler": self.encoder_scheduler.state_dict(),
-            "decoder_scheduler": self.decoder_scheduler.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
             "epoch_progress": self.progress.state(),
@@ -138,6 +144,7 @@ class Trainer:
             "rng": rng_state(),
             "world_size": self.dist.world_size,
             "best_ssim": self.best_ssim,
+            "callbacks": self.callbacks.state_dict(),
             "config": self.config.to_dict(),
             **(self.gan.state() if self.gan is not None else {}),
         }
@@ -146,33 +153,22 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.encoder_optimizer.load_state_dict(state["encoder_optimizer"])
         self.decoder_optimizer.load_state_dict(state["decoder_optimizer"])
-        self.encoder_scheduler.load_state_dict(state["encoder_scheduler"])
-        self.decoder_scheduler.load_state_dict(state["decoder_scheduler"])
-        # The scheduler state carries the old gamma; a resumed run uses the configured one.
-        self.encoder_scheduler.gamma = self.decoder_scheduler.gamma = self.cfg.decay_lr
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
         self.best_ssim = float(state.get("best_ssim", float("-inf")))
         self.progress = EpochProgress.from_state(state.get("epoch_progress"), self.device)
         self.bad_steps_in_a_row = int(state.get("bad_steps_in_a_row", 0))
-        self._apply_changed_optimizer_settings(state["config"]["train"])
+        # Optimizer state dicts carry the weight decay they were saved with; a resume that changes it
+        # continues with the new value (the learning rate is set before every step).
+        for optimizer in (self.encoder_optimizer, self.decoder_optimizer):
+            for group in optimizer.param_groups:
+                group["weight_decay"] = self.cfg.weight_decay
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
+        self.callbacks.load_state_dict(state.get("callbacks", {}))
         if self.gan is not None:
             self.gan.load_state(state)
-
-    def _apply_changed_optimizer_settings(self, saved: dict[str, Any]) -> None:
-        """Optimizer state dicts carry the old lr and weight decay; a resume that changes them
-        continues as if the run had been started with the new values (lr decayed per epoch done)."""
-        for scheduler in (self.encoder_scheduler, self.decoder_scheduler):
-            for group in scheduler.optimizer.param_groups:
-                group["weight_decay"] = self.cfg.weight_decay
-            if saved.get("lr") != self.cfg.lr:
-                scheduler.base_lrs = [self.cfg.lr for _ in scheduler.base_lrs]
-                for group in scheduler.optimizer.param_groups:
-                    group["lr"] = self.cfg.lr * self.cfg.decay_lr**self.epoch
-                scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
     # -- one step / one epoch --------------------------------------------------------------------
 
@@ -240,10 +236,12 @@ class Trainer:
         batches = training_batches(
             images, self.cfg.batch_size, self.cfg.seed, epoch, self.device, self.normalize,
             max_steps, start_step=progress.steps, rank=self.dist.rank, world_size=world,
+            flip=self.config.data.random_flip,
         )
         self.callbacks.on_epoch_start(self, epoch)
         for x in batches:
             self.callbacks.on_step_start(self)
+            self.set_learning_rate(epoch)
             sums = self.train_step(x)
             progress.steps += 1
             if sums is None:
@@ -273,10 +271,13 @@ class Trainer:
             "skipped_steps": progress.skipped,
         }
 
-    def step_lr_schedules(self) -> None:
-        """The learning rates' per-epoch decay (train.decay_lr), after each epoch's steps."""
-        self.encoder_scheduler.step()
-        self.decoder_scheduler.step()
+    def set_learning_rate(self, epoch: int) -> None:
+        """The encoder's and decoder's rate for the next step (training/lr_schedule.py); the
+        discriminator's (VAE-GAN) stays train.discriminator_lr."""
+        lr = learning_rate(self.cfg, self.step, epoch, self.planned_steps)
+        for optimizer in (self.encoder_optimizer, self.decoder_optimizer):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
     def validate(self) -> dict[str, float]:
         """Losses and per-image metrics on the validation split (the first train.eval_images); under
@@ -339,20 +340,37 @@ class Trainer:
         try:
             self.callbacks.on_fit_start(self)
             for epoch in range(self.epoch + 1, self.cfg.epochs + 1):
+                if self.stop_reason is not None:
+                    break
                 values = self.train_epoch(epoch)
-                self.step_lr_schedules()
                 values.update(self.validate())
                 self.epoch = epoch
                 self.improved = values["valid_ssim"] > self.best_ssim
                 self.best_ssim = max(self.best_ssim, values["valid_ssim"])
                 self.callbacks.on_epoch_end(self, epoch, values)
                 signum = self._stop_signal()
-                if signum is not None and epoch < self.cfg.epochs:
+                if signum is not None and not self.is_final_epoch(epoch):
                     self._stop_on_signal(signum, epoch)
+            if self.stop_reason is not None:
+                logger.info("%s", self.stop_reason)
             self.callbacks.on_fit_end(self)
         finally:
             self.stop.restore()
             self.callbacks.teardown(self)
+
+    def request_stop(self, reason: str) -> None:
+        """End `fit` normally after the current epoch (before the first, from on_fit_start), as if
+        it were the last one planned; `reason` is logged."""
+        self.stop_reason = reason
+
+    def is_final_epoch(self, epoch: int) -> bool:
+        """Whether `epoch`, once trained, ends the run: the last planned, or a stop was requested."""
+        return epoch >= self.cfg.epochs or self.stop_reason is not None
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run is complete (all its epochs, or stopped early): time for its report."""
+        return self.is_final_epoch(self.epoch)
 
     def _log_start(self) -> None:
         logger.info(
