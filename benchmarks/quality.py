@@ -52,6 +52,7 @@ from image_autoencoding.evaluation.feature_networks import (
 from image_autoencoding.evaluation.sample_metrics import sample_quality
 from image_autoencoding.evaluation.sharpness import laplacian_variance
 from image_autoencoding.runs.latent_sampler import fit_model_mixture
+from image_autoencoding.runs.report import decoded_images, sample_latents
 from image_autoencoding.training.trainer import Trainer
 from image_autoencoding.visualization.grids import save_reconstruction_grid, save_sample_grid
 
@@ -169,14 +170,6 @@ def last_gain_epoch(ssim_by_epoch: list[float], min_delta: float = 1e-3) -> int:
 
 
 @torch.no_grad()
-def decoded(trainer: Trainer, z: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] on the CPU, decoded 256 at a time."""
-    with trainer.autocast():
-        return torch.cat([trainer.normalize.to_unit(trainer.model.decoder(chunk.to(trainer.device))).float().cpu()
-                          for chunk in z.split(256)])
-
-
-@torch.no_grad()
 def score(trainer: Trainer, data: ImageData, picture_prefix: Path | None,
           feature_networks: dict[str, FeatureNetwork]) -> dict:
     """Reconstruction metrics on the whole validation split, then three image sets judged against the
@@ -196,9 +189,10 @@ def score(trainer: Trainer, data: ImageData, picture_prefix: Path | None,
     real = torch.cat(real)
     mixture = fit_model_mixture(model, trainer.normalize, data.train.images, trainer.device, 256)
     row["mixture"] = {key: mixture.info[key] for key in ("components", "points", "seconds")}
+    latents = sample_latents(model, mixture, len(real))
     sets = {"reconstructions": torch.cat(recon),
-            "prior": decoded(trainer, model.prior_latents(len(real), torch.Generator().manual_seed(0))),
-            "mixture": decoded(trainer, mixture.sample(len(real), torch.Generator().manual_seed(0)))}
+            **{name: decoded_images(model, trainer.normalize, latents[key], trainer.device, 256, trainer.autocast)
+               for name, key in (("prior", "prior"), ("mixture", "gmm"))}}
     real_sharpness = float(laplacian_variance(real).mean())
     row["sets"] = {name: {"sharpness": float(laplacian_variance(images).mean()) / real_sharpness,
                           "diversity": relative_diversity(images[:SAMPLES], real[:SAMPLES])}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +56,9 @@ def _interpolation_rows(model: VAE, images: np.ndarray, normalize: Normalizer, d
     return normalize.to_unit(decoded).view(count // 2, INTERPOLATION_STEPS, *decoded.shape[1:]).cpu()
 
 
-def _sample_latents(model: VAE, mixture: LatentMixture | None, n: int) -> dict[str, torch.Tensor]:
+def sample_latents(model: VAE, mixture: LatentMixture | None, n: int) -> dict[str, torch.Tensor]:
     """n latents from the prior and, when there is one, from the latent mixture: seed 0 for both, so
-    every picture and score of a run compares the same draws."""
+    every picture and score of a run (and benchmarks/quality.py) compares the same draws."""
     latents = {"prior": model.prior_latents(n, torch.Generator().manual_seed(0))}
     if mixture is not None:
         latents["gmm"] = mixture.sample(n, torch.Generator().manual_seed(0))
@@ -64,10 +66,12 @@ def _sample_latents(model: VAE, mixture: LatentMixture | None, n: int) -> dict[s
 
 
 @torch.no_grad()
-def _decoded(model: VAE, normalize: Normalizer, z: torch.Tensor, device: torch.device, batch_size: int
-             ) -> torch.Tensor:
-    """Images in [0, 1] on the CPU, decoded batch by batch."""
-    return torch.cat([normalize.to_unit(model.decoder(chunk.to(device))).cpu() for chunk in z.split(batch_size)])
+def decoded_images(model: VAE, normalize: Normalizer, z: torch.Tensor, device: torch.device, batch_size: int,
+                   autocast: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
+    """Images in [0, 1], float32 on the CPU, decoded batch by batch (under `autocast`)."""
+    with autocast():
+        return torch.cat([normalize.to_unit(model.decoder(chunk.to(device))).float().cpu()
+                          for chunk in z.split(batch_size)])
 
 
 def _prior_and_mixture_samples(run_dir: Path, model: VAE, mixture: LatentMixture, normalize: Normalizer,
@@ -75,9 +79,9 @@ def _prior_and_mixture_samples(run_dir: Path, model: VAE, mixture: LatentMixture
     """Samples from the prior and from the latent mixture side by side: the same decoder, the same
     number of images."""
     pictures = {}
-    for name, z in _sample_latents(model, mixture, SAMPLE_PICTURE_IMAGES).items():
+    for name, z in sample_latents(model, mixture, SAMPLE_PICTURE_IMAGES).items():
         path = run_dir / "images" / "samples" / f"samples_{name}{suffix}.png"
-        save_sample_grid(_decoded(model, normalize, z, device, SAMPLE_PICTURE_IMAGES), path)
+        save_sample_grid(decoded_images(model, normalize, z, device, SAMPLE_PICTURE_IMAGES), path)
         pictures[f"samples_{name}"] = path
     return pictures
 
@@ -305,8 +309,8 @@ def write_sample_quality(run_dir: Path, trained: TrainedModel, network: FeatureN
     n = sum(len(batch) for batch in real)
     generated = {"reconstructions": torch.cat(recon)}
     names = {"prior": "prior_samples", "gmm": "mixture_samples"}
-    for name, z in _sample_latents(model, load_run_mixture(run_dir, trained), n).items():
-        generated[names[name]] = _decoded(model, normalize, z, torch_device, config.train.batch_size)
+    for name, z in sample_latents(model, load_run_mixture(run_dir, trained), n).items():
+        generated[names[name]] = decoded_images(model, normalize, z, torch_device, config.train.batch_size)
     document = {"split": split, "images": n, "checkpoint": str(trained.source), "epoch": trained.epoch,
                 "scores": sample_quality(network, torch.cat(real), generated)}
     path = run_dir / f"sample_quality{output_suffix(run_dir, trained.source, split, limit)}.json"

@@ -261,7 +261,7 @@ class Trainer:
         recon, kl = progress.mean_losses()
         self.progress = EpochProgress.from_state(None, self.device)
         return {
-            "encoder_loss": recon + self.alpha * kl,
+            "encoder_loss": progress.running_encoder_loss(self.alpha),
             "decoder_loss": recon,
             "recon": recon,
             "kl": kl,
