@@ -43,9 +43,12 @@ def test_optimizer_steps_stop_faulting_in_fresh_pages():
     if tuned != "True":
         pytest.skip("not glibc")
     _, system_faults = _faults(PAGE_FAULTS_OF_OPTIMIZER_STEPS, "system")
-    # 64 MiB is 16,384 pages of 4 KiB: with glibc's defaults each temporary is a fresh mmap.
+    # 64 MiB is 16,384 pages of 4 KiB: with glibc's defaults each temporary is a fresh mmap, two a
+    # step. Tuned, the temporaries reuse freed heap memory; on one CI machine a 5-step window still
+    # faulted in exactly one 64 MiB block (16,385 pages, both windows; 0 on others), so the promise
+    # tested is "far fewer", which an untuned run (10 blocks a window) cannot meet.
     assert system_faults > 5 * 16_384
-    assert tuned_faults < 1_000
+    assert tuned_faults < system_faults / 4
 
 
 # A step whose temporaries, freed together, leave more than 256 MiB free at the top of the heap (the
