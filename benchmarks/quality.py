@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from machine import describe
+from seed_statistics import SEED_COLUMNS, paired, paired_table, summarize, summary_table
 
 from image_autoencoding.config import load_config, read_yaml
 from image_autoencoding.data.batches import evaluation_batches, steps_per_epoch
@@ -122,14 +123,14 @@ def dataset(name: str, args, work: Path) -> tuple[ImageData, list[str]]:
 
 
 def train_recipe(
-    recipe: str, data: ImageData, data_overrides: list[str], args, work: Path, extra: list[str] = ()
+    recipe: str, data: ImageData, data_overrides: list[str], args, work: Path, extra: list[str] = (), seed: int = 1
 ) -> tuple[Trainer, dict]:
     batch = 64
     steps = math.ceil(args.images_seen / batch)
     path, overrides = recipe_overrides(recipe, args.warmup_fraction, steps, args.default_overrides)
     overrides += extra  # last, so that a variant may also change the seed or the precision
     config = load_config(path, [
-        *data_overrides, "train.precision=auto", "train.progress=false", f"train.seed={args.seed}",
+        *data_overrides, "train.precision=auto", "train.progress=false", f"train.seed={seed}",
         f"train.output_dir={work}", "train.batch_size=64", *overrides,
     ])
     trainer = Trainer(config, data)
@@ -210,8 +211,7 @@ def score(trainer: Trainer, data: ImageData, picture_prefix: Path | None,
 
 # -- the table ----------------------------------------------------------------------------------------
 
-COLUMNS = (("ssim", "SSIM", ".4f"), ("pcc", "PCC", ".4f"), ("psnr", "PSNR dB", ".2f"), ("kl", "KL", ".1f"),
-           ("train_seconds", "train s", ".0f"))
+COLUMNS = SEED_COLUMNS
 SET_COLUMNS = (("domain_fid", "domain FID", ".2f"), ("domain_kid", "domain KID", ".4f"),
                ("domain_precision", "precision", ".3f"), ("domain_recall", "recall", ".3f"),
                ("inception_fid", "FID", ".2f"), ("inception_kid", "KID", ".4f"),
@@ -225,9 +225,17 @@ def _markdown(head: list[str], rows: list[list[str]]) -> str:
 
 def table(results: list[dict]) -> str:
     """The reconstruction metrics, one row per trained model."""
-    rows = [[r["dataset"], r["recipe"], str(r["images_seen"]),
+    rows = [[r["dataset"], r["recipe"], str(r.get("seed", "-")), str(r["images_seen"]),
              *(format(r[key], fmt) if key in r else "-" for key, _, fmt in COLUMNS)] for r in results]
-    return _markdown(["dataset", "recipe", "images seen", *(name for _, name, _ in COLUMNS)], rows)
+    return _markdown(["dataset", "recipe", "seed", "images seen", *(name for _, name, _ in COLUMNS)], rows)
+
+
+def sample_keys(results: list[dict]) -> list[str]:
+    """The image-set figures the rows hold, as dotted keys (sets.mixture.domain_fid), for the
+    statistics over seeds."""
+    keys = {f"sets.{name}.{key}" for r in results for name, s in r.get("sets", {}).items() for key in s}
+    order = {key: i for i, (key, _, _) in enumerate(SET_COLUMNS)}
+    return sorted(keys, key=lambda k: (k.split(".")[1], order.get(k.split(".")[2], len(order))))
 
 
 def set_table(results: list[dict]) -> str:
@@ -268,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="train the default recipe with these train settings instead of configs/coco.yaml's")
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME RECIPE KEY=VALUE",
                         help="one more row: RECIPE (seed, default, vae-gan) with these config overrides; repeatable")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seeds", "--seed", nargs="+", type=int, default=[1],
+                        help="train every row from each of these seeds; with two or more, the tables add each "
+                        "row's mean with a 95%% interval and each row's difference from --baseline paired by seed")
+    parser.add_argument("--baseline", help="the row the paired differences are taken from (default: the first)")
     parser.add_argument("--curve", action="store_true",
                         help="score the validation split after every epoch (valid_by_epoch, last_gain_epoch in the "
                         "JSON; not counted in train s)")
@@ -282,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--variant {' '.join(variant)}: expected NAME RECIPE KEY=VALUE... with RECIPE one of "
                          f"{', '.join(RECIPES)}")
     runs = [(recipe, recipe, []) for recipe in args.recipes] + [(v[0], v[1], v[2:]) for v in args.variant]
+    baseline = args.baseline or runs[0][0]
+    if baseline not in [label for label, _, _ in runs]:
+        parser.error(f"--baseline {baseline}: expected one of the rows: {', '.join(label for label, _, _ in runs)}")
     given = argv if argv is not None else sys.argv[1:]
     command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in given)
     try:
@@ -296,24 +310,35 @@ def main(argv: list[str] | None = None) -> int:
             data, data_overrides = dataset(name, args, work)
             print(f"{name}: {len(data.train.images)} train / {len(data.valid.images)} valid images", flush=True)
             networks = feature_networks(name, data, inception, classifiers)
-            for label, recipe, extra in runs:
-                trainer, info = train_recipe(recipe, data, data_overrides, args, work, extra)
-                prefix = None
-                if args.pictures is not None:
-                    args.pictures.mkdir(parents=True, exist_ok=True)
-                    prefix = args.pictures / f"{name}_{label}"
-                row = {"dataset": name, "recipe": label, **info, **score(trainer, data, prefix, networks),
-                       "valid_images": len(data.valid.images), "train_images": len(data.train.images)}
-                results.append(row)
-                print(table([row]).splitlines()[-1], flush=True)
+            # Seeds outermost: an interrupted run still holds complete pairs.
+            for seed in args.seeds:
+                for label, recipe, extra in runs:
+                    trainer, info = train_recipe(recipe, data, data_overrides, args, work, extra, seed)
+                    prefix = None
+                    if args.pictures is not None and seed == args.seeds[0]:
+                        args.pictures.mkdir(parents=True, exist_ok=True)
+                        prefix = args.pictures / f"{name}_{label}"
+                    row = {"dataset": name, "recipe": label, "seed": seed, **info,
+                           **score(trainer, data, prefix, networks),
+                           "valid_images": len(data.valid.images), "train_images": len(data.train.images)}
+                    results.append(row)
+                    print(table([row]).splitlines()[-1], flush=True)
     print(f"\n{command}\n")
     print(table(results))
     print()
     print(set_table(results))
+    keys = [key for key, _, _ in SEED_COLUMNS] + sample_keys(results)
+    summary, comparisons = summarize(results, keys), paired(results, baseline, keys)
+    if len(args.seeds) > 1:
+        print(f"\nover seeds {', '.join(map(str, args.seeds))}: mean [95% interval]\n")
+        print(summary_table(summary))
+        print(f"\npaired by seed, each row minus {baseline}: mean difference [95% interval]\n")
+        print(paired_table(comparisons))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         document = {"command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "machine": describe(), "domain_classifiers": classifiers, "results": results}
+                    "machine": describe(), "domain_classifiers": classifiers, "seeds": args.seeds,
+                    "summary": summary, "paired": comparisons, "results": results}
         args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     return 0
 

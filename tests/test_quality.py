@@ -193,7 +193,7 @@ def test_quality_benchmark_variants_add_rows_with_their_overrides(monkeypatch, t
     calls = []
     tiny = SimpleNamespace(train=SimpleNamespace(images=[0] * 8), valid=SimpleNamespace(images=[0] * 2))
     monkeypatch.setattr(quality, "dataset", lambda name, args, work: (tiny, []))
-    monkeypatch.setattr(quality, "train_recipe", lambda recipe, data, data_overrides, args, work, extra=():
+    monkeypatch.setattr(quality, "train_recipe", lambda recipe, data, data_overrides, args, work, extra=(), seed=1:
                         calls.append((recipe, list(extra))) or (None, {"images_seen": 64}))
     monkeypatch.setattr(quality, "score", lambda trainer, data, prefix, networks: {"ssim": 0.5})
     assert quality.main(["--datasets", "photos", "--recipes", "seed", "--variant", "gan-a1", "vae-gan",
@@ -259,3 +259,57 @@ def test_domain_classifier_learns_the_classes(monkeypatch, tmp_path):
     _, info = train_domain_classifier(data.train.images, data.train.labels, data.valid.images, data.valid.labels,
                                       epochs=5, batch_size=32)
     assert info["test_accuracy"] > 0.8
+
+
+def test_quality_benchmark_trains_every_row_at_every_seed_and_pairs_them(monkeypatch, tmp_path):
+    """--seeds trains each row from each seed, seeds outermost, and the JSON holds each row's mean
+    over seeds and its difference from the baseline paired by seed."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    import quality
+
+    calls = []
+    tiny = SimpleNamespace(train=SimpleNamespace(images=[0] * 8), valid=SimpleNamespace(images=[0] * 2))
+    monkeypatch.setattr(quality, "dataset", lambda name, args, work: (tiny, []))
+
+    def train(recipe, data, data_overrides, args, work, extra=(), seed=1):
+        calls.append((recipe, seed))
+        return SimpleNamespace(recipe=recipe, seed=seed), {"images_seen": 64}
+
+    # Seed noise far larger than the recipes' difference, which is the same at every seed.
+    monkeypatch.setattr(quality, "train_recipe", train)
+    monkeypatch.setattr(quality, "score", lambda trainer, data, prefix, networks: {
+        "ssim": 0.1 * trainer.seed + (0.01 if trainer.recipe == "default" else 0.0)})
+    assert quality.main(["--datasets", "photos", "--recipes", "seed", "default", "--seeds", "1", "2", "3",
+                         "--json", str(tmp_path / "q.json")]) == 0
+    assert calls == [("seed", 1), ("default", 1), ("seed", 2), ("default", 2), ("seed", 3), ("default", 3)]
+    import json
+
+    document = json.loads((tmp_path / "q.json").read_text())
+    summary = {s["recipe"]: s["ssim"] for s in document["summary"]}
+    assert summary["seed"]["mean"] == pytest.approx(0.2)
+    # Alone, each row's interval holds the other's mean ...
+    assert summary["seed"]["low"] < summary["default"]["mean"] < summary["seed"]["high"]
+    # ... paired by seed, the difference is certain.
+    (difference,) = document["paired"]
+    assert difference["baseline"] == "seed" and difference["ssim"]["verdict"] == "higher"
+    assert difference["ssim"]["mean"] == pytest.approx(0.01)
+    with pytest.raises(SystemExit):
+        quality.main(["--recipes", "seed", "--baseline", "default"])
+
+
+def test_seed_intervals_are_student_t_and_say_when_no_difference_is_measurable(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from seed_statistics import mean_interval, paired
+
+    # Three values with standard deviation 1: the half-width is t(0.975, 2) / sqrt(3) = 4.303 / 1.732.
+    interval = mean_interval([1.0, 2.0, 3.0])
+    assert interval["mean"] == 2.0 and interval["high"] - 2.0 == pytest.approx(2.4841, abs=1e-4)
+    assert mean_interval([5.0])["low"] is None
+    ssim = {"a": (0.50, 0.60, 0.55), "b": (0.52, 0.58, 0.56)}
+    rows = [{"dataset": "d", "recipe": r, "seed": s, "ssim": v}
+            for r, values in ssim.items() for s, v in zip((1, 2, 3), values, strict=True)]
+    rows.append({"dataset": "d", "recipe": "b", "seed": 4, "ssim": 0.9})  # no pair: left out
+    (difference,) = paired(rows, "a", ["ssim"])
+    assert difference["seeds"] == [1, 2, 3]
+    assert difference["ssim"]["verdict"] == "no measurable difference"
