@@ -22,7 +22,7 @@ from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
 from image_autoencoding.data.cache import open_or_build
 from image_autoencoding.data.sources import FileSplit
-from image_autoencoding.models.vae import build_model
+from image_autoencoding.models.factory import build_model
 from image_autoencoding.runs.checkpoint import load_checkpoint
 from image_autoencoding.runs.loading import TrainedModel
 

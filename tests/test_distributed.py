@@ -33,7 +33,7 @@ from image_autoencoding.config import load_config
 from image_autoencoding.data.batches import Normalizer, steps_per_epoch, training_batches
 from image_autoencoding.data.image_data import load_image_data
 from image_autoencoding.evaluation.evaluate import evaluate_split
-from image_autoencoding.models.vae import build_model
+from image_autoencoding.models.factory import build_model
 from image_autoencoding.runs.checkpoint import load_checkpoint
 from image_autoencoding.runs.checkpointing import Checkpointing
 from image_autoencoding.runs.loading import load_from_run

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from image_autoencoding.config import load_config
-from image_autoencoding.models.vae import DiagonalGaussian, build_model, loss_terms, training_objective
+from image_autoencoding.models.factory import build_model
+from image_autoencoding.models.vae import DiagonalGaussian, loss_terms, training_objective
 
 
 def test_loss_terms_match_a_hand_computation():

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from image_autoencoding.config import load_config
-from image_autoencoding.models.vae import DiagonalGaussian, build_model
+from image_autoencoding.models.factory import build_model
+from image_autoencoding.models.vae import DiagonalGaussian
 
 
 @pytest.mark.parametrize("size", [32, 64, 128])

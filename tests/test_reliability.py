@@ -32,7 +32,7 @@ from helpers.faults import NanBatches, SignalAtStep
 from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
 from image_autoencoding.data.image_data import load_image_data
-from image_autoencoding.models.vae import build_model
+from image_autoencoding.models.factory import build_model
 from image_autoencoding.runs import epoch_pictures
 from image_autoencoding.runs import report as run_report
 from image_autoencoding.runs.checkpoint import (

@@ -90,7 +90,7 @@ class TrainedVAE:
 
     @property
     def latent_dim(self) -> int:
-        return self.config.model.latent_dim
+        return self.config.model.latent_size(self.config.data.image_size)
 
     # -- images in ------------------------------------------------------------------------------------
 

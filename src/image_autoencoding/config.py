@@ -104,6 +104,21 @@ class ModelConfig(_Section):
     mode: Literal["vae", "vae-gan"] = Field(
         "vae", description="vae (the original's), or vae-gan: the same VAE plus a discriminator (Larsen et al. 2016)"
     )
+    # resnet: residual blocks with GroupNorm and resize + conv upsampling (Esser et al. 2021, Rombach et
+    # al. 2022; models/resnet.py). The keys from kernel_size to fc_dim shape the seed architecture only.
+    arch: Literal["seed", "resnet"] = Field(
+        "seed", description="seed (the original's DCGAN-style encoder and decoder), or resnet: residual blocks with "
+        "GroupNorm, upsampling by resize + conv (as Stable Diffusion's autoencoder)",
+    )
+    resnet_channels: list[int] = Field(
+        default_factory=lambda: [32, 64, 128], min_length=1,
+        description="model.arch=resnet: width of each level; every level after the first halves the image side",
+    )
+    resnet_blocks: int = Field(1, ge=1, description="model.arch=resnet: residual blocks per level")
+    latent_channels: int | None = Field(
+        None, ge=1, description="model.arch=resnet: a spatial latent of this many channels at the last level's side "
+        "(image_size / 2^(levels - 1)) instead of a vector of latent_dim; null: the vector",
+    )
     kernel_size: int = Field(5, ge=1, description="kernel side of every conv and transposed-conv block")
     stride: int = Field(2, ge=1, description="stride of every conv block: each divides the image side by it")
     padding: int = Field(2, ge=0, description="padding of every conv block; (kernel_size - 1) // 2 keeps sizes exact")
@@ -132,7 +147,7 @@ class ModelConfig(_Section):
         description="model.mode=vae-gan: the discriminator's conv widths, then its fully connected width",
     )
 
-    @field_validator("encoder_channels", "decoder_channels", "discriminator_channels")
+    @field_validator("encoder_channels", "decoder_channels", "discriminator_channels", "resnet_channels")
     @classmethod
     def _channels_positive(cls, value: list[int]) -> list[int]:
         if min(value) < 1:
@@ -156,6 +171,8 @@ class ModelConfig(_Section):
             )
         if self.logvar_min >= self.logvar_max:
             raise ValueError("logvar_min must be < logvar_max")
+        if self.latent_channels is not None and self.arch != "resnet":
+            raise ValueError("latent_channels (a spatial latent) needs arch: resnet")
         return self
 
     @property
@@ -164,7 +181,16 @@ class ModelConfig(_Section):
 
     @property
     def downsampling(self) -> int:
+        """How many times smaller the encoder's last feature map is than the image, per side."""
+        if self.arch == "resnet":
+            return 2 ** (len(self.resnet_channels) - 1)
         return self.stride ** len(self.encoder_channels)
+
+    def latent_size(self, image_size: int) -> int:
+        """Floats in one image's latent vector: latent_dim, or a spatial latent's channels x side x side."""
+        if self.latent_channels is None:
+            return self.latent_dim
+        return self.latent_channels * (image_size // self.downsampling) ** 2
 
 
 Alpha = float | Literal["1/batch_size"]

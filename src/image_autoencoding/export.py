@@ -100,7 +100,7 @@ def is_export(folder: Path) -> bool:
 
 def load_export(folder: str | Path) -> TrainedModel:
     """An export folder back as a model, from safetensors and JSON alone: nothing is unpickled."""
-    from image_autoencoding.models.vae import build_model
+    from image_autoencoding.models.factory import build_model
 
     folder = Path(folder)
     path = folder / "config.json"

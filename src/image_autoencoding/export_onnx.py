@@ -63,7 +63,7 @@ def export_onnx(vae: VAE, image_size: int, out: Path) -> list[Path]:
     batch = torch.export.Dim("batch", min=1)
     graphs = {
         "encoder": (_EncoderGraph(vae).eval(), torch.randn(2, 3, image_size, image_size), "image", ["mean", "logvar"]),
-        "decoder": (_DecoderGraph(vae).eval(), torch.randn(2, vae.cfg.latent_dim), "z", ["image"]),
+        "decoder": (_DecoderGraph(vae).eval(), torch.randn(2, vae.latent_dim), "z", ["image"]),
     }
     written = []
     for name, (graph, example, input_name, output_names) in graphs.items():

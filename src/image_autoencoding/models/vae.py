@@ -1,6 +1,6 @@
-"""The original project's VAE: a DCGAN-style convolutional encoder and decoder (Larsen et al. 2016,
-as in the VAE-GAN reference code the original built on), a diagonal Gaussian posterior, and the
-loss terms.
+"""The VAE, its posterior and the loss terms, with the original project's encoder and decoder
+(model.arch=seed): DCGAN-style convolutions (Larsen et al. 2016, as in the VAE-GAN reference code
+the original built on). models/resnet.py holds the other architecture.
 
 Shapes for the defaults (image 64, latent 128):
     encoder: 3x64x64 -> conv5/2 64 -> 128 -> 256 (8x8) -> FC 1024 -> mu, logvar (128 each)
@@ -112,12 +112,16 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
-    def __init__(self, cfg: ModelConfig, image_size: int):
+    """An encoder (image -> DiagonalGaussian over flat latent vectors) and a decoder (latent vectors
+    -> images in [-1, 1]); `models/factory.build_model` picks them by model.arch."""
+
+    def __init__(self, cfg: ModelConfig, image_size: int, encoder: nn.Module, decoder: nn.Module):
         super().__init__()
         self.cfg = cfg
         self.image_size = image_size
-        self.encoder = Encoder(cfg, image_size)
-        self.decoder = Decoder(cfg, image_size)
+        self.latent_dim = cfg.latent_size(image_size)  # floats per image, a spatial latent's too
+        self.encoder = encoder
+        self.decoder = decoder
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, DiagonalGaussian]:
         posterior = self.encoder(x)
@@ -142,11 +146,7 @@ class VAE(nn.Module):
         a CUDA tensor, and the same seed then gives the same latents on every device."""
         device = next(self.parameters()).device
         where = generator.device if generator is not None else device
-        return torch.randn(n, self.cfg.latent_dim, generator=generator, device=where).to(device) * temperature
-
-
-def build_model(cfg: ModelConfig, image_size: int) -> VAE:
-    return VAE(cfg, image_size)
+        return torch.randn(n, self.latent_dim, generator=generator, device=where).to(device) * temperature
 
 
 def loss_terms(x: Tensor, x_hat: Tensor, posterior: DiagonalGaussian) -> tuple[Tensor, Tensor]:

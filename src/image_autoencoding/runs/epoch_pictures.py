@@ -31,7 +31,8 @@ class EpochPictures(Callback):
         self.fixed = {"train": np.array(data.train.images[: cfg.grid_images]),
                       "valid": np.array(data.valid.images[: cfg.grid_images])}
         generator = torch.Generator().manual_seed(cfg.seed + 7)  # not the run's: training draws the same either way
-        self.latents = torch.randn(cfg.sample_images, config.model.latent_dim, generator=generator)
+        self.latents = torch.randn(cfg.sample_images, config.model.latent_size(config.data.image_size),
+                                   generator=generator)
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, values) -> None:
         """Pictures are derived from the weights and can be made again: a full disk here is reported

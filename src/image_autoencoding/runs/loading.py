@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from image_autoencoding.config import Config, ConfigError
-from image_autoencoding.models.vae import VAE, build_model
+from image_autoencoding.models.factory import build_model
+from image_autoencoding.models.vae import VAE
 from image_autoencoding.runs.checkpoint import CheckpointError, load_checkpoint
 from image_autoencoding.runs.resume import checkpoint_path
 from image_autoencoding.runs.run_dir import checkpoint_config, load_run_config

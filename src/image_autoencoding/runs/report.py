@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from image_autoencoding.config import Config
+from image_autoencoding.config import Config, ModelConfig
 from image_autoencoding.data.batches import Normalizer, evaluation_batches
 from image_autoencoding.data.image_data import ImageData, load_image_data
 from image_autoencoding.evaluation.evaluate import SplitEvaluation, evaluate_split
@@ -31,6 +31,7 @@ from image_autoencoding.runs.loading import TrainedModel, load_from_run, resolve
 from image_autoencoding.runs.metrics_log import MetricsLog
 from image_autoencoding.runtime import autocast_factory, resolve_device, resolve_precision
 from image_autoencoding.sampling.latent_mixture import LatentMixture
+from image_autoencoding.training import lr_schedule
 from image_autoencoding.visualization import plots
 from image_autoencoding.visualization.grids import save_sample_grid
 
@@ -184,6 +185,16 @@ def sample_quality_section(run_dir: Path, quality: dict[str, Any] | None) -> lis
             f"computes them; {weights}"]
 
 
+def describe_model(model: ModelConfig, image_size: int) -> str:
+    if model.arch == "resnet":
+        side = image_size // model.downsampling
+        latent = (f"spatial latent {model.latent_channels}x{side}x{side}" if model.latent_channels is not None
+                  else f"latent {model.latent_dim}")
+        return f"resnet, levels {model.resnet_channels}, {model.resnet_blocks} residual block(s) each, {latent}"
+    return (f"seed (the original's), latent {model.latent_dim}, encoder {model.encoder_channels}, "
+            f"decoder {model.decoder_channels}, FC {model.fc_dim}")
+
+
 def write_report(
     run_dir: Path, config: Config, document: dict[str, Any], pictures: dict[str, Path], suffix: str = "",
     sample_quality: dict[str, Any] | None = None,
@@ -198,10 +209,9 @@ def write_report(
         "## Configuration",
         "",
         f"- data: `{data.dataset}` at {data.image_size} px (centre crop {data.image_crop}), root `{data.data_root}`",
-        f"- model: latent {model.latent_dim}, encoder {model.encoder_channels}, decoder {model.decoder_channels}, "
-        f"FC {model.fc_dim}",
-        f"- training: {train.epochs} epochs, batch {train.batch_size}, {train.optimizer} lr {train.lr:g} "
-        f"(x{train.decay_lr:g} per epoch), alpha {train.alpha}, precision {train.precision}, seed {train.seed}",
+        f"- model: {describe_model(model, data.image_size)}",
+        f"- training: {train.epochs} epochs, batch {train.batch_size}, {train.optimizer} "
+        f"{lr_schedule.describe(train)}, alpha {train.alpha}, precision {train.precision}, seed {train.seed}",
         "",
         f"## Metrics: {document['split']} split, {document['images']} images{subset}, checkpoint "
         f"`{Path(document['checkpoint']).name}` (epoch {document['epoch']})",
@@ -213,7 +223,7 @@ def write_report(
         f"The original project's figure, one PCC over its first batch flattened together: "
         f"{document['original_first_batch_pcc']:.4f} (not comparable with the per-image PCC above).",
         f"Active latent units (mean KL > {plots.ACTIVE_UNIT_KL} nats): {document['active_latent_units']} of "
-        f"{model.latent_dim}.",
+        f"{model.latent_size(data.image_size)}.",
         "",
         "## Sample quality",
         "",

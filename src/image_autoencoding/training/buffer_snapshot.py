@@ -17,7 +17,9 @@ class BufferSnapshot:
 
     def take(self) -> None:
         """Before the forward pass: device copies only, nothing waits for the device."""
-        torch._foreach_copy_(self._copy, self._buffers)
+        if self._buffers:  # a model without BatchNorm (model.arch=resnet) has none; foreach refuses []
+            torch._foreach_copy_(self._copy, self._buffers)
 
     def restore(self) -> None:
-        torch._foreach_copy_(self._buffers, self._copy)
+        if self._buffers:
+            torch._foreach_copy_(self._buffers, self._copy)

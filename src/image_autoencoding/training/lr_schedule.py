@@ -36,3 +36,11 @@ def learning_rate(cfg: TrainConfig, step: int, epoch: int, planned_steps: int) -
         progress = min(1.0, max(0.0, (step - cfg.warmup_steps) / span))
         return cfg.lr * warmup * 0.5 * (1 + math.cos(math.pi * progress))
     return cfg.lr * warmup
+
+
+def describe(cfg: TrainConfig) -> str:
+    """The schedule in words, for reports: "lr 0.001, cosine to 0 over the run, warm-up 100 steps"."""
+    shape = {"exponential": f"x{cfg.decay_lr:g} per epoch", "cosine": "cosine to 0 over the run",
+             "constant": "constant"}[cfg.lr_schedule]
+    warmup = f", warm-up {cfg.warmup_steps} steps" if cfg.warmup_steps else ""
+    return f"lr {cfg.lr:g}, {shape}{warmup}"

@@ -18,7 +18,7 @@ from image_autoencoding.data.batches import Normalizer, steps_per_epoch, trainin
 from image_autoencoding.data.image_data import ImageData
 from image_autoencoding.errors import UserError
 from image_autoencoding.evaluation.evaluate import evaluate_split
-from image_autoencoding.models.vae import build_model
+from image_autoencoding.models.factory import build_model
 from image_autoencoding.runtime import autocast_factory, keep_freed_memory, resolve_precision
 from image_autoencoding.training.buffer_snapshot import BufferSnapshot
 from image_autoencoding.training.callbacks import Callback, Callbacks

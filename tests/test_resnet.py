@@ -1,0 +1,162 @@
+"""model.arch=resnet: residual blocks with GroupNorm, resize + conv upsampling, a global or a spatial
+latent; and the rest of the package (resume, export, the API, sampling, torchrun, VAE-GAN) with it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+import image_autoencoding as ia
+from conftest import TINY
+from helpers.faults import SignalAtStep
+from image_autoencoding.cli import main
+from image_autoencoding.config import load_config
+from image_autoencoding.data.image_data import load_image_data
+from image_autoencoding.models.factory import build_model
+from image_autoencoding.runs.checkpoint import load_checkpoint
+from image_autoencoding.training.distributed import Distributed
+from image_autoencoding.training.trainer import Trainer
+
+RESNET = ["model.arch=resnet", "model.resnet_channels=[8,16]"]
+SPATIAL = [*RESNET, "model.latent_channels=1"]  # 16 px: 1 x 8 x 8 = 64 floats
+
+
+def _model(overrides: list[str], image_size: int = 16):
+    cfg = load_config(None, [f"data.image_size={image_size}", *overrides])
+    return build_model(cfg.model, image_size)
+
+
+def test_global_and_spatial_latents_are_flat_vectors_of_their_size():
+    x = torch.randn(3, 3, 32, 32)
+    for overrides, size in ((["model.arch=resnet", "model.latent_dim=128"], 128),
+                            (["model.arch=resnet", "model.latent_channels=4"], 4 * 8 * 8),  # 1/4 of the side
+                            (["model.arch=resnet", "model.resnet_channels=[16,32,64,64]",
+                              "model.latent_channels=16"], 16 * 4 * 4)):  # 1/8 of the side
+        model = _model(overrides, 32)
+        x_hat, posterior = model(x)
+        assert model.latent_dim == size and posterior.mean.shape == (3, size)
+        assert x_hat.shape == x.shape and x_hat.abs().max() <= 1
+        assert model.prior_latents(5).shape == (5, size)
+        assert model.decoder(posterior.mean).shape == x.shape
+
+
+def test_the_resnet_has_no_transposed_convolution_and_no_batch_statistics():
+    """Upsampling by resize + conv (no checkerboard: Odena et al. 2016), GroupNorm: each image's
+    output in training mode is the same alone as in a batch."""
+    model = _model(SPATIAL)
+    kinds = {type(m) for m in model.modules()}
+    assert nn.ConvTranspose2d not in kinds and not any(issubclass(k, nn.modules.batchnorm._BatchNorm) for k in kinds)
+    assert nn.GroupNorm in kinds
+    model.train()
+    x = torch.randn(4, 3, 16, 16)
+    together = model.decoder(model.encoder(x).mean)
+    alone = model.decoder(model.encoder(x[:1]).mean)
+    torch.testing.assert_close(alone, together[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_spatial_latent_needs_the_resnet_and_an_image_side_its_levels_divide(tiny, capsys):
+    assert main(["train", *tiny, "model.latent_channels=4"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "model" in error and "arch: resnet" in error and "Traceback" not in error and "\n" not in error
+    # Three levels halve the side twice: 18 px is not a multiple of 4.
+    assert main(["train", *tiny, "model.arch=resnet", "model.resnet_channels=[8,8,8]", "data.image_size=18"]) == 2
+    assert "data.image_size" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def resnet_run(tmp_path_factory):
+    """A resnet run with a spatial latent, stopped by SIGTERM after step 4 (inside epoch 2) and
+    resumed, and the same run uninterrupted."""
+    root = tmp_path_factory.mktemp("resnet")
+    common = ["train", "--quiet", "data.dataset=digits", *TINY, *SPATIAL, "train.epochs=2", "train.device=cpu",
+              "train.precision=fp32", "train.eval_images=50",
+              "train.checkpoint_every=1", "train.lr_schedule=cosine", "train.warmup_steps=2"]
+    assert main([*common, f"train.output_dir={root / 'whole'}"]) == 0
+    assert main([*common, f"train.output_dir={root / 'stopped'}"], callbacks=[SignalAtStep("SIGTERM@4")]) != 0
+    (stopped,) = (root / "stopped" / "results" / "vae").iterdir()
+    assert main(["train", "--quiet", "--resume", str(stopped)]) == 0
+    (whole,) = (root / "whole" / "results" / "vae").iterdir()
+    return {"whole": whole, "resumed": stopped, "root": root}
+
+
+def test_a_resnet_run_stopped_and_resumed_ends_with_the_weights_of_an_uninterrupted_one(resnet_run):
+    resumed = load_checkpoint(resnet_run["resumed"] / "checkpoints" / "last.pt")
+    whole = load_checkpoint(resnet_run["whole"] / "checkpoints" / "last.pt")
+    assert resumed["step"] == whole["step"] == 6
+    for key, value in whole["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    assert (resnet_run["whole"] / "report.md").read_text().count("spatial latent 1x8x8") == 1
+
+
+def test_a_resnet_run_exports_and_loads_through_the_api(resnet_run, tmp_path):
+    run = resnet_run["whole"]
+    assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 20, 20, 3), dtype=np.uint8)
+    from_run, from_export = ia.load(run, device="cpu"), ia.load(tmp_path / "export", device="cpu")
+    assert from_run.latent_dim == 64
+    assert torch.equal(from_run.reconstruct(list(pixels), as_tensor=True),
+                       from_export.reconstruct(list(pixels), as_tensor=True))
+    z = from_run.encode(list(pixels)).mean
+    assert z.shape == (2, 64) and from_run.decode(z, as_tensor=True).shape == (2, 3, 16, 16)
+    assert len(from_run.sample(3, seed=0)) == 3
+    assert main(["sample", str(run), "-n", "4", "--sampler", "gmm", "--out", str(tmp_path / "gmm")]) == 0
+    assert len(list((tmp_path / "gmm").glob("*.png"))) >= 4
+
+
+def test_a_resnet_exports_to_onnx_matching_torch(resnet_run, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime", reason="vae export --onnx needs onnxruntime (the onnx extra)")
+    pytest.importorskip("onnxscript", reason="vae export --onnx needs onnxscript (the onnx extra)")
+    out = tmp_path / "export"
+    assert main(["export", str(resnet_run["whole"]), "--out", str(out), "--onnx"]) == 0
+    vae = ia.load(out, device="cpu")
+    z = torch.randn(3, vae.latent_dim, generator=torch.Generator().manual_seed(0))
+    decoder = onnxruntime.InferenceSession(str(out / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    (image,) = decoder.run(["image"], {"z": z.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(image, vae.model.decoder(z).numpy(), rtol=0, atol=1e-4)
+
+
+def _first_step(rank: int, root, world: int) -> None:
+    """One VAE-GAN step of a resnet on one of `world` gloo ranks (spawned), or in the one process;
+    rank 0 saves the gradients."""
+    import torch.distributed as dist
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world)
+    try:
+        config = load_config(None, [
+            "data.dataset=digits", *[o for o in TINY if not o.startswith("train.batch_size")], *SPATIAL,
+            "model.mode=vae-gan", "model.discriminator_channels=[8,16,16,16,32]", "train.sync_batchnorm=true",
+            "train.precision=fp32", "train.device=cpu", "train.alpha=1/batch_size",
+            f"train.batch_size={32 // world}", f"train.output_dir={root}"])
+        trainer = Trainer(config, load_image_data(config.data, progress=False), dist=Distributed(rank, rank, world))
+        values = trainer.train_epoch(1, max_steps=1)
+        grads = {f"{name}.{key}": p.grad for name, net in (("vae", trainer.model), ("gan", trainer.gan.discriminator))
+                 for key, p in net.named_parameters()}
+        if rank == 0:
+            torch.save({"grads": grads, "values": values}, root / f"step{world}.pt")
+    finally:
+        torch.set_num_threads(threads)
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def test_a_resnet_vae_gan_on_two_processes_takes_the_step_of_one_process(tmp_path):
+    mp.spawn(_first_step, args=(tmp_path, 2), nprocs=2)
+    _first_step(0, tmp_path, 1)
+    two, one = torch.load(tmp_path / "step2.pt"), torch.load(tmp_path / "step1.pt")
+    for key in ("recon", "kl", "encoder_loss"):
+        assert two["values"][key] == pytest.approx(one["values"][key], rel=1e-5), key
+    largest = max(float(g.abs().max()) for g in one["grads"].values())
+    for key, grad in one["grads"].items():
+        # Within 1% of the tensor's largest element (the discriminator's BatchNorm backward subtracts
+        # nearly equal sums; see test_distributed's VAE-GAN test), or 1e-6 of the largest gradient
+        # anywhere: a conv bias just before a GroupNorm of one channel per group has gradient 0 up
+        # to rounding, which summation order alone changes.
+        atol = max(1e-2 * float(grad.abs().max()), 1e-6 * largest)
+        torch.testing.assert_close(two["grads"][key], grad, rtol=0, atol=atol, msg=key)
