@@ -37,10 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from machine import describe
+from model_cost import parameter_count, step_gflop_per_image
 from seed_statistics import SEED_COLUMNS, paired, paired_table, summarize, summary_table
 
 from image_autoencoding.config import load_config, read_yaml
-from image_autoencoding.data.batches import evaluation_batches, steps_per_epoch
+from image_autoencoding.data.batches import evaluation_batches, steps_per_epoch, training_batches
 from image_autoencoding.data.image_data import ImageData, Split, load_image_data
 from image_autoencoding.evaluation.diversity import relative_diversity
 from image_autoencoding.evaluation.evaluate import evaluate_split
@@ -122,19 +123,46 @@ def dataset(name: str, args, work: Path) -> tuple[ImageData, list[str]]:
 # -- one recipe ---------------------------------------------------------------------------------------
 
 
-def train_recipe(
-    recipe: str, data: ImageData, data_overrides: list[str], args, work: Path, extra: list[str] = (), seed: int = 1
-) -> tuple[Trainer, dict]:
-    batch = 64
-    steps = math.ceil(args.images_seen / batch)
+BATCH = 64
+PROBE_STEPS = (3, 10)  # --train-seconds: untimed steps, then timed ones, of a throwaway trainer
+
+
+def make_trainer(recipe: str, data: ImageData, data_overrides: list[str], args, work: Path, extra: list[str],
+                 seed: int, steps: int) -> tuple[Trainer, str | None, list[str]]:
+    """A row's trainer, planned to take `steps` steps; with its config file and overrides."""
     path, overrides = recipe_overrides(recipe, args.warmup_fraction, steps, args.default_overrides)
     overrides += extra  # last, so that a variant may also change the seed or the precision
     config = load_config(path, [
         *data_overrides, "train.precision=auto", "train.progress=false", f"train.seed={seed}",
-        f"train.output_dir={work}", "train.batch_size=64", *overrides,
+        f"train.output_dir={work}", f"train.batch_size={BATCH}", *overrides,
     ])
     trainer = Trainer(config, data)
     trainer.planned_steps = steps  # the horizon of a cosine schedule: this run's steps, not train.epochs'
+    return trainer, path, overrides
+
+
+def steps_in(seconds: float, recipe: str, data: ImageData, data_overrides: list[str], args, work: Path,
+             extra: list[str], seed: int) -> int:
+    """The steps of this row that take `seconds` of training on this machine: a throwaway trainer of
+    the same config times PROBE_STEPS[1] steps after PROBE_STEPS[0] untimed ones. Rows compared at
+    the same wall time then differ in the images they saw, as a user with that much time would."""
+    warm, timed = PROBE_STEPS
+    probe, _, _ = make_trainer(recipe, data, data_overrides, args, work, extra, seed, warm + timed)
+    probe.train_epoch(1, max_steps=warm)
+    start = time.perf_counter()
+    probe.train_epoch(2, max_steps=timed)
+    return max(1, int(seconds / ((time.perf_counter() - start) / timed)))
+
+
+def train_recipe(
+    recipe: str, data: ImageData, data_overrides: list[str], args, work: Path, extra: list[str] = (), seed: int = 1
+) -> tuple[Trainer, dict]:
+    if args.train_seconds is not None:
+        steps = steps_in(args.train_seconds, recipe, data, data_overrides, args, work, extra, seed)
+    else:
+        steps = math.ceil(args.images_seen / BATCH)
+    trainer, path, overrides = make_trainer(recipe, data, data_overrides, args, work, extra, seed, steps)
+    batch = BATCH
     per_epoch = steps_per_epoch(len(data.train.images), batch, None)
     start, epoch, done, curve, scoring = time.perf_counter(), 0, 0, [], 0.0
     while done < steps:
@@ -149,6 +177,7 @@ def train_recipe(
     seconds = time.perf_counter() - start - scoring
     info = {"config": path or "configs/coco.yaml (train section)", "overrides": overrides, "steps": steps,
             "images_seen": steps * batch, "epochs": epoch, "train_seconds": round(seconds, 1),
+            "train_img_s": round(steps * batch / seconds, 1),
             "final_lr": trainer.encoder_optimizer.param_groups[0]["lr"]}
     if curve:
         info["valid_by_epoch"] = [{key.removeprefix("valid_"): round(v, 5) for key, v in values.items()}
@@ -209,6 +238,15 @@ def score(trainer: Trainer, data: ImageData, picture_prefix: Path | None,
     return row
 
 
+def cost(trainer: Trainer, data: ImageData) -> dict:
+    """Parameters (the VAE's and, for VAE-GAN, the discriminator's) and GFLOP per image of a
+    training step; after scoring, since counting takes a step."""
+    networks = [trainer.model] + ([trainer.gan.discriminator] if trainer.gan is not None else [])
+    x = next(training_batches(data.train.images, BATCH, 0, 1, trainer.device, trainer.normalize))
+    return {"parameters": sum(parameter_count(n) for n in networks), "step_gflop_per_image":
+            step_gflop_per_image(trainer, x)}
+
+
 # -- the table ----------------------------------------------------------------------------------------
 
 COLUMNS = SEED_COLUMNS
@@ -225,9 +263,10 @@ def _markdown(head: list[str], rows: list[list[str]]) -> str:
 
 def table(results: list[dict]) -> str:
     """The reconstruction metrics, one row per trained model."""
+    columns = [*COLUMNS, ("parameters", "params", ",d"), ("step_gflop_per_image", "GFLOP/img (step)", ".3f")]
     rows = [[r["dataset"], r["recipe"], str(r.get("seed", "-")), str(r["images_seen"]),
-             *(format(r[key], fmt) if key in r else "-" for key, _, fmt in COLUMNS)] for r in results]
-    return _markdown(["dataset", "recipe", "seed", "images seen", *(name for _, name, _ in COLUMNS)], rows)
+             *(format(r[key], fmt) if key in r else "-" for key, _, fmt in columns)] for r in results]
+    return _markdown(["dataset", "recipe", "seed", "images seen", *(name for _, name, _ in columns)], rows)
 
 
 def sample_keys(results: list[dict]) -> list[str]:
@@ -265,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images-seen", type=int, default=20000,
                         help="training images per recipe (rounded up to batches of 64)")
+    parser.add_argument("--train-seconds", type=float,
+                        help="instead of --images-seen: train each row for about this many seconds on this machine "
+                        "(its steps timed beforehand), the fair comparison of networks of different cost")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--photo-crops", type=int, default=8000, help="training crops (a quarter as many validate)")
     parser.add_argument("--datasets", nargs="+", default=["fashion-mnist", "photos"],
@@ -321,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                     row = {"dataset": name, "recipe": label, "seed": seed, **info,
                            **score(trainer, data, prefix, networks),
                            "valid_images": len(data.valid.images), "train_images": len(data.train.images)}
+                    row.update(cost(trainer, data))
                     results.append(row)
                     print(table([row]).splitlines()[-1], flush=True)
     print(f"\n{command}\n")

@@ -17,7 +17,7 @@ from scipy import stats
 
 # (key in a result row, column title, format); a dotted key reads a nested value ("sets.mixture.domain_fid").
 SEED_COLUMNS = (("ssim", "SSIM", ".4f"), ("pcc", "PCC", ".4f"), ("psnr", "PSNR dB", ".2f"), ("kl", "KL", ".1f"),
-                ("train_seconds", "train s", ".0f"))
+                ("train_seconds", "train s", ".0f"), ("train_img_s", "img/s", ".0f"))
 
 
 def value(row: dict, key: str) -> float | None:

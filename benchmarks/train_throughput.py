@@ -109,7 +109,7 @@ class OriginalRecipe:
 
     def __init__(self, paths: list[Path], workers: int, device: torch.device):
         from image_autoencoding.config import load_config
-        from image_autoencoding.models.vae import build_model
+        from image_autoencoding.models.factory import build_model
 
         self.paths, self.workers, self.device = paths, workers, device
         self.cfg = load_config(None, []).model
@@ -283,6 +283,7 @@ def arithmetic(trainer, data, device: torch.device) -> dict:
     """What bounds the ratios where the step is compute-bound: FLOPs per image of each recipe (the
     convolutions and matrix products of one step, forward and backward, by torch.utils.flop_counter)
     and the best of 5 large matrix products on this device in `trainer`'s precision (the default)."""
+    from model_cost import step_gflop_per_image
     from torch.utils.flop_counter import FlopCounterMode
 
     from image_autoencoding.data.batches import training_batches
@@ -292,9 +293,7 @@ def arithmetic(trainer, data, device: torch.device) -> dict:
         original.step(torch.randn(BATCH_SIZE, 3, 64, 64))
     original_flops = counter.get_total_flops() / BATCH_SIZE
     x = next(training_batches(data.train.images, BATCH_SIZE, 0, 1, trainer.device, trainer.normalize))
-    with FlopCounterMode(display=False) as counter:
-        trainer.train_step(x)
-    ours_flops = counter.get_total_flops() / BATCH_SIZE
+    ours_flops = step_gflop_per_image(trainer, x) * 1e9
     n = 4096 if device.type == "cuda" else 2048
     precision = trainer.precision
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

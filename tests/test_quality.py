@@ -196,6 +196,7 @@ def test_quality_benchmark_variants_add_rows_with_their_overrides(monkeypatch, t
     monkeypatch.setattr(quality, "train_recipe", lambda recipe, data, data_overrides, args, work, extra=(), seed=1:
                         calls.append((recipe, list(extra))) or (None, {"images_seen": 64}))
     monkeypatch.setattr(quality, "score", lambda trainer, data, prefix, networks: {"ssim": 0.5})
+    monkeypatch.setattr(quality, "cost", lambda trainer, data: {})
     assert quality.main(["--datasets", "photos", "--recipes", "seed", "--variant", "gan-a1", "vae-gan",
                          "train.alpha=1", "--json", str(tmp_path / "q.json")]) == 0
     assert calls == [("seed", []), ("vae-gan", ["train.alpha=1"])]
@@ -278,6 +279,7 @@ def test_quality_benchmark_trains_every_row_at_every_seed_and_pairs_them(monkeyp
 
     # Seed noise far larger than the recipes' difference, which is the same at every seed.
     monkeypatch.setattr(quality, "train_recipe", train)
+    monkeypatch.setattr(quality, "cost", lambda trainer, data: {})
     monkeypatch.setattr(quality, "score", lambda trainer, data, prefix, networks: {
         "ssim": 0.1 * trainer.seed + (0.01 if trainer.recipe == "default" else 0.0)})
     assert quality.main(["--datasets", "photos", "--recipes", "seed", "default", "--seeds", "1", "2", "3",
@@ -313,3 +315,22 @@ def test_seed_intervals_are_student_t_and_say_when_no_difference_is_measurable(m
     (difference,) = paired(rows, "a", ["ssim"])
     assert difference["seeds"] == [1, 2, 3]
     assert difference["ssim"]["verdict"] == "no measurable difference"
+
+
+def test_quality_benchmark_rows_at_the_same_wall_time_take_the_steps_that_fit_it(monkeypatch):
+    """--train-seconds: each row's steps come from timing a throwaway trainer of its config; a
+    network twice as slow gets half the steps."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import time
+
+    import quality
+
+    def probe(seconds_per_step):
+        trainer = SimpleNamespace(train_epoch=lambda epoch, max_steps: time.sleep(seconds_per_step * max_steps))
+        return lambda *args: (trainer, None, [])
+
+    monkeypatch.setattr(quality, "make_trainer", probe(0.02))
+    fast = quality.steps_in(1.0, "default", None, [], None, None, [], 1)
+    monkeypatch.setattr(quality, "make_trainer", probe(0.04))
+    slow = quality.steps_in(1.0, "default", None, [], None, None, [], 1)
+    assert 35 <= fast <= 50 and 17 <= slow <= 25
