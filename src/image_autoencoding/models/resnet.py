@@ -108,7 +108,12 @@ class ResnetDecoder(nn.Module):
             layers += _level(widths[min(level + 1, len(widths) - 1)], widths[level], cfg.resnet_blocks)
             if level > 0:
                 layers.append(Upsample(widths[level]))
-        layers += [_group_norm(widths[0]), nn.SiLU(), nn.Conv2d(widths[0], 3, 3, padding=1), nn.Tanh()]
+        # No GroupNorm before the output convolution, unlike the papers' decoders: it takes away each
+        # image's mean and scale per group right before the pixels, so colour and brightness can only
+        # reach them through the SiLU. Measured on the photos at 32 px, 200 steps, spatial latent:
+        # validation PSNR 14.6 dB with it, 17.3 dB without (SSIM 0.446 -> 0.483; the seed
+        # architecture: 16.5 dB, 0.277). The encoder keeps its final norm (without: 17.0 dB).
+        layers += [nn.SiLU(), nn.Conv2d(widths[0], 3, 3, padding=1), nn.Tanh()]
         self.features = nn.Sequential(*layers)
 
     def forward(self, z: Tensor) -> Tensor:
