@@ -94,6 +94,9 @@ def to_vae_argv(args: argparse.Namespace) -> list[str]:
     elif args.mode == "beta-vae" or args.beta is not None:
         overrides.append(f"train.alpha={args.beta or '1/batch_size'}")
 
+    if args.decay_lr is not None:  # the flag is the per-epoch multiplier of the original's schedule
+        overrides.append("train.lr_schedule=exponential")
+
     if args.pretrained_net:
         # Continue the named run in place; its data and model settings come from its checkpoint.
         # Without -load_epoch, --resume picks last.pt (or the newest readable epoch_N.pt).
@@ -105,6 +108,10 @@ def to_vae_argv(args: argparse.Namespace) -> list[str]:
         raise SystemExit("vae_train.py: error: -load_epoch needs -pretrain RUN_NAME")
     # The original kept its datasets under <user path>/datasets/.
     overrides.insert(0, f"data.data_root={user / 'datasets'}")
+    if not args.config:
+        # The original's schedule, as its flags mean it: x decay_lr after every epoch, no warm-up
+        # (the defaults are cosine with a warm-up).
+        overrides[1:1] = ["train.lr_schedule=exponential", "train.warmup_steps=0"]
     config = ["--config", args.config] if args.config else []
     return ["train", *config, *overrides, *args.overrides]
 

@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photo-crops", type=int, default=8000, help="training crops (a quarter as many validate)")
     parser.add_argument("--datasets", nargs="+", default=["fashion-mnist", "photos"],
                         choices=["fashion-mnist", "photos"])
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
+    parser.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=RECIPES,
+                        help="the recipes as they are (none: only the --variant rows)")
     parser.add_argument("--warmup-fraction", type=float, default=0.25,
                         help="KL warm-up of the default recipe as a share of the run (negative: the config's steps)")
     parser.add_argument("--default-overrides", nargs="+", metavar="train.KEY=VALUE",
@@ -335,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--variant {' '.join(variant)}: expected NAME RECIPE KEY=VALUE... with RECIPE one of "
                          f"{', '.join(RECIPES)}")
     runs = [(recipe, recipe, []) for recipe in args.recipes] + [(v[0], v[1], v[2:]) for v in args.variant]
+    if not runs:
+        parser.error("no rows: name --recipes or add a --variant")
     baseline = args.baseline or runs[0][0]
     if baseline not in [label for label, _, _ in runs]:
         parser.error(f"--baseline {baseline}: expected one of the rows: {', '.join(label for label, _, _ in runs)}")

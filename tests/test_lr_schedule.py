@@ -21,7 +21,7 @@ RUN = ["train.epochs=3", "train.max_steps_per_epoch=4", "train.device=cpu"]
 
 
 def _cfg(*overrides: str):
-    return load_config(None, ["train.lr=0.01", *overrides]).train
+    return load_config(None, ["train.lr=0.01", "train.warmup_steps=0", *overrides]).train
 
 
 def test_the_rate_of_each_schedule():
@@ -89,3 +89,23 @@ def test_a_run_stopped_mid_epoch_and_resumed_ends_with_the_same_weights(schedule
     # Every step had its schedule's rate, on both networks.
     expected = [learning_rate(config.train, step, 1 + step // 4, 12) for step in range(12)]
     assert [r[0] for r in rates.rates] == pytest.approx(expected) and all(len(set(r)) == 1 for r in rates.rates)
+
+
+def test_a_run_saved_before_the_schedule_keys_keeps_its_exponential_schedule(tmp_path):
+    """The defaults are now cosine with a 100-step warm-up; a run folder (or checkpoint) written
+    before train.lr_schedule existed lacks the key and must go on as it trained: x decay_lr per
+    epoch, no warm-up. A saved config that names its schedule keeps it."""
+    import yaml
+
+    from image_autoencoding.runs.run_dir import load_run_config, saved_config
+
+    assert (load_config(None).train.lr_schedule, load_config(None).train.warmup_steps) == ("cosine", 100)
+    saved = load_config(None, ["train.decay_lr=0.5"]).to_dict()
+    for key in ("lr_schedule", "warmup_steps"):
+        del saved["train"][key]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    for config in (load_run_config(tmp_path), saved_config(saved, "a checkpoint")):
+        assert (config.train.lr_schedule, config.train.warmup_steps, config.train.decay_lr) == ("exponential", 0, 0.5)
+    named = load_config(None, ["train.lr_schedule=constant", "train.warmup_steps=7"]).to_dict()
+    assert saved_config(named, "a checkpoint").train.lr_schedule == "constant"
+    assert saved_config(named, "a checkpoint").train.warmup_steps == 7

@@ -281,7 +281,8 @@ def test_resume_inside_an_epoch_refuses_a_changed_batch_size(tmp_path, capsys):
 
 
 def test_resume_applies_and_logs_training_only_changes(tiny, tmp_path):
-    assert main(["train", *tiny, "train.epochs=1", "train.decay_lr=0.5"]) == 0
+    assert main(["train", *tiny, "train.epochs=1", "train.lr_schedule=exponential", "train.warmup_steps=0",
+                 "train.decay_lr=0.5"]) == 0
     run = _run_dir(tmp_path)
     assert main(["train", "--resume", str(run), "train.epochs=2", "train.lr=0.004", "train.weight_decay=0.01"]) == 0
     log = (run / "train.log").read_text()

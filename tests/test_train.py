@@ -154,6 +154,8 @@ def test_original_vae_train_py_interface(tmp_path):
     assert config["train"]["alpha"] == "1/batch_size" and config["train"]["weight_decay"] == 0
     assert config["data"]["image_crop"] == 300 and config["data"]["data_root"] == str(user / "datasets")
     assert config["model"]["latent_dim"] == 8 and config["train"]["decay_lr"] == 0.9
+    # The original's schedule, as its flags mean it (the defaults are cosine with a warm-up).
+    assert config["train"]["lr_schedule"] == "exponential" and config["train"]["warmup_steps"] == 0
     assert (logs / f"{run.name}.log").read_text().count("epoch 1/1") == 1
 
     # -pretrain NAME -load_epoch N continues that run in place.
@@ -164,6 +166,19 @@ def test_original_vae_train_py_interface(tmp_path):
     )
     assert again.returncode == 0, again.stderr
     assert [r["epoch"] for r in _metrics(run)] == ["1", "2"]
+
+
+def test_vae_train_py_keeps_the_original_schedule_unless_a_config_file_sets_one():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vae_train", REPO / "vae_train.py")
+    vae_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vae_train)
+    parse = lambda *flags: vae_train.to_vae_argv(vae_train.build_parser().parse_args(["-o", "u", "-l", "l", *flags]))  # noqa: E731
+    assert {"train.lr_schedule=exponential", "train.warmup_steps=0"} <= set(parse("-e", "3"))
+    with_config = parse("-c", "configs/coco.yaml")
+    assert not any(a.startswith(("train.lr_schedule", "train.warmup_steps")) for a in with_config)
+    assert "train.lr_schedule=exponential" in parse("-c", "configs/coco.yaml", "--decay_lr", "0.9")
 
 
 def test_help_works(capsys):

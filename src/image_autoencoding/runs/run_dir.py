@@ -64,12 +64,25 @@ def write_run_config(config: Config, path: Path, resolved: dict[str, tuple[str, 
         raise UserError(f"cannot write '{path}': {exc.strerror or exc}") from None
 
 
+# Saved configs are complete, so a key one lacks was added after it was written: it takes the value
+# that keeps what that run did, not today's default.
+KEYS_ADDED_SINCE = {("train", "lr_schedule"): "exponential", ("train", "warmup_steps"): 0}
+
+
+def with_keys_added_since(raw: dict[str, Any]) -> dict[str, Any]:
+    raw = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
+    for (section, key), value in KEYS_ADDED_SINCE.items():
+        if isinstance(raw.get(section), dict):
+            raw[section].setdefault(key, value)
+    return raw
+
+
 def saved_config(raw: Any, source: str) -> Config:
     """A config a run saved (its config.yaml, or the copy in each checkpoint), read as strictly as a
     config file: a key this version does not know, or a value it does not accept, is an error that
     names it, never silently dropped (it may change what the weights mean)."""
     try:
-        return build_config(raw if isinstance(raw, dict) else {}, source)
+        return build_config(with_keys_added_since(raw if isinstance(raw, dict) else {}), source)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (saved by another version of image-autoencoding, or edited since; this "
                           "version cannot read it)") from None
