@@ -1,7 +1,8 @@
 """Model quality: the original recipe against the default recipe and VAE-GAN, same images seen.
 
-    python benchmarks/quality.py [--images-seen 20000] [--image-size 64] [--photo-crops 8000]
-                                 [--datasets fashion-mnist photos] [--json out.json] [--pictures DIR]
+    python benchmarks/quality.py [--images-seen 20000 | --train-seconds S] [--image-size 64]
+                                 [--photo-crops 8000] [--datasets fashion-mnist photos] [--seeds 1 2 3]
+                                 [--json out.json] [--pictures DIR]
 
 Recipes (each trains the same architecture from the same seed, at the default precision):
   seed     configs/seed.yaml: the original (RMSprop lr 1e-3, x0.75 per epoch, alpha 1)
@@ -21,6 +22,10 @@ PCC, MSE, PSNR; means), plus sharpness: the mean Laplacian variance of reconstru
 samples from the prior, relative to the real validation images (1.0 = as sharp as the data), and the
 diversity of the prior samples: their mean pairwise distance relative to the real images' (near 0
 when a generator has collapsed to one picture).
+
+--seeds trains every row from each seed and adds each row's mean with a 95% interval and its
+difference from --baseline paired by seed (seed_statistics.py); --train-seconds compares rows at the
+same training wall time instead of the same images seen.
 """
 
 from __future__ import annotations
