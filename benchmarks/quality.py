@@ -167,8 +167,7 @@ def train_recipe(
     else:
         steps = math.ceil(args.images_seen / BATCH)
     trainer, path, overrides = make_trainer(recipe, data, data_overrides, args, work, extra, seed, steps)
-    batch = BATCH
-    per_epoch = steps_per_epoch(len(data.train.images), batch, None)
+    per_epoch = steps_per_epoch(len(data.train.images), BATCH, None)
     start, epoch, done, curve, scoring = time.perf_counter(), 0, 0, [], 0.0
     while done < steps:
         epoch += 1
@@ -181,8 +180,8 @@ def train_recipe(
             scoring += time.perf_counter() - started
     seconds = time.perf_counter() - start - scoring
     info = {"config": path or "configs/coco.yaml (train section)", "overrides": overrides, "steps": steps,
-            "images_seen": steps * batch, "epochs": epoch, "train_seconds": round(seconds, 1),
-            "train_img_s": round(steps * batch / seconds, 1),
+            "images_seen": steps * BATCH, "epochs": epoch, "train_seconds": round(seconds, 1),
+            "train_img_s": round(steps * BATCH / seconds, 1),
             "final_lr": trainer.encoder_optimizer.param_groups[0]["lr"]}
     if curve:
         info["valid_by_epoch"] = [{key.removeprefix("valid_"): round(v, 5) for key, v in values.items()}

@@ -173,10 +173,11 @@ def test_a_two_process_run_resumes_inside_an_epoch_with_one_process(runs, tmp_pa
     _assert_rows_close(_metrics(run), _metrics(runs["two"]), rel=2e-5)
 
 
-def _vae_gan_first_step(rank: int, root: Path, world: int) -> None:
+def vae_gan_first_step(rank: int, root: Path, world: int, model: tuple[str, ...] = ()) -> None:
     """The first VAE-GAN step (free bits and prior samples on: every term that draws noise or sums
-    over the batch) on one of `world` gloo ranks (spawned), or in the one process; rank 0 saves the
-    gradients each network's optimizer stepped with, and the step's loss sums."""
+    over the batch) on one of `world` gloo ranks (spawned), or in the one process, of the tiny model
+    or the one `model`'s overrides describe; rank 0 saves the gradients each network's optimizer
+    stepped with, and the step's loss sums, to gan{world}.pt."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     if world > 1:
@@ -184,7 +185,7 @@ def _vae_gan_first_step(rank: int, root: Path, world: int) -> None:
     try:
         config = load_config(None, [*COMMON, "model.mode=vae-gan", "model.discriminator_channels=[8,16,16,16,32]",
                                     "train.gan_prior_samples=true", "train.free_bits=0.05", "train.sync_batchnorm=true",
-                                    f"train.batch_size={32 // world}", f"train.output_dir={root}"])
+                                    f"train.batch_size={32 // world}", f"train.output_dir={root}", *model])
         trainer = Trainer(config, load_image_data(config.data, progress=False),
                           dist=Distributed(rank, rank, world))
         values = trainer.train_epoch(1, max_steps=1)
@@ -203,8 +204,8 @@ def test_vae_gan_on_two_processes_takes_the_step_of_one_process_with_the_global_
     """Gradients, not weights after several steps: from the same first gradients, RMSprop's
     sign-sized first updates make this tiny VAE-GAN chaotic (one process with 1 or 2 threads, i.e.
     another summation order, ends 3 steps 6e-3 apart in an encoder weight)."""
-    mp.spawn(_vae_gan_first_step, args=(tmp_path, 2), nprocs=2)
-    _vae_gan_first_step(0, tmp_path, 1)
+    mp.spawn(vae_gan_first_step, args=(tmp_path, 2), nprocs=2)
+    vae_gan_first_step(0, tmp_path, 1)
     two, one = torch.load(tmp_path / "gan2.pt"), torch.load(tmp_path / "gan1.pt")
     for key in ("recon", "kl", "encoder_loss"):
         assert two["values"][key] == pytest.approx(one["values"][key], rel=1e-5), key

@@ -14,11 +14,9 @@ from conftest import TINY
 from helpers.faults import SignalAtStep
 from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
-from image_autoencoding.data.image_data import load_image_data
 from image_autoencoding.models.factory import build_model
 from image_autoencoding.runs.checkpoint import load_checkpoint
-from image_autoencoding.training.distributed import Distributed
-from image_autoencoding.training.trainer import Trainer
+from test_distributed import vae_gan_first_step
 
 RESNET = ["model.arch=resnet", "model.resnet_channels=[8,16]"]
 SPATIAL = [*RESNET, "model.latent_channels=1"]  # 16 px: 1 x 8 x 8 = 64 floats
@@ -119,37 +117,10 @@ def test_a_resnet_exports_to_onnx_matching_torch(resnet_run, tmp_path):
         np.testing.assert_allclose(image, vae.model.decoder(z).numpy(), rtol=0, atol=1e-4)
 
 
-def _first_step(rank: int, root, world: int) -> None:
-    """One VAE-GAN step of a resnet on one of `world` gloo ranks (spawned), or in the one process;
-    rank 0 saves the gradients."""
-    import torch.distributed as dist
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    if world > 1:
-        dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world)
-    try:
-        config = load_config(None, [
-            "data.dataset=digits", *[o for o in TINY if not o.startswith("train.batch_size")], *SPATIAL,
-            "model.mode=vae-gan", "model.discriminator_channels=[8,16,16,16,32]", "train.sync_batchnorm=true",
-            "train.precision=fp32", "train.device=cpu", "train.alpha=1/batch_size",
-            f"train.batch_size={32 // world}", f"train.output_dir={root}"])
-        trainer = Trainer(config, load_image_data(config.data, progress=False), dist=Distributed(rank, rank, world))
-        values = trainer.train_epoch(1, max_steps=1)
-        grads = {f"{name}.{key}": p.grad for name, net in (("vae", trainer.model), ("gan", trainer.gan.discriminator))
-                 for key, p in net.named_parameters()}
-        if rank == 0:
-            torch.save({"grads": grads, "values": values}, root / f"step{world}.pt")
-    finally:
-        torch.set_num_threads(threads)
-        if world > 1:
-            dist.destroy_process_group()
-
-
 def test_a_resnet_vae_gan_on_two_processes_takes_the_step_of_one_process(tmp_path):
-    mp.spawn(_first_step, args=(tmp_path, 2), nprocs=2)
-    _first_step(0, tmp_path, 1)
-    two, one = torch.load(tmp_path / "step2.pt"), torch.load(tmp_path / "step1.pt")
+    mp.spawn(vae_gan_first_step, args=(tmp_path, 2, tuple(SPATIAL)), nprocs=2)
+    vae_gan_first_step(0, tmp_path, 1, tuple(SPATIAL))
+    two, one = torch.load(tmp_path / "gan2.pt"), torch.load(tmp_path / "gan1.pt")
     for key in ("recon", "kl", "encoder_loss"):
         assert two["values"][key] == pytest.approx(one["values"][key], rel=1e-5), key
     largest = max(float(g.abs().max()) for g in one["grads"].values())
