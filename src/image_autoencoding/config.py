@@ -186,11 +186,15 @@ class ModelConfig(_Section):
             return 2 ** (len(self.resnet_channels) - 1)
         return self.stride ** len(self.encoder_channels)
 
+    def feature_side(self, image_size: int) -> int:
+        """The side of the encoder's last feature map (and of a spatial latent)."""
+        return image_size // self.downsampling
+
     def latent_size(self, image_size: int) -> int:
         """Floats in one image's latent vector: latent_dim, or a spatial latent's channels x side x side."""
         if self.latent_channels is None:
             return self.latent_dim
-        return self.latent_channels * (image_size // self.downsampling) ** 2
+        return self.latent_channels * self.feature_side(image_size) ** 2
 
 
 Alpha = float | Literal["1/batch_size"]

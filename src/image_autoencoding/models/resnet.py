@@ -74,7 +74,7 @@ class ResnetEncoder(nn.Module):
                 layers.append(nn.Conv2d(width, width, 3, stride=2, padding=1))
         layers += [ResidualBlock(widths[-1], widths[-1]), _group_norm(widths[-1]), nn.SiLU()]
         self.features = nn.Sequential(*layers)
-        side = image_size // cfg.downsampling
+        side = cfg.feature_side(image_size)
         if cfg.latent_channels is None:
             self.to_moments = nn.Sequential(nn.Flatten(), nn.Linear(widths[-1] * side * side, 2 * cfg.latent_dim))
         else:
@@ -95,7 +95,7 @@ class ResnetDecoder(nn.Module):
     def __init__(self, cfg: ModelConfig, image_size: int):
         super().__init__()
         widths = cfg.resnet_channels
-        self.side = image_size // cfg.downsampling
+        self.side = cfg.feature_side(image_size)
         self.latent_channels = cfg.latent_channels
         if cfg.latent_channels is None:
             self.from_latent = nn.Linear(cfg.latent_dim, widths[-1] * self.side * self.side)

@@ -72,7 +72,7 @@ class Encoder(nn.Module):
         self.cfg = cfg
         widths = [3, *cfg.encoder_channels]
         self.features = nn.Sequential(*(_conv_block(cfg, a, b) for a, b in zip(widths, widths[1:], strict=False)))
-        side = image_size // cfg.downsampling
+        side = cfg.feature_side(image_size)
         self.fc = nn.Sequential(
             nn.Flatten(),
             nn.Linear(cfg.encoder_channels[-1] * side * side, cfg.fc_dim, bias=False),
@@ -91,7 +91,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, image_size: int):
         super().__init__()
         *widths, out_channels = cfg.decoder_channels
-        self.side = image_size // cfg.downsampling
+        self.side = cfg.feature_side(image_size)
         self.first_channels = widths[0]
         self.fc = nn.Sequential(
             nn.Linear(cfg.latent_dim, widths[0] * self.side * self.side, bias=False),

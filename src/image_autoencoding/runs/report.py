@@ -187,7 +187,7 @@ def sample_quality_section(run_dir: Path, quality: dict[str, Any] | None) -> lis
 
 def describe_model(model: ModelConfig, image_size: int) -> str:
     if model.arch == "resnet":
-        side = image_size // model.downsampling
+        side = model.feature_side(image_size)
         latent = (f"spatial latent {model.latent_channels}x{side}x{side}" if model.latent_channels is not None
                   else f"latent {model.latent_dim}")
         return f"resnet, levels {model.resnet_channels}, {model.resnet_blocks} residual block(s) each, {latent}"
