@@ -334,3 +334,24 @@ def test_quality_benchmark_rows_at_the_same_wall_time_take_the_steps_that_fit_it
     monkeypatch.setattr(quality, "make_trainer", probe(0.04))
     slow = quality.steps_in(1.0, "default", None, [], None, None, [], 1)
     assert 35 <= fast <= 50 and 17 <= slow <= 25
+
+
+def test_quality_benchmark_rows_at_the_same_wall_time_train_for_that_time_when_the_probe_misjudged(monkeypatch):
+    """A row whose real pace is half what the probe measured still trains for about the budget: the
+    rest of the run is re-planned from its own pace, and the cosine horizon follows."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import time
+
+    import quality
+
+    trainer = SimpleNamespace(
+        planned_steps=None, gan=None, encoder_optimizer=SimpleNamespace(param_groups=[{"lr": 0.0}]),
+        train_epoch=lambda epoch, max_steps: time.sleep(0.02 * max_steps),
+    )
+    monkeypatch.setattr(quality, "steps_in", lambda *args: 100)  # the probe's guess: 100 steps in 1 s
+    monkeypatch.setattr(quality, "make_trainer", lambda *args: (trainer, None, []))
+    data = SimpleNamespace(train=SimpleNamespace(images=[None] * (10 * quality.BATCH)))  # 10 steps an epoch
+    args = SimpleNamespace(train_seconds=1.0, curve=False)
+    _, info = quality.train_recipe("default", data, [], args, None)
+    assert 0.8 <= info["train_seconds"] <= 1.3
+    assert 40 <= info["steps"] <= 60 and trainer.planned_steps == info["steps"]

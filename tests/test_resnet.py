@@ -3,6 +3,8 @@ latent; and the rest of the package (resume, export, the API, sampling, torchrun
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
 from image_autoencoding.models.factory import build_model
 from image_autoencoding.runs.checkpoint import load_checkpoint
+from image_autoencoding.training.optimizers import build_optimizers
 from test_distributed import vae_gan_first_step
 
 RESNET = ["model.arch=resnet", "model.resnet_channels=[8,16]"]
@@ -39,6 +42,21 @@ def test_global_and_spatial_latents_are_flat_vectors_of_their_size():
         assert x_hat.shape == x.shape and x_hat.abs().max() <= 1
         assert model.prior_latents(5).shape == (5, size)
         assert model.decoder(posterior.mean).shape == x.shape
+
+
+def test_each_architecture_trains_with_the_optimizer_measured_for_it_unless_one_is_named():
+    """train.optimizer=auto (the default and the shipped dataset configs): with RMSprop at lr 1e-3 the
+    resnet reached 15.6 dB validation PSNR where Adam reached 21.1 (photos, 32 px, 120 s)."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for path in (None, configs / "coco.yaml", configs / "food101.yaml", configs / "fashion_mnist.yaml"):
+        assert load_config(path, ["model.arch=resnet"]).train.optimizer == "adam"
+        assert load_config(path, []).train.optimizer == "rmsprop"
+    assert load_config(configs / "seed.yaml", ["model.arch=resnet"]).train.optimizer == "rmsprop"  # the original's
+    assert load_config(None, [*RESNET, "train.optimizer=rmsprop"]).train.optimizer == "rmsprop"
+    cfg = load_config(None, ["data.image_size=16", *RESNET])
+    encoder_optimizer, decoder_optimizer = build_optimizers(build_model(cfg.model, 16), cfg.train)
+    assert isinstance(encoder_optimizer, torch.optim.Adam) and isinstance(decoder_optimizer, torch.optim.Adam)
+    assert cfg.to_dict()["train"]["optimizer"] == "adam"  # what config.yaml and checkpoints record
 
 
 def test_the_resnet_has_no_transposed_convolution_and_no_batch_statistics():
