@@ -206,11 +206,11 @@ class TrainConfig(_Section):
         description="images per process and optimizer step; under torchrun the global batch is this x processes",
     )
     epochs: int = Field(100, ge=1, description="passes over the training split")
-    # auto: each architecture gets the optimizer measured best for it at train.lr 1e-3 (photos, 32 px,
-    # 120 s on a CPU): the seed architecture RMSprop (docs/quality.md, "How the default was chosen");
-    # resnet Adam: with RMSprop its validation PSNR was 15.6 dB against 21.1 with Adam in a screen,
-    # and 3-5 dB lower over three seeds (docs/design.md, "The residual architecture"). Why RMSprop
-    # suits one network and not the other was not established.
+    # auto: the seed architecture keeps the original's RMSprop, which beat Adam in the search that
+    # chose the default recipe (docs/quality.md, "How the default was chosen"); resnet gets Adam: with
+    # RMSprop at lr 1e-3 its validation PSNR was 15.6 dB against 21.1 with Adam in a screen, and 3-5 dB
+    # lower over three seeds (photos, 32 px, 120 s on a CPU; docs/design.md, "The residual
+    # architecture"). Why RMSprop suits one network and not the other was not established.
     optimizer: Literal["auto", "rmsprop", "adam"] = Field(
         "auto",
         description="one per network: rmsprop (alpha 0.9, eps 1e-8, as the original), adam, or auto: rmsprop for "
