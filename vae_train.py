@@ -99,11 +99,14 @@ def to_vae_argv(args: argparse.Namespace) -> list[str]:
 
     if args.pretrained_net:
         # Continue the named run in place; its data and model settings come from its checkpoint.
-        # Without -load_epoch, --resume picks last.pt (or the newest readable epoch_N.pt).
+        # Without -load_epoch, --resume picks last.pt (or the newest readable epoch_N.pt). Every
+        # flag goes through: --resume accepts a data or model value equal to the run's and refuses
+        # a different one naming it (dropping it would train at settings the user did not ask for),
+        # as it refuses --config.
         checkpoint = ["--checkpoint", f"epoch_{args.load_epoch}.pt"] if args.load_epoch is not None else []
         run_dir = user / "results" / "vae" / args.pretrained_net
-        resume_overrides = [o for o in overrides if not o.startswith(("data.", "model."))]
-        return ["train", "--resume", str(run_dir), *checkpoint, *resume_overrides, *args.overrides]
+        config = ["--config", args.config] if args.config else []
+        return ["train", "--resume", str(run_dir), *config, *checkpoint, *overrides, *args.overrides]
     if args.load_epoch is not None:
         raise SystemExit("vae_train.py: error: -load_epoch needs -pretrain RUN_NAME")
     # The original kept its datasets under <user path>/datasets/.

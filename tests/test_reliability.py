@@ -166,6 +166,57 @@ def test_runs_killed_at_any_step_resume_bit_identical(tiny, tmp_path):
         assert row == reference  # the loss sums carried across kills give the same epoch means
 
 
+class _CrashAtStep(Callback):
+    """A process dying at once after `step` (kill -9, the OOM killer): nothing more is written."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, batch, sums) -> None:
+        if trainer.step == self.step:
+            raise _Crashed
+
+
+class _Crashed(Exception):
+    pass
+
+
+def test_a_run_killed_before_its_first_epoch_checkpoint_resumes_from_the_last_epoch_end(tiny, tmp_path):
+    # train.checkpoint_every is 10: epoch_N.pt would first be written after epoch 10.
+    args = [*tiny, "train.epochs=3", "train.max_steps_per_epoch=3", "train.checkpoint_every_minutes=null"]
+    with pytest.raises(_Crashed):
+        main(["train", "--quiet", *args], callbacks=[_CrashAtStep(5)])
+    run = _run_dir(tmp_path)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    _assert_last_checkpoint_at(run, step=3, step_in_epoch=0)  # the end of epoch 1
+    assert main(["train", "--quiet", "--resume", str(run)]) == 0
+    assert [r["epoch"] for r in _metrics(run)] == ["1", "2", "3"]
+
+
+def test_last_pt_is_written_inside_an_epoch_once_the_minutes_have_passed(tiny, tmp_path):
+    # Every step is past a checkpoint interval this short.
+    args = [*tiny, "train.epochs=2", "train.max_steps_per_epoch=3", "train.checkpoint_every_minutes=1e-9"]
+    with pytest.raises(_Crashed):
+        main(["train", "--quiet", *args], callbacks=[_CrashAtStep(5)])
+    run = _run_dir(tmp_path)
+    _assert_last_checkpoint_at(run, step=5, step_in_epoch=2)
+    assert main(["train", "--quiet", "--resume", str(run)]) == 0
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 6
+
+
+def test_nothing_to_resume_from_names_what_the_checkpoints_folder_holds(tiny, tmp_path, capsys, no_final_report):
+    assert main(["train", *tiny, "train.epochs=1"]) == 0
+    run = _run_dir(tmp_path)
+    for path in (run / "checkpoints").glob("*.pt"):
+        if path.name != "best.pt":
+            path.unlink()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    error = _one_line(capsys.readouterr().err)
+    assert "it holds best.pt" in error and "--checkpoint best" in error
+    assert main(["train", "--resume", str(run), "--checkpoint", "best", "train.epochs=2"]) == 0
+
+
 class _CopyLastCheckpointAtStep(Callback):
     """Keeps a copy of the last.pt written at `step` (step-end callbacks run after its write)."""
 
@@ -540,6 +591,43 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(tin
     assert signal.getsignal(signal.SIGINT) is before  # handlers put back
 
 
+class _SignalAtEpochEnd(Callback):
+    """The signal arrives after the last step's checkpoints, while the trainer validates or ends."""
+
+    def __init__(self, signum: int, epoch: int):
+        self.signum, self.epoch = signum, epoch
+
+    def on_epoch_end(self, trainer, epoch, values) -> None:
+        if epoch == self.epoch:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("when", ["after the last step", "during the final report"])
+def test_a_signal_after_the_last_step_stops_before_the_report_and_resume_writes_it(tiny, tmp_path, monkeypatch,
+                                                                                   capsys, when):
+    # SIGINT: before handlers cover the report, it would be ignored (a background test run) or end
+    # in a bare KeyboardInterrupt, never kill the test process.
+    args = ["train", "--quiet", *tiny, "train.epochs=2", "train.max_steps_per_epoch=2"]
+    callbacks = []
+    if when == "after the last step":
+        callbacks.append(_SignalAtEpochEnd(signal.SIGINT, 2))
+    else:
+        write_pictures = run_report.write_pictures
+
+        def interrupted_pictures(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGINT)
+            return write_pictures(*args, **kwargs)
+
+        monkeypatch.setattr(run_report, "write_pictures", interrupted_pictures)
+    assert main(args, callbacks=callbacks) == 130
+    run = _run_dir(tmp_path)
+    assert f"continue with: vae train --resume {run}" in _one_line(capsys.readouterr().err)
+    assert not (run / "report.md").exists()
+    monkeypatch.undo()
+    assert main(["train", "--quiet", "--resume", str(run)]) == 0  # trains nothing, writes the report
+    assert (run / "report.md").is_file() and [r["epoch"] for r in _metrics(run)] == ["1", "2"]
+
+
 def test_an_unwritable_output_folder_is_one_line_before_training(tiny, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -635,6 +723,45 @@ def test_a_full_disk_while_writing_pictures_is_reported_and_training_goes_on(tin
     assert "could not write the pictures of epoch 1: [Errno 28] No space left on device" in log
     assert [r["epoch"] for r in _metrics(run)] == ["1", "2"]
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+class _ResumeTheSameRunAtStep(Callback):
+    """A second `vae train --resume` of the run while this one trains (as if from another shell)."""
+
+    def __init__(self, step: int, output: Path):
+        self.step, self.output, self.status = step, output, None
+
+    def on_step_end(self, trainer, batch, sums) -> None:
+        if trainer.step == self.step:
+            self.status = main(["train", "--quiet", "--resume", str(_run_dir(self.output))])
+
+
+def test_a_second_vae_train_of_a_run_folder_in_use_is_refused_in_one_line(tiny, tmp_path, capsys, no_final_report):
+    second = _ResumeTheSameRunAtStep(4, tmp_path)
+    args = ["train", "--quiet", *tiny, "train.epochs=2", "train.max_steps_per_epoch=3"]
+    assert main(args, callbacks=[second]) == 0
+    assert second.status == 2
+    error = _one_line(capsys.readouterr().err)
+    assert "is in use by vae train (pid" in error and str(os.getpid()) in error
+    assert [r["epoch"] for r in _metrics(_run_dir(tmp_path))] == ["1", "2"]  # no row written twice
+
+
+def test_the_run_folder_lock_of_a_killed_process_is_free(tiny, tmp_path, capsys, no_final_report):
+    assert main(["train", *tiny, "train.epochs=1"]) == 0
+    run = _run_dir(tmp_path)
+    hold = ("import sys, time; from pathlib import Path; from image_autoencoding.runs.run_lock import run_folder_lock\n"
+            "with run_folder_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run)], env=_env(None), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        assert main(["train", "--quiet", "--resume", str(run), "train.epochs=2"]) == 2
+        assert f"pid {holder.pid}" in _one_line(capsys.readouterr().err)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["train", "--quiet", "--resume", str(run), "train.epochs=2"]) == 0
+    assert [r["epoch"] for r in _metrics(run)] == ["1", "2"]
 
 
 def test_runs_started_at_once_get_different_folders(tmp_path):

@@ -181,6 +181,25 @@ def test_vae_train_py_keeps_the_original_schedule_unless_a_config_file_sets_one(
     assert "train.lr_schedule=exponential" in parse("-c", "configs/coco.yaml", "--decay_lr", "0.9")
 
 
+def test_vae_train_py_pretrain_refuses_changed_data_or_model_flags_and_keeps_equal_ones(tiny, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vae_train", REPO / "vae_train.py")
+    vae_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vae_train)
+    assert main(["train", *tiny, "train.epochs=1"]) == 0
+    run = _run_dir(tmp_path)
+    pretrain = ["-o", str(tmp_path), "-l", str(tmp_path / "logs"), "-pretrain", run.name]
+    capsys.readouterr()
+    assert vae_train.main([*pretrain, "-im_size", "32", "-lat_dim", "8"]) == 2
+    error = capsys.readouterr().err
+    assert "data.image_size 16 -> 32" in error and "model.latent_dim" not in error  # 8 is the run's own
+    assert [r["epoch"] for r in _metrics(run)] == ["1"]
+    # The run's own values, and how many processes decode images, continue it.
+    assert vae_train.main([*pretrain, "-im_size", "16", "-lat_dim", "8", "-nw", "1", "-e", "2"]) == 0
+    assert [r["epoch"] for r in _metrics(run)] == ["1", "2"]
+
+
 def test_help_works(capsys):
     for argv in (["--help"], ["train", "--help"]):
         with pytest.raises(SystemExit) as exit_info:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from image_autoencoding.config import ConfigError, load_config
 from image_autoencoding.errors import UserError
-from image_autoencoding.training.interrupts import TrainingInterrupted
+from image_autoencoding.training.interrupts import TrainingInterrupted, stop_at_once
 
 if TYPE_CHECKING:
     from image_autoencoding.training.callbacks import Callback
@@ -60,8 +61,8 @@ def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
     if args.quiet:
         config.train.progress = False
 
-    with process_group(config.train.device) as dist:
-        run_dir, data = _run_dir_and_data(config, resume, dist)
+    with process_group(config.train.device) as dist, ExitStack() as run_folder_held:
+        run_dir, data = _run_dir_and_data(config, resume, dist, run_folder_held)
         if not dist.is_main:  # the other ranks train and write nothing
             Trainer(config, data, resume=state, dist=dist, callbacks=callbacks).fit()
             return 0
@@ -83,17 +84,22 @@ def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
             write_run_config(config, run_dir / "config.yaml", {
                 "train.device": (config.train.device, str(trainer.device)),
                 "train.precision": (config.train.precision, trainer.precision)})
+            # The report is part of the run: a signal from the trainer's last check to the report's
+            # end stops at once and `--resume` writes the report (a finished run trains nothing).
+            # Installed around fit, whose own handlers put these back when it returns: no gap.
             try:
-                trainer.fit()
+                with stop_at_once("during the final report (training is complete)"):
+                    trainer.fit()
+                    if trainer.finished:  # one process scores the whole split
+                        report.final_report(run_dir, data, str(trainer.device))
             except TrainingInterrupted as exc:
                 if not exc.after_callbacks:  # a second signal: stopped at once, nothing written
                     raise
-                message = (f"{exc}; checkpoint written to {run_dir / 'checkpoints' / 'last.pt'}; "
+                message = (f"{exc}; last checkpoint {run_dir / 'checkpoints' / 'last.pt'}; "
                            f"continue with: vae train --resume {run_dir}")
                 logger.info(message)
                 raise TrainingInterrupted(exc.signum, message, after_callbacks=True) from None
-            if trainer.finished:  # one process scores the whole split
-                report.final_report(run_dir, data, str(trainer.device))
+            if trainer.finished:
                 logger.info("next: vae evaluate %s | vae sample %s -n 64 | vae reconstruct %s IMAGE ...\n"
                             "in Python: import image_autoencoding as ia; vae = ia.load(%r)", run_dir, run_dir, run_dir,
                             str(run_dir))
@@ -106,12 +112,15 @@ def _bars(wanted: bool) -> bool:
     return wanted and sys.stderr.isatty()
 
 
-def _run_dir_and_data(config, resume, dist):
-    """Rank 0 checks the output folder, reads (on first use builds) the cache and makes the run
-    folder; then it tells the other ranks the folder, or the error that stopped it, and they open
-    the finished cache. One run folder whatever the number of processes."""
+def _run_dir_and_data(config, resume, dist, run_folder_held: ExitStack):
+    """Rank 0 checks the output folder, locks the run folder for the rest of `run_folder_held`
+    (runs/run_lock.py; a resumed one before its data is read, so a second writer is refused at
+    once), reads (on first use builds) the cache and makes the run folder; then it tells the other
+    ranks the folder, or the error that stopped it, and they open the finished cache. One run folder
+    whatever the number of processes."""
     from image_autoencoding.data.image_data import load_image_data
     from image_autoencoding.runs.run_dir import create_run_dir, ensure_writable
+    from image_autoencoding.runs.run_lock import run_folder_lock
 
     if not dist.is_main:
         error, run_dir = dist.broadcast_from_main(None)
@@ -122,9 +131,15 @@ def _run_dir_and_data(config, resume, dist):
         if config.train.log_dir is not None:
             ensure_writable(config.train.log_dir, "train.log_dir")
         ensure_writable(resume.run_dir if resume else f"{config.train.output_dir}/results/vae")
+        if resume:
+            run_folder_held.enter_context(run_folder_lock(resume.run_dir))
         # Fails on a missing dataset or too many bad images before any run folder is made.
         data = load_image_data(config.data, progress=_bars(config.train.progress))
-        run_dir = resume.run_dir if resume else create_run_dir(config.train.output_dir)
+        if resume:
+            run_dir = resume.run_dir
+        else:
+            run_dir = create_run_dir(config.train.output_dir)
+            run_folder_held.enter_context(run_folder_lock(run_dir))
         data.write_bad_files(run_dir / "bad_files.csv")
     except UserError as exc:
         dist.broadcast_from_main((str(exc), None))

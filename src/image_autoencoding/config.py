@@ -276,7 +276,9 @@ class TrainConfig(_Section):
         description="a folder for an extra copy of the training log (the original's -l); "
         "null: only `<run>/train.log`",
     )
-    checkpoint_every: int = Field(10, ge=1, description="write epoch_N.pt every this many epochs and at the end")
+    checkpoint_every: int = Field(
+        10, ge=1, description="write epoch_N.pt every this many epochs and at the end (last.pt: every epoch)"
+    )
     keep_checkpoints: int = Field(
         3, ge=0, description="epoch_N.pt files kept, newest first (last.pt is always kept); 0 keeps every one"
     )
@@ -300,10 +302,17 @@ class TrainConfig(_Section):
     )
 
     # --- reliability: mid-epoch checkpoints and the non-finite loss guard ---
-    # So that a run killed inside a long epoch resumes inside it.
+    # So that a run killed inside a long epoch resumes inside it (last.pt is written at every epoch
+    # end regardless). 15 minutes: a checkpoint takes about a second to write for the models here,
+    # so the cost is noise, and a kill -9 (OOM killer, preemption) loses at most that much work.
+    checkpoint_every_minutes: float | None = Field(
+        15.0, gt=0.0,
+        description="also write last.pt inside an epoch once this many minutes have passed since the last "
+        "checkpoint; null: off",
+    )
     checkpoint_every_steps: int | None = Field(
         None, ge=1,
-        description="also write last.pt every this many optimizer steps; null: checkpoints at epoch ends only",
+        description="also write last.pt every this many optimizer steps; null: off",
     )
     max_bad_steps: int = Field(
         3, ge=1,

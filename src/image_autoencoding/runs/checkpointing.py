@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from image_autoencoding.config import TrainConfig
@@ -20,14 +21,17 @@ logger = logging.getLogger("image_autoencoding")
 
 
 class Checkpointing(Callback):
-    """last.pt every train.checkpoint_every_steps steps and on a stop signal; at the end of every
-    train.checkpoint_every-th epoch (and of the last) epoch_N.pt, copied to last.pt (separate
-    files, so a damaged one leaves the other to resume from), the newest train.keep_checkpoints of
-    them kept; best.pt whenever an epoch's validation SSIM is the best so far."""
+    """last.pt at the end of every epoch, inside epochs every train.checkpoint_every_steps steps and
+    once train.checkpoint_every_minutes have passed since the last checkpoint, and on a stop signal:
+    a run killed at any moment (kill -9 leaves no time to save) loses at most that much work. At the
+    end of every train.checkpoint_every-th epoch (and of the last) also epoch_N.pt, the newest
+    train.keep_checkpoints of them kept; best.pt whenever an epoch's validation SSIM is the best so
+    far. Each is a separate file (a copy), so a damaged one leaves the others to resume from."""
 
     def __init__(self, run_dir: Path, cfg: TrainConfig):
         self.folder = Path(run_dir) / "checkpoints"
         self.cfg = cfg
+        self._saved_at = time.monotonic()  # when this run last wrote a checkpoint
 
     @property
     def last(self) -> Path:
@@ -36,6 +40,7 @@ class Checkpointing(Callback):
     def on_fit_start(self, trainer: Trainer) -> None:
         """Before the first checkpoint of this run: delete partial writes a killed run left, and set
         aside the checkpoints saved after the point this run resumes from (a branch it abandons)."""
+        self._saved_at = time.monotonic()
         removed = remove_leftover_temporaries(self.folder)
         if removed:
             logger.info("removed %d partial checkpoint write(s) of an interrupted run: %s", len(removed),
@@ -47,23 +52,27 @@ class Checkpointing(Callback):
                         trainer.epoch, trainer.step, ", ".join(moved), aside)
 
     def on_step_end(self, trainer: Trainer, batch, sums) -> None:
-        every = self.cfg.checkpoint_every_steps
-        if every is not None and trainer.step % every == 0:
-            save_checkpoint(trainer.state(), self.last)  # inside an epoch: its epoch_N.pt stays as it was
+        steps, minutes = self.cfg.checkpoint_every_steps, self.cfg.checkpoint_every_minutes
+        due = ((steps is not None and trainer.step % steps == 0)
+               or (minutes is not None and time.monotonic() - self._saved_at >= minutes * 60))
+        if due:
+            self._save(trainer, self.last)  # inside an epoch: its epoch_N.pt stays as it was
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, values) -> None:
-        saved = None
         if epoch % self.cfg.checkpoint_every == 0 or trainer.is_final_epoch(epoch):
             saved = self.folder / f"epoch_{epoch}.pt"
-            save_checkpoint(trainer.state(), saved)
+            self._save(trainer, saved)
             publish_as(saved, self.last)
             prune_epoch_checkpoints(self.folder, self.cfg.keep_checkpoints)
+        else:
+            saved = self.last
+            self._save(trainer, saved)
         if trainer.improved:
-            best = self.folder / "best.pt"
-            if saved is not None:
-                publish_as(saved, best)  # a copy: pruning epoch_N.pt keeps it
-            else:
-                save_checkpoint(trainer.state(), best)
+            publish_as(saved, self.folder / "best.pt")  # a copy: pruning epoch_N.pt keeps it
 
     def on_interrupt(self, trainer: Trainer, signum: int) -> None:
-        save_checkpoint(trainer.state(), self.last)
+        self._save(trainer, self.last)
+
+    def _save(self, trainer: Trainer, path: Path) -> None:
+        save_checkpoint(trainer.state(), path)
+        self._saved_at = time.monotonic()

@@ -21,6 +21,8 @@ from image_autoencoding.runs.run_dir import checkpoint_config, create_stamped_di
 FROZEN_SECTIONS = ("data", "model")
 # The optimizer state of one kind cannot drive the other.
 FROZEN_KEYS = ("train.optimizer",)
+# Keys of those sections that say how, not what: the processes decoding images into the cache.
+FREE_KEYS = ("data.num_workers",)
 # Inside an epoch, the batches still to come are counted in steps of this epoch's order and size.
 # The size that counts is the global batch (batch_size x processes), checked apart: 2 processes of
 # 16 may continue as 1 process of 32, exactly.
@@ -50,7 +52,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _frozen(key: str) -> bool:
-    return key.split(".")[0] in FROZEN_SECTIONS or key in FROZEN_KEYS
+    return (key.split(".")[0] in FROZEN_SECTIONS and key not in FREE_KEYS) or key in FROZEN_KEYS
 
 
 def _check_checkpoint_fits_run(run_dir: Path, path: Path, saved: Config) -> None:
@@ -87,9 +89,10 @@ def checkpoint_path(run_dir: Path, checkpoint: str | None) -> Path:
 
 def load_newest_good(run_dir: Path) -> tuple[Path, dict[str, Any], list[str]]:
     """last.pt, or when it cannot be read the newest epoch_N.pt that can (with why the others not)."""
-    candidates = kept_checkpoints(run_dir / "checkpoints")
+    folder = run_dir / "checkpoints"
+    candidates = kept_checkpoints(folder)
     if not candidates:
-        raise CheckpointError(f"no checkpoint in '{run_dir / 'checkpoints'}'")
+        raise CheckpointError(f"nothing to resume from in '{folder}': no last.pt or epoch_N.pt; {_holds(folder)}")
     failures: list[str] = []
     for path in candidates:
         try:
@@ -97,6 +100,17 @@ def load_newest_good(run_dir: Path) -> tuple[Path, dict[str, Any], list[str]]:
         except CheckpointError as exc:
             failures.append(str(exc))
     raise CheckpointError(failures[0] + (f" (and {len(failures) - 1} older ones)" if len(failures) > 1 else ""))
+
+
+def _holds(folder: Path) -> str:
+    """What a checkpoints folder holds instead, and the way on where there is one."""
+    if not folder.is_dir():
+        return "the folder does not exist (the run stopped before its first epoch ended)"
+    names = sorted(path.name for path in folder.iterdir() if not path.name.startswith("."))
+    if not names:
+        return "the folder is empty (the run stopped before its first epoch ended)"
+    held = f"it holds {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+    return held + ("; continue from best.pt with --checkpoint best" if "best.pt" in names else "")
 
 
 def prepare_resume(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
@@ -52,6 +54,24 @@ class StopRequests:
         if self.signum is not None:
             raise TrainingInterrupted(signum, f"stopped at once on a second {signal_name(signum)}")
         self.signum = signum
+
+
+@contextmanager
+def stop_at_once(when: str) -> Iterator[None]:
+    """SIGINT and SIGTERM raise TrainingInterrupted at once, "stopped on SIGTERM <when>", for work
+    after training that has nothing to save (the final report writes each file atomically, so an
+    exception anywhere in it leaves no half-written file). Main thread only, as StopRequests."""
+    def handle(signum: int, frame: FrameType | None) -> None:
+        raise TrainingInterrupted(signum, f"stopped on {signal_name(signum)} {when}", after_callbacks=True)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, handle) for signum in HANDLED}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def signal_to_stop_on(counts: list[float]) -> int | None:

@@ -348,12 +348,16 @@ class Trainer:
                 self.improved = values["valid_ssim"] > self.best_ssim
                 self.best_ssim = max(self.best_ssim, values["valid_ssim"])
                 self.callbacks.on_epoch_end(self, epoch, values)
+                # After the last epoch too: its checkpoints are written, but the caller's final
+                # report would still take minutes, and a stop request must not wait for that.
                 signum = self._stop_signal()
-                if signum is not None and not self.is_final_epoch(epoch):
+                if signum is not None:
                     self._stop_on_signal(signum, epoch)
             if self.stop_reason is not None:
                 logger.info("%s", self.stop_reason)
             self.callbacks.on_fit_end(self)
+            if self.stop.signum is not None:  # arrived after the last check: nothing is left to agree on
+                self._stop_on_signal(self.stop.signum, self.epoch)
         finally:
             self.stop.restore()
             self.callbacks.teardown(self)
