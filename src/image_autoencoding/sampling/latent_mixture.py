@@ -116,7 +116,7 @@ class LatentMixture:
         problem = "its info is not a JSON object" if not isinstance(info, dict) else _value_problem(**tensors)
         if problem:
             raise MixtureFileError(f"latent mixture '{path}' is not valid: {problem}")
-        return cls(tensors["weights"], tensors["means"], tensors["cholesky"], info)
+        return cls(tensors["weights"].float(), tensors["means"].float(), tensors["cholesky"].float(), info)
 
 
 def _shape_problem(shapes: dict[str, tuple[int, ...]], latent_dim: int) -> str | None:
