@@ -30,7 +30,7 @@ from image_autoencoding.data.preprocess import array_to_image, load_image, prepa
 from image_autoencoding.errors import UserError
 from image_autoencoding.export import EXPORT_MIXTURE, is_export, load_export
 from image_autoencoding.models.vae import DiagonalGaussian
-from image_autoencoding.runs.latent_sampler import load_run_mixture
+from image_autoencoding.runs.latent_sampler import MixtureFile, mixture_path
 from image_autoencoding.runs.loading import DEFAULT_CHECKPOINT, TrainedModel, load_from_checkpoint, load_from_run
 from image_autoencoding.runtime import resolve_device
 from image_autoencoding.sampling.latent_mixture import LatentMixture
@@ -53,29 +53,28 @@ def load(
     path = Path(path)
     if path.is_dir() and is_export(path):
         trained = load_export(path)
-        mixture = LatentMixture.load(path / EXPORT_MIXTURE) if (path / EXPORT_MIXTURE).is_file() else None
+        mixture_file = path / EXPORT_MIXTURE
     elif path.is_dir():
         trained = load_from_run(path, checkpoint)
-        mixture = load_run_mixture(path, trained)
+        mixture_file = mixture_path(path, trained.source)
     elif path.is_file():
         trained = load_from_checkpoint(path)
-        in_run = path.parent.name == "checkpoints"  # a run's own checkpoint: its mixture, if fitted to it
-        mixture = load_run_mixture(path.parent.parent, trained) if in_run else None
+        mixture_file = mixture_path(path.parent.parent, path)  # a run's own checkpoint: its mixture, if fitted to it
     else:
         raise UserError(f"'{path}' not found (expected a run folder, a .pt checkpoint or an export folder)")
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    return TrainedVAE(trained, device, dtype, mixture)
+    # Read when first sampled from (TrainedVAE.mixture), checked against the weights as loaded.
+    return TrainedVAE(trained, device, dtype, mixture_file=MixtureFile.of(mixture_file, trained))
 
 
 class TrainedVAE:
     """A trained encoder and decoder with the preprocessing they were trained with."""
 
     def __init__(self, trained: TrainedModel, device: torch.device, dtype: torch.dtype = torch.float32,
-                 mixture: LatentMixture | None = None):
+                 mixture: LatentMixture | None = None, mixture_file: MixtureFile | None = None):
         self.trained = trained  # what was loaded: config, model, source, epoch, step
-        # The ex-post latent sampler (sampler="gmm"): loaded with a run or export that has one for
-        # these weights, or set from sampling.latent_mixture.fit_latent_mixture(vae.encode(images).mean).
-        self.mixture = mixture
+        self._mixture = mixture
+        self._mixture_file = mixture_file if mixture is None else None
         self.config: Config = trained.config
         self.source: Path = trained.source
         self.epoch: int = trained.epoch
@@ -83,6 +82,21 @@ class TrainedVAE:
         self.dtype = dtype
         self.model = trained.model.to(device=device, dtype=dtype).eval()
         self.normalize = Normalizer(self.config.data, device)
+
+    @property
+    def mixture(self) -> LatentMixture | None:
+        """The ex-post latent sampler (sampler="gmm"): the one a run or export has for these weights,
+        read on first use (a damaged file is a UserError naming it, here and not in commands that
+        never sample from it), or one set from
+        sampling.latent_mixture.fit_latent_mixture(vae.encode(images).mean)."""
+        if self._mixture_file is not None:
+            self._mixture = self._mixture_file.read()
+            self._mixture_file = None
+        return self._mixture
+
+    @mixture.setter
+    def mixture(self, mixture: LatentMixture | None) -> None:
+        self._mixture, self._mixture_file = mixture, None
 
     @property
     def image_size(self) -> int:

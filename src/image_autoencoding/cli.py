@@ -335,17 +335,29 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _fit_mixture(run_dir: Path, vae):
-    """The run's latent mixture for these weights, fitted now (to the training split the run's
-    config names) and saved beside the checkpoints for next time."""
+    """The latent mixture for these weights, fitted now (to the training split the run's config
+    names) and saved beside the run's checkpoints for next time where it can be; where it cannot (a
+    checkpoint from outside the run, a read-only run folder, a full disk) it is still sampled from."""
     from image_autoencoding.data.image_data import load_image_data
-    from image_autoencoding.runs.latent_sampler import fit_and_save, mixture_path
+    from image_autoencoding.runs.latent_sampler import fit_run_mixture, mixture_path
 
     data = load_image_data(vae.config.data, progress=_bars(True))
-    mixture = fit_and_save(run_dir, vae.trained, data.train.images, vae.device, vae.config.train.batch_size,
-                           vae.config.train.seed)
+    mixture = fit_run_mixture(vae.trained, data.train.images, vae.device, vae.config.train.batch_size,
+                              vae.config.train.seed)
     info = mixture.info
-    print(f"fitted a {info['components']}-component Gaussian mixture to {info['points']} training latents in "
-          f"{info['seconds']} s: {mixture_path(run_dir, vae.source)}", file=sys.stderr)
+    fitted = (f"fitted a {info['components']}-component Gaussian mixture to {info['points']} training latents in "
+              f"{info['seconds']} s")
+    path = mixture_path(run_dir, vae.source)
+    if path is None:
+        print(f"{fitted}; not saved, as {vae.source} is not one of {run_dir / 'checkpoints'}", file=sys.stderr)
+        return mixture
+    try:
+        mixture.save(path)
+    except OSError as exc:
+        print(f"{fitted}; it could not be saved to {path} ({exc.strerror or exc}), so it is used unsaved",
+              file=sys.stderr)
+        return mixture
+    print(f"{fitted}: {path}", file=sys.stderr)
     return mixture
 
 
