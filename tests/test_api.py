@@ -253,3 +253,19 @@ def test_vae_reconstruct_does_not_crop_twice_when_the_crop_is_smaller_than_the_s
     scale = 256 // 16
     output = grid[2 + 16 * scale + 2 :: scale, 2::scale][:16, :16]
     assert np.array_equal(output, np.asarray(ia.load(run, device="cpu").reconstruct(photos[0])[0]))
+
+
+def test_the_api_posterior_keeps_the_logvar_bounds_the_model_was_configured_with(tmp_path):
+    """model.logvar_max=60 and an encoder whose log-variance is 40: the API must give the model's own
+    posterior (40), not one clamped again to the default bound of 20."""
+    config = load_config(None, [*TINY, "model.logvar_min=-60", "model.logvar_max=60"])
+    model = build_model(config.model, 16).eval()
+    with torch.no_grad():
+        model.encoder.to_logvar.weight.zero_()
+        model.encoder.to_logvar.bias.fill_(40.0)
+    vae = ia.TrainedVAE(TrainedModel(config, model, tmp_path, 0, 0), torch.device("cpu"))
+    pixels = np.asarray(photo(0, 16, 16))[None]
+    with torch.no_grad():
+        own = model.encoder(vae._normalized(pixels)).logvar
+    assert torch.equal(own, torch.full_like(own, 40.0))
+    assert torch.equal(vae.encode_pixels(pixels).logvar, own)
