@@ -3,9 +3,11 @@ an export folder; inputs preprocessed exactly as the training cache; the CLI's c
 
 from __future__ import annotations
 
+import errno
 import json
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ from PIL import Image
 import image_autoencoding as ia
 from conftest import TINY
 from fixtures import odd_but_valid_files, photo, save_jpeg
+from image_autoencoding import export as export_module
 from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
 from image_autoencoding.data.cache import open_or_build
@@ -42,6 +45,15 @@ def run(tmp_path_factory) -> Path:
 def exported(run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "export"
     assert main(["export", str(run), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def onnx_exported(run, tmp_path_factory) -> Path:
+    pytest.importorskip("onnxruntime", reason="vae export --onnx needs onnxruntime (the onnx extra)")
+    pytest.importorskip("onnxscript", reason="vae export --onnx needs onnxscript (the onnx extra)")
+    out = tmp_path_factory.mktemp("onnx") / "export"
+    assert main(["export", str(run), "--out", str(out), "--onnx"]) == 0
     return out
 
 
@@ -164,11 +176,10 @@ def test_export_defaults_to_best_like_every_other_command(run, tmp_path):
     assert description["data"]["image_size"] == 16 and "image_crop" in description["data"]
 
 
-def test_onnx_export_matches_torch_in_onnxruntime(run, tmp_path):
-    onnxruntime = pytest.importorskip("onnxruntime", reason="vae export --onnx needs onnxruntime (the onnx extra)")
-    pytest.importorskip("onnxscript", reason="vae export --onnx needs onnxscript (the onnx extra)")
-    out = tmp_path / "export"
-    assert main(["export", str(run), "--out", str(out), "--onnx"]) == 0
+def test_onnx_export_matches_torch_in_onnxruntime(onnx_exported):
+    import onnxruntime
+
+    out = onnx_exported
     vae = ia.load(out, device="cpu")
     generator = torch.Generator().manual_seed(0)
     for batch in (1, 7):  # a dynamic batch axis
@@ -269,3 +280,63 @@ def test_the_api_posterior_keeps_the_logvar_bounds_the_model_was_configured_with
         own = model.encoder(vae._normalized(pixels)).logvar
     assert torch.equal(own, torch.full_like(own, 40.0))
     assert torch.equal(vae.encode_pixels(pixels).logvar, own)
+
+
+def _another_checkpoint(run: Path) -> str:
+    """A checkpoint of the run whose weights are not best.pt's (the default export's)."""
+    return "epoch_1" if load_checkpoint(run / "checkpoints" / "best.pt")["epoch"] == 2 else "last"
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+def test_an_export_replaces_the_whole_folder_of_an_earlier_one(run, onnx_exported, tmp_path):
+    """An export with --onnx and the latent mixture, then another checkpoint's export (no --onnx,
+    no mixture) into the same folder: none of the first export's files may stay beside the new weights."""
+    out = tmp_path / "export"
+    shutil.copytree(onnx_exported, out)
+    assert {"encoder.onnx", "decoder.onnx", "latent_gmm.safetensors"} <= set(_files(out))
+    assert main(["export", str(run), "--checkpoint", _another_checkpoint(run), "--out", str(out)]) == 0
+    assert sorted(_files(out)) == ["config.json", "decoder.safetensors", "encoder.safetensors"]
+    vae = ia.load(out, device="cpu")
+    assert vae.mixture is None and vae.epoch != load_checkpoint(run / "checkpoints" / "best.pt")["epoch"]
+    assert [path.name for path in tmp_path.iterdir()] == ["export"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk full", "interrupted"])
+def test_an_export_failing_midway_leaves_the_earlier_export_whole(run, exported, tmp_path, monkeypatch, capsys,
+                                                                  failure):
+    """The new weights are written, then writing config.json fails: the folder must still hold the
+    earlier export exactly, not the new weights under the old config.json."""
+    out = tmp_path / "export"
+    shutil.copytree(exported, out)
+    before = _files(out)
+    write = export_module.atomic_write
+
+    def fail_at_the_description(path, *args, **kwargs):
+        if Path(path).name == "config.json":
+            raise failure
+        write(path, *args, **kwargs)
+
+    monkeypatch.setattr(export_module, "atomic_write", fail_at_the_description)
+    args = ["export", str(run), "--checkpoint", _another_checkpoint(run), "--out", str(out)]
+    if isinstance(failure, OSError):
+        assert main(args) == 2
+        (error,) = capsys.readouterr().err.strip().splitlines()
+        assert str(out) in error and "No space left on device" in error
+    else:
+        assert main(args) == 130
+    assert _files(out) == before
+    assert [path.name for path in tmp_path.iterdir()] == ["export"]  # no temporary folder left
+
+
+def test_an_export_never_replaces_a_folder_that_is_not_an_export(run, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(["export", str(run), "--out", str(out)]) == 2
+    (error,) = capsys.readouterr().err.strip().splitlines()
+    assert str(out) in error and "not an export" in error
+    assert _files(out) == {"notes.txt": b"keep me"} and list(tmp_path.iterdir()) == [out]

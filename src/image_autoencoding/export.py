@@ -7,15 +7,19 @@ again with `image_autoencoding.load` (`load_export`), which unpickles nothing.
     <out>/config.json           model section, the preprocessing (data section keys), provenance
     <out>/latent_gmm.safetensors  the run's latent sampler for these weights, when it has one
     <out>/encoder.onnx, decoder.onnx   with --onnx (see export_onnx.py)
+
+The folder is built beside <out> and replaces it whole, so it never mixes two exports' files; only
+an earlier export or an empty folder is replaced.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
-from image_autoencoding.atomic_files import atomic_write
+from image_autoencoding.atomic_files import atomic_write, replace_folder, temporary_folder_beside
 from image_autoencoding.config import ConfigError, build_config
 from image_autoencoding.errors import UserError
 from image_autoencoding.runs.latent_sampler import load_run_mixture
@@ -60,6 +64,7 @@ def export_run(run_dir: str | Path, checkpoint: str = DEFAULT_CHECKPOINT, out: s
     trained = load_from_checkpoint(checkpoint) if names_a_file(checkpoint) else load_from_run(run_dir, checkpoint)
     config = trained.config
     out = Path(out) if out is not None else run_dir / "export"
+    _check_replaceable(out)
     data = config.data.model_dump(mode="json")
     description = {
         "format": FORMAT,
@@ -77,8 +82,14 @@ def export_run(run_dir: str | Path, checkpoint: str = DEFAULT_CHECKPOINT, out: s
         "step": trained.step,
     }
     networks = split_networks(trained.model.state_dict())
+    destination = out
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        # Every file is written into a temporary folder beside the destination, swapped in whole at
+        # the end: written into the old folder, an export kept the old run's encoder.onnx, decoder.onnx
+        # and mixture beside the new weights, and a kill midway left one run's config.json with
+        # another's weights.
+        out = temporary_folder_beside(destination)
         for name, tensors in networks.items():
             blob = save(tensors, {"format": FORMAT})
             atomic_write(out / f"{name}.safetensors", lambda handle, blob=blob: handle.write(blob))
@@ -89,9 +100,24 @@ def export_run(run_dir: str | Path, checkpoint: str = DEFAULT_CHECKPOINT, out: s
             export_onnx(trained.model, config.data.image_size, out)
         text = json.dumps(description, indent=2) + "\n"
         atomic_write(out / "config.json", lambda handle: handle.write(text), binary=False)
+        replace_folder(out, destination)
     except OSError as exc:
-        raise UserError(f"cannot write the export to '{out}': {exc.strerror or exc}") from None
-    return out
+        raise UserError(f"cannot write the export to '{destination}': {exc.strerror or exc}") from None
+    finally:
+        if out != destination:  # the temporary folder of an export that failed
+            shutil.rmtree(out, ignore_errors=True)
+    return destination
+
+
+def _check_replaceable(out: Path) -> None:
+    """An export replaces only an earlier export or an empty folder: --out naming a folder of other
+    files must never delete them."""
+    if out.is_dir() and (is_export(out) or not any(out.iterdir())):
+        return
+    if out.exists() or out.is_symlink():
+        kind = "a folder that is not an export" if out.is_dir() else "not a folder"
+        raise UserError(f"'{out}' is {kind}; an export replaces only an earlier export or an empty folder: "
+                        "choose another --out")
 
 
 def is_export(folder: Path) -> bool:
