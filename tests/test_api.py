@@ -8,6 +8,7 @@ import json
 import pickle
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
 from image_autoencoding.data.cache import open_or_build
 from image_autoencoding.data.sources import FileSplit
+from image_autoencoding.errors import UserError
 from image_autoencoding.models.factory import build_model
 from image_autoencoding.runs.checkpoint import load_checkpoint
 from image_autoencoding.runs.loading import TrainedModel
@@ -340,3 +342,36 @@ def test_an_export_never_replaces_a_folder_that_is_not_an_export(run, tmp_path, 
     (error,) = capsys.readouterr().err.strip().splitlines()
     assert str(out) in error and "not an export" in error
     assert _files(out) == {"notes.txt": b"keep me"} and list(tmp_path.iterdir()) == [out]
+
+
+def _edit_description(out: Path, edit) -> Path:
+    path = out / "config.json"
+    description = json.loads(path.read_text())
+    edit(description)
+    path.write_text(json.dumps(description))
+    return path
+
+
+@pytest.mark.parametrize("damage", ["header claiming 4 TB", "truncated", "epoch null", "latent_dim 1e9"])
+def test_a_damaged_export_is_one_line_naming_the_file(exported, tmp_path, capsys, damage):
+    """Each refused before any tensor is read or any model built: a latent_dim of 1e9 would allocate 1 TB."""
+    out = tmp_path / "export"
+    shutil.copytree(exported, out)
+    encoder, decoder = out / "encoder.safetensors", out / "decoder.safetensors"
+    if damage == "header claiming 4 TB":
+        encoder.write_bytes(struct.pack("<Q", 4 * 10**12) + encoder.read_bytes()[8:])
+        named = encoder
+    elif damage == "truncated":
+        decoder.write_bytes(decoder.read_bytes()[: decoder.stat().st_size // 2])
+        named = decoder
+    elif damage == "epoch null":
+        named = _edit_description(out, lambda description: description.update(epoch=None))
+    else:
+        _edit_description(out, lambda description: description["model"].update(latent_dim=1e9))
+        named = encoder
+    with pytest.raises(UserError) as error:
+        ia.load(out, device="cpu")
+    assert f"'{named}'" in str(error.value) and len(str(error.value).splitlines()) == 1
+    assert main(["sample", str(out), "-n", "1", "--out", str(tmp_path / "samples")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"'{named}'" in line and not (tmp_path / "samples").exists()

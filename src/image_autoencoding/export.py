@@ -23,7 +23,14 @@ from image_autoencoding.atomic_files import atomic_write, replace_folder, tempor
 from image_autoencoding.config import ConfigError, build_config
 from image_autoencoding.errors import UserError
 from image_autoencoding.runs.latent_sampler import load_run_mixture
-from image_autoencoding.runs.loading import DEFAULT_CHECKPOINT, TrainedModel, load_from_checkpoint, load_from_run
+from image_autoencoding.runs.loading import (
+    DEFAULT_CHECKPOINT,
+    TrainedModel,
+    expected_shapes,
+    load_from_checkpoint,
+    load_from_run,
+    shape_mismatch,
+)
 from image_autoencoding.runs.resume import names_a_file
 
 FORMAT = "image-autoencoding-vae"
@@ -143,14 +150,47 @@ def load_export(folder: str | Path) -> TrainedModel:
         config = build_config({"model": description["model"], "data": description["data"]}, str(path))
     except KeyError as exc:
         raise ConfigError(f"'{path}': the {exc.args[0]} section is missing") from None
+    provenance = {key: description.get(key, 0) for key in ("epoch", "step")}
+    for key, value in provenance.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UserError(f"'{path}': \"{key}\" is {json.dumps(value)[:40]}, expected a whole number >= 0")
+    # The weights files' headers against the model config.json describes, before the model is built:
+    # a config.json claiming latent_dim 1e9 would otherwise allocate 1 TB.
+    expected = expected_shapes(config)
+    for network in ("encoder", "decoder"):
+        weights, prefix = folder / f"{network}.safetensors", f"{network}."
+        own = {name.removeprefix(prefix): shape for name, shape in expected.items() if name.startswith(prefix)}
+        problem = shape_mismatch(own, _tensor_shapes(weights))
+        if problem:
+            raise UserError(f"'{weights}' does not hold the {network} '{path}' describes: {problem}")
     load_file = _safetensors().load_file
     model = build_model(config.model, config.data.image_size)
     for network in ("encoder", "decoder"):
         weights = folder / f"{network}.safetensors"
         try:
             getattr(model, network).load_state_dict(load_file(weights))
-        except (OSError, RuntimeError) as exc:
+        except (OSError, RuntimeError, _safetensors_error()) as exc:
             raise UserError(f"'{weights}' does not hold the {network} config.json describes: "
                             f"{str(exc).splitlines()[0]}") from None
-    return TrainedModel(config, model.eval(), folder, int(description.get("epoch", 0)),
-                        int(description.get("step", 0)))
+    return TrainedModel(config, model.eval(), folder, provenance["epoch"], provenance["step"])
+
+
+def _safetensors_error() -> type[Exception]:
+    _safetensors()  # says how to install it when it is missing
+    from safetensors import SafetensorError
+
+    return SafetensorError
+
+
+def _tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of each tensor in a safetensors file, read from its header alone. A missing or
+    truncated file, or a header that is not safetensors' (one claiming 4 TB), names the file."""
+    error = _safetensors_error()
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (OSError, error) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"'{weights}' cannot be read as a safetensors file: {reason}") from None
