@@ -277,7 +277,7 @@ def test_the_api_posterior_keeps_the_logvar_bounds_the_model_was_configured_with
         model.encoder.to_logvar.weight.zero_()
         model.encoder.to_logvar.bias.fill_(40.0)
     vae = ia.TrainedVAE(TrainedModel(config, model, tmp_path, 0, 0), torch.device("cpu"))
-    pixels = np.asarray(photo(0, 16, 16))[None]
+    pixels = np.array(photo(0, 16, 16))[None]
     with torch.no_grad():
         own = model.encoder(vae._normalized(pixels)).logvar
     assert torch.equal(own, torch.full_like(own, 40.0))

@@ -27,6 +27,7 @@ import torch
 import yaml
 
 import image_autoencoding as ia
+from conftest import TINY
 from helpers.faults import ENV as SIGNAL_AT_STEP
 from helpers.faults import SCRIPT as VAE_WITH_FAULTS
 from helpers.faults import NanBatches, SignalAtStep
@@ -391,12 +392,25 @@ def test_a_checkpoint_value_of_the_wrong_type_is_one_line_naming_file_and_key(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt", "config.yaml"]  # nothing written or moved
 
 
-def test_a_checkpoint_config_describing_a_model_larger_than_its_weights_is_refused_before_building_it(tmp_path):
-    """model.latent_dim 1e9 in the checkpoint's config: building that model would allocate 1 TB."""
-    path = tmp_path / "huge.pt"
-    save_checkpoint({**_fake_state(), "config": load_config(None, ["model.latent_dim=1000000000"]).to_dict()}, path)
-    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint '{path}' does not fit")):
+@pytest.mark.parametrize("case", ["config latent_dim 1e9", "a tensor of another shape"])
+def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_refused_before_building_the_model(tmp_path, capsys,
+                                                                                               case):
+    """model.latent_dim 1e9 in the checkpoint's config would allocate 1 TB when the model is built; a
+    tensor of another shape failed inside torch's load_state_dict."""
+    config = load_config(None, TINY)
+    weights = build_model(config.model, config.data.image_size).state_dict()
+    if case == "config latent_dim 1e9":
+        config = load_config(None, [*TINY, "model.latent_dim=1000000000"])
+    else:
+        weights["encoder.to_mean.weight"] = torch.zeros(3, 3)
+    path = tmp_path / "bad.pt"
+    save_checkpoint({**_fake_state(), "model": weights, "config": config.to_dict()}, path)
+    assert main(["train", "--resume", str(tmp_path), "--checkpoint", str(path)]) == 2
+    error = _one_line(capsys.readouterr().err)
+    assert f"checkpoint '{path}' does not fit" in error and "encoder.to_mean.weight is [" in error
+    with pytest.raises(CheckpointError, match="encoder.to_mean.weight is"):
         ia.load(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.pt"]
 
 
 def test_last_best_and_epoch_checkpoints_are_separate_files_so_resume_can_fall_back(tiny, tmp_path,

@@ -22,15 +22,9 @@ from typing import Any
 from image_autoencoding.atomic_files import atomic_write, replace_folder, temporary_folder_beside
 from image_autoencoding.config import ConfigError, build_config
 from image_autoencoding.errors import UserError
+from image_autoencoding.models.shapes import expected_shapes, shape_mismatch
 from image_autoencoding.runs.latent_sampler import load_run_mixture
-from image_autoencoding.runs.loading import (
-    DEFAULT_CHECKPOINT,
-    TrainedModel,
-    expected_shapes,
-    load_from_checkpoint,
-    load_from_run,
-    shape_mismatch,
-)
+from image_autoencoding.runs.loading import DEFAULT_CHECKPOINT, TrainedModel, load_from_checkpoint, load_from_run
 from image_autoencoding.runs.resume import names_a_file
 
 FORMAT = "image-autoencoding-vae"
@@ -156,7 +150,7 @@ def load_export(folder: str | Path) -> TrainedModel:
             raise UserError(f"'{path}': \"{key}\" is {json.dumps(value)[:40]}, expected a whole number >= 0")
     # The weights files' headers against the model config.json describes, before the model is built:
     # a config.json claiming latent_dim 1e9 would otherwise allocate 1 TB.
-    expected = expected_shapes(config)
+    expected = expected_shapes(config.model, config.data.image_size)
     for network in ("encoder", "decoder"):
         weights, prefix = folder / f"{network}.safetensors", f"{network}."
         own = {name.removeprefix(prefix): shape for name, shape in expected.items() if name.startswith(prefix)}

@@ -6,10 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from image_autoencoding.config import Config, ConfigError
 from image_autoencoding.models.factory import build_model
+from image_autoencoding.models.shapes import expected_shapes, shape_mismatch, tensor_shapes
 from image_autoencoding.models.vae import VAE
 from image_autoencoding.runs.checkpoint import CheckpointError, load_checkpoint
 from image_autoencoding.runs.resume import checkpoint_path
@@ -56,35 +55,9 @@ def load_from_checkpoint(path: str | Path) -> TrainedModel:
     return _with_weights(checkpoint_config(state, path), path, state, "the model its config describes")
 
 
-def expected_shapes(config: Config) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor in the state dict of the model `config` describes. The model is
-    built on the meta device, which allocates nothing: a config that does not fit its weights file
-    is refused before a model is built, even one describing a huge model (model.latent_dim 1e9
-    would take 1 TB)."""
-    with torch.device("meta"):
-        model = build_model(config.model, config.data.image_size)
-    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-
-
-def shape_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> str | None:
-    """The first difference between the tensors a model needs (`expected_shapes`) and those a file
-    holds, in words; None when they agree."""
-    missing = [name for name in expected if name not in found]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        return f"it has no tensor {missing[0]}{more}"
-    unexpected = [name for name in found if name not in expected]
-    if unexpected:
-        return f"it has a tensor {unexpected[0]} the model does not"
-    for name, shape in expected.items():
-        if found[name] != shape:
-            return f"its {name} is {list(found[name])}, the model's is {list(shape)}"
-    return None
-
-
 def _with_weights(config: Config, path: Path, state: dict, described: str) -> TrainedModel:
-    found = {name: tuple(tensor.shape) for name, tensor in state["model"].items()}
-    problem = shape_mismatch(expected_shapes(config), found)
+    # Checked before the model is built (models/shapes.py): a config describing a huge model is refused.
+    problem = shape_mismatch(expected_shapes(config.model, config.data.image_size), tensor_shapes(state["model"]))
     if problem:
         raise CheckpointError(f"checkpoint '{path}' does not fit {described}: {problem}")
     model = build_model(config.model, config.data.image_size)
