@@ -279,8 +279,10 @@ def test_a_run_saved_with_a_key_this_version_does_not_know_is_refused_naming_it(
 
 def test_resume_inside_an_epoch_refuses_a_changed_batch_size(tmp_path, capsys):
     path = tmp_path / "inside.pt"
+    config = load_config(None, TINY)
     progress = {"steps": 2, "sums": torch.zeros(2), "images": 64, "skipped": 0, "seconds": 1.0}
-    save_checkpoint({**_fake_state(), "epoch_progress": progress, "config": load_config().to_dict()}, path)
+    save_checkpoint({**_fake_state(), "model": build_model(config.model, config.data.image_size).state_dict(),
+                     "epoch_progress": progress, "config": config.to_dict()}, path)
     assert main(["train", "--resume", str(tmp_path), "--checkpoint", str(path), "train.batch_size=16"]) == 2
     error = _one_line(capsys.readouterr().err)
     assert "train.batch_size" in error and "inside an epoch" in error
