@@ -3,9 +3,12 @@ an export folder; inputs preprocessed exactly as the training cache; the CLI's c
 
 from __future__ import annotations
 
+import errno
 import json
 import pickle
 import re
+import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +21,12 @@ from PIL import Image
 import image_autoencoding as ia
 from conftest import TINY
 from fixtures import odd_but_valid_files, photo, save_jpeg
+from image_autoencoding import export as export_module
 from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
 from image_autoencoding.data.cache import open_or_build
 from image_autoencoding.data.sources import FileSplit
+from image_autoencoding.errors import UserError
 from image_autoencoding.models.factory import build_model
 from image_autoencoding.runs.checkpoint import load_checkpoint
 from image_autoencoding.runs.loading import TrainedModel
@@ -42,6 +47,15 @@ def run(tmp_path_factory) -> Path:
 def exported(run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "export"
     assert main(["export", str(run), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def onnx_exported(run, tmp_path_factory) -> Path:
+    pytest.importorskip("onnxruntime", reason="vae export --onnx needs onnxruntime (the onnx extra)")
+    pytest.importorskip("onnxscript", reason="vae export --onnx needs onnxscript (the onnx extra)")
+    out = tmp_path_factory.mktemp("onnx") / "export"
+    assert main(["export", str(run), "--out", str(out), "--onnx"]) == 0
     return out
 
 
@@ -164,11 +178,10 @@ def test_export_defaults_to_best_like_every_other_command(run, tmp_path):
     assert description["data"]["image_size"] == 16 and "image_crop" in description["data"]
 
 
-def test_onnx_export_matches_torch_in_onnxruntime(run, tmp_path):
-    onnxruntime = pytest.importorskip("onnxruntime", reason="vae export --onnx needs onnxruntime (the onnx extra)")
-    pytest.importorskip("onnxscript", reason="vae export --onnx needs onnxscript (the onnx extra)")
-    out = tmp_path / "export"
-    assert main(["export", str(run), "--out", str(out), "--onnx"]) == 0
+def test_onnx_export_matches_torch_in_onnxruntime(onnx_exported):
+    import onnxruntime
+
+    out = onnx_exported
     vae = ia.load(out, device="cpu")
     generator = torch.Generator().manual_seed(0)
     for batch in (1, 7):  # a dynamic batch axis
@@ -253,3 +266,112 @@ def test_vae_reconstruct_does_not_crop_twice_when_the_crop_is_smaller_than_the_s
     scale = 256 // 16
     output = grid[2 + 16 * scale + 2 :: scale, 2::scale][:16, :16]
     assert np.array_equal(output, np.asarray(ia.load(run, device="cpu").reconstruct(photos[0])[0]))
+
+
+def test_the_api_posterior_keeps_the_logvar_bounds_the_model_was_configured_with(tmp_path):
+    """model.logvar_max=60 and an encoder whose log-variance is 40: the API must give the model's own
+    posterior (40), not one clamped again to the default bound of 20."""
+    config = load_config(None, [*TINY, "model.logvar_min=-60", "model.logvar_max=60"])
+    model = build_model(config.model, 16).eval()
+    with torch.no_grad():
+        model.encoder.to_logvar.weight.zero_()
+        model.encoder.to_logvar.bias.fill_(40.0)
+    vae = ia.TrainedVAE(TrainedModel(config, model, tmp_path, 0, 0), torch.device("cpu"))
+    pixels = np.array(photo(0, 16, 16))[None]
+    with torch.no_grad():
+        own = model.encoder(vae._normalized(pixels)).logvar
+    assert torch.equal(own, torch.full_like(own, 40.0))
+    assert torch.equal(vae.encode_pixels(pixels).logvar, own)
+
+
+def _another_checkpoint(run: Path) -> str:
+    """A checkpoint of the run whose weights are not best.pt's (the default export's)."""
+    return "epoch_1" if load_checkpoint(run / "checkpoints" / "best.pt")["epoch"] == 2 else "last"
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+def test_an_export_replaces_the_whole_folder_of_an_earlier_one(run, onnx_exported, tmp_path):
+    """An export with --onnx and the latent mixture, then another checkpoint's export (no --onnx,
+    no mixture) into the same folder: none of the first export's files may stay beside the new weights."""
+    out = tmp_path / "export"
+    shutil.copytree(onnx_exported, out)
+    assert {"encoder.onnx", "decoder.onnx", "latent_gmm.safetensors"} <= set(_files(out))
+    assert main(["export", str(run), "--checkpoint", _another_checkpoint(run), "--out", str(out)]) == 0
+    assert sorted(_files(out)) == ["config.json", "decoder.safetensors", "encoder.safetensors"]
+    vae = ia.load(out, device="cpu")
+    assert vae.mixture is None and vae.epoch != load_checkpoint(run / "checkpoints" / "best.pt")["epoch"]
+    assert [path.name for path in tmp_path.iterdir()] == ["export"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk full", "interrupted"])
+def test_an_export_failing_midway_leaves_the_earlier_export_whole(run, exported, tmp_path, monkeypatch, capsys,
+                                                                  failure):
+    """The new weights are written, then writing config.json fails: the folder must still hold the
+    earlier export exactly, not the new weights under the old config.json."""
+    out = tmp_path / "export"
+    shutil.copytree(exported, out)
+    before = _files(out)
+    write = export_module.atomic_write
+
+    def fail_at_the_description(path, *args, **kwargs):
+        if Path(path).name == "config.json":
+            raise failure
+        write(path, *args, **kwargs)
+
+    monkeypatch.setattr(export_module, "atomic_write", fail_at_the_description)
+    args = ["export", str(run), "--checkpoint", _another_checkpoint(run), "--out", str(out)]
+    if isinstance(failure, OSError):
+        assert main(args) == 2
+        (error,) = capsys.readouterr().err.strip().splitlines()
+        assert str(out) in error and "No space left on device" in error
+    else:
+        assert main(args) == 130
+    assert _files(out) == before
+    assert [path.name for path in tmp_path.iterdir()] == ["export"]  # no temporary folder left
+
+
+def test_an_export_never_replaces_a_folder_that_is_not_an_export(run, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(["export", str(run), "--out", str(out)]) == 2
+    (error,) = capsys.readouterr().err.strip().splitlines()
+    assert str(out) in error and "not an export" in error
+    assert _files(out) == {"notes.txt": b"keep me"} and list(tmp_path.iterdir()) == [out]
+
+
+def _edit_description(out: Path, edit) -> Path:
+    path = out / "config.json"
+    description = json.loads(path.read_text())
+    edit(description)
+    path.write_text(json.dumps(description))
+    return path
+
+
+@pytest.mark.parametrize("damage", ["header claiming 4 TB", "truncated", "epoch null", "latent_dim 1e9"])
+def test_a_damaged_export_is_one_line_naming_the_file(exported, tmp_path, capsys, damage):
+    """Each refused before any tensor is read or any model built: a latent_dim of 1e9 would allocate 1 TB."""
+    out = tmp_path / "export"
+    shutil.copytree(exported, out)
+    encoder, decoder = out / "encoder.safetensors", out / "decoder.safetensors"
+    if damage == "header claiming 4 TB":
+        encoder.write_bytes(struct.pack("<Q", 4 * 10**12) + encoder.read_bytes()[8:])
+        named = encoder
+    elif damage == "truncated":
+        decoder.write_bytes(decoder.read_bytes()[: decoder.stat().st_size // 2])
+        named = decoder
+    elif damage == "epoch null":
+        named = _edit_description(out, lambda description: description.update(epoch=None))
+    else:
+        _edit_description(out, lambda description: description["model"].update(latent_dim=1e9))
+        named = encoder
+    with pytest.raises(UserError) as error:
+        ia.load(out, device="cpu")
+    assert f"'{named}'" in str(error.value) and len(str(error.value).splitlines()) == 1
+    assert main(["sample", str(out), "-n", "1", "--out", str(tmp_path / "samples")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"'{named}'" in line and not (tmp_path / "samples").exists()

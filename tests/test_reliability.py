@@ -26,12 +26,15 @@ import pytest
 import torch
 import yaml
 
+import image_autoencoding as ia
+from conftest import TINY
 from helpers.faults import ENV as SIGNAL_AT_STEP
 from helpers.faults import SCRIPT as VAE_WITH_FAULTS
 from helpers.faults import NanBatches, SignalAtStep
 from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
 from image_autoencoding.data.image_data import load_image_data
+from image_autoencoding.errors import UserError
 from image_autoencoding.models.factory import build_model
 from image_autoencoding.runs import epoch_pictures
 from image_autoencoding.runs import report as run_report
@@ -45,6 +48,7 @@ from image_autoencoding.runs.checkpoint import (
 from image_autoencoding.runs.resume import load_newest_good
 from image_autoencoding.runs.run_dir import create_run_dir
 from image_autoencoding.training.callbacks import Callback
+from image_autoencoding.training.rng import rng_state
 from image_autoencoding.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,8 +130,9 @@ def _one_line(text: str) -> str:
 
 def _fake_state(value: float = 1.0) -> dict:
     """The shape of a checkpoint without training a model."""
-    return {"model": {"w": torch.full((4,), value)}, "encoder_optimizer": {}, "decoder_optimizer": {},
-            "epoch": 1, "step": 3, "rng": {}, "config": {}}
+    optimizer = {"state": {}, "param_groups": []}
+    return {"model": {"w": torch.full((4,), value)}, "encoder_optimizer": optimizer, "decoder_optimizer": optimizer,
+            "epoch": 1, "step": 3, "rng": rng_state(), "config": {}}
 
 
 def _temp_files(folder: Path) -> list[Path]:
@@ -325,7 +330,10 @@ def test_a_run_saved_with_a_key_this_version_does_not_know_is_refused_naming_it(
 
 def test_resume_inside_an_epoch_refuses_a_changed_batch_size(tmp_path, capsys):
     path = tmp_path / "inside.pt"
-    save_checkpoint({**_fake_state(), "epoch_progress": {"steps": 2}, "config": load_config().to_dict()}, path)
+    config = load_config(None, TINY)
+    progress = {"steps": 2, "sums": torch.zeros(2), "images": 64, "skipped": 0, "seconds": 1.0}
+    save_checkpoint({**_fake_state(), "model": build_model(config.model, config.data.image_size).state_dict(),
+                     "epoch_progress": progress, "config": config.to_dict()}, path)
     assert main(["train", "--resume", str(tmp_path), "--checkpoint", str(path), "train.batch_size=16"]) == 2
     error = _one_line(capsys.readouterr().err)
     assert "train.batch_size" in error and "inside an epoch" in error
@@ -410,6 +418,52 @@ def test_a_bad_checkpoint_is_one_line_naming_the_file_exit_2(tmp_path, capsys, k
     assert str(path) in error and "weights_only" not in error
     assert main(["export", str(tmp_path), "--checkpoint", str(path)]) == 2
     assert str(path) in _one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("model", 5, "model is 5, expected a state dict"),
+    ("model", {"w": 1.5}, "model['w'] is 1.5, expected a tensor"),
+    ("epoch", "three", "epoch is 'three', expected a whole number >= 0"),
+    ("step", -1, "step is -1, expected a whole number >= 0"),
+    ("encoder_optimizer", [], "encoder_optimizer is a list, expected an optimizer state dict"),
+    ("config", "tiny", "config is 'tiny', expected a dict"),
+    ("rng", {**rng_state(), "python": {"version": 3, "internal": [0] * 3, "gauss": None}}, "rng.python.internal"),
+])
+def test_a_checkpoint_value_of_the_wrong_type_is_one_line_naming_file_and_key(tmp_path, capsys, key, value, expected):
+    """Every key present, one of the wrong type: refused where checkpoints are read, by every command."""
+    path = tmp_path / "bad.pt"
+    save_checkpoint({**_fake_state(), key: value}, path)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(load_config().to_dict()))  # a run folder for reconstruct
+    for command in (["train", "--resume", str(tmp_path), "--checkpoint", str(path)],
+                    ["reconstruct", str(tmp_path), "--checkpoint", str(path), str(tmp_path / "image.png")],
+                    ["export", str(tmp_path), "--checkpoint", str(path)]):
+        assert main(command) == 2, command
+        error = _one_line(capsys.readouterr().err)
+        assert f"checkpoint '{path}'" in error and expected in error, command
+    with pytest.raises(UserError, match=re.escape(expected)):
+        ia.load(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt", "config.yaml"]  # nothing written or moved
+
+
+@pytest.mark.parametrize("case", ["config latent_dim 1e9", "a tensor of another shape"])
+def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_refused_before_building_the_model(tmp_path, capsys,
+                                                                                               case):
+    """model.latent_dim 1e9 in the checkpoint's config would allocate 1 TB when the model is built; a
+    tensor of another shape failed inside torch's load_state_dict."""
+    config = load_config(None, TINY)
+    weights = build_model(config.model, config.data.image_size).state_dict()
+    if case == "config latent_dim 1e9":
+        config = load_config(None, [*TINY, "model.latent_dim=1000000000"])
+    else:
+        weights["encoder.to_mean.weight"] = torch.zeros(3, 3)
+    path = tmp_path / "bad.pt"
+    save_checkpoint({**_fake_state(), "model": weights, "config": config.to_dict()}, path)
+    assert main(["train", "--resume", str(tmp_path), "--checkpoint", str(path)]) == 2
+    error = _one_line(capsys.readouterr().err)
+    assert f"checkpoint '{path}' does not fit" in error and "encoder.to_mean.weight is [" in error
+    with pytest.raises(CheckpointError, match="encoder.to_mean.weight is"):
+        ia.load(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.pt"]
 
 
 def test_last_best_and_epoch_checkpoints_are_separate_files_so_resume_can_fall_back(tiny, tmp_path,

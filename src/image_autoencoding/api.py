@@ -158,7 +158,10 @@ class TrainedVAE:
             posterior = self.model.encoder(x)
             means.append(posterior.mean)
             logvars.append(posterior.logvar)
-        return DiagonalGaussian(torch.cat(means), torch.cat(logvars))
+        # The batches' logvars are clamped to the model's own bounds already; the joined posterior
+        # must keep them, not clamp again to DiagonalGaussian's defaults.
+        model = self.config.model
+        return DiagonalGaussian(torch.cat(means), torch.cat(logvars), model.logvar_min, model.logvar_max)
 
     @torch.no_grad()
     def decode(self, z: Tensor | np.ndarray, as_tensor: bool = False) -> list[Image.Image] | Tensor:

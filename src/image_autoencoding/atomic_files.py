@@ -10,6 +10,7 @@ them, and a process killed mid-write leaves a file `leftover_temporaries` recogn
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -65,3 +66,36 @@ def fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def temporary_folder_beside(path: str | Path) -> Path:
+    """A new empty folder ".<name>.<random>.tmp" beside `path`, in which a folder's new contents are
+    built before `replace_folder` swaps them in: on the same file system, so the swap is a rename, and
+    named so that nothing takes it for the finished folder (a killed process leaves it recognisable)."""
+    path = Path(path)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
+    os.chmod(folder, 0o777 & ~_umask())  # mkdtemp creates it 0700; the finished folder gets the usual mode
+    return folder
+
+
+def replace_folder(new: Path, path: str | Path) -> None:
+    """Put the folder `new` (from `temporary_folder_beside(path)`) in place of `path`, whole: the old
+    folder is renamed aside, `new` renamed into place, the old one deleted. Readers see the old
+    folder's files or the new folder's, never a mix of both. If the second rename fails the old
+    folder is put back; between the two renames a crash leaves both complete folders, `new` under
+    its temporary name and the old one under ".<name>.<random>.old.tmp"."""
+    path = Path(path)
+    if not path.exists():
+        os.rename(new, path)
+        fsync_folder(path.parent)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=f".old{TEMP_SUFFIX}", dir=path.parent))
+    aside.rmdir()  # only its unique name is wanted: a folder renames onto an empty one on POSIX, not on Windows
+    os.rename(path, aside)
+    try:
+        os.rename(new, path)
+    except BaseException:
+        os.rename(aside, path)
+        raise
+    fsync_folder(path.parent)
+    aside.unlink() if aside.is_symlink() else shutil.rmtree(aside, ignore_errors=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from image_autoencoding.config import Config, ConfigError
 from image_autoencoding.models.factory import build_model
+from image_autoencoding.models.shapes import expected_shapes, shape_mismatch, tensor_shapes
 from image_autoencoding.models.vae import VAE
 from image_autoencoding.runs.checkpoint import CheckpointError, load_checkpoint
 from image_autoencoding.runs.resume import checkpoint_path
@@ -55,6 +56,10 @@ def load_from_checkpoint(path: str | Path) -> TrainedModel:
 
 
 def _with_weights(config: Config, path: Path, state: dict, described: str) -> TrainedModel:
+    # Checked before the model is built (models/shapes.py): a config describing a huge model is refused.
+    problem = shape_mismatch(expected_shapes(config.model, config.data.image_size), tensor_shapes(state["model"]))
+    if problem:
+        raise CheckpointError(f"checkpoint '{path}' does not fit {described}: {problem}")
     model = build_model(config.model, config.data.image_size)
     try:
         model.load_state_dict(state["model"])

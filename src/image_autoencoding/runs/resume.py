@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from image_autoencoding.config import Config, ConfigError, apply_overrides, build_config
+from image_autoencoding.models.shapes import expected_shapes, shape_mismatch, tensor_shapes
 from image_autoencoding.runs.checkpoint import (
     CheckpointError,
     epoch_checkpoints,
@@ -128,6 +129,9 @@ def prepare_resume(
         path, fallbacks = checkpoint_path(run_dir, checkpoint), []
         state = load_checkpoint(path)
     saved = checkpoint_config(state, path)
+    problem = shape_mismatch(expected_shapes(saved.model, saved.data.image_size), tensor_shapes(state["model"]))
+    if problem:
+        raise CheckpointError(f"checkpoint '{path}' does not fit the model its config describes: {problem}")
     _check_checkpoint_fits_run(run_dir, path, saved)
     config = build_config(apply_overrides(saved.to_dict(), overrides), "resume overrides")
     before, after = _flatten(saved.to_dict()), _flatten(config.to_dict())
