@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from image_autoencoding.errors import UserError, quoted
+
 TEMP_SUFFIX = ".tmp"
 
 
@@ -65,3 +67,13 @@ def fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_write_or_explain(path: str | Path, write: Callable[[IO], None], binary: bool = True) -> None:
+    """atomic_write, a failure (a full disk, no permission) raised as the one-line UserError that
+    names the file; the previous file is kept."""
+    try:
+        atomic_write(path, write, binary)
+    except OSError as exc:
+        raise UserError(f"cannot write {quoted(path)}: {exc.strerror or exc}; the previous file, if any, is kept"
+                        ) from None
