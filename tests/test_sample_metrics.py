@@ -176,11 +176,12 @@ def test_inception_weights_that_are_not_a_state_dict_are_one_line(run, tmp_path,
 
     marker, weights = tmp_path / "marker", tmp_path / "weights.pth"
     torch.save(_CreatesFileWhenUnpickled(marker) if content.startswith("a pickle") else [torch.ones(2)], weights)
+    files = sorted(run.rglob("*"))
     assert main(["evaluate", str(run), "--fid", "--inception-weights", str(weights), "--limit", "8"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(weights) in err and "Traceback" not in err, err
     assert "weights_only" not in err and "False" not in err  # no advice to load it unsafely
-    assert not marker.exists() and not list(run.glob("sample_quality*"))
+    assert not marker.exists() and sorted(run.rglob("*")) == files
 
 
 def test_fid_on_too_few_images_is_refused_before_any_feature_is_computed(run, tmp_path, monkeypatch, capsys):
@@ -196,4 +197,4 @@ def test_fid_on_too_few_images_is_refused_before_any_feature_is_computed(run, tm
     assert main(["evaluate", str(run), "--fid", "--inception-weights", str(weights), "--limit", "3"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "at least 4 images" in err and "gives 3" in err, err
-    assert computed == [] and not list(run.glob("*limit_3*"))
+    assert computed == [] and not list(run.rglob("*limit_3*"))
