@@ -262,8 +262,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 # large to open, and too crowded to look at.
 SAMPLE_GRID_IMAGES = 256
 # The most images one `vae sample` writes. Every latent is drawn first, in one call (see _sample): a
-# million 128-float latents take 512 MB; and a million PNG files in one folder is already more than
-# file browsers and shells handle well (FID papers use 50,000 samples).
+# million 128-float latents take 512 MB (a spatial latent of 4 x 16 x 16, 4 GB); and a million PNG
+# files in one folder is already more than file browsers and shells handle well (FID papers use 50,000).
 MAX_SAMPLES = 1_000_000
 
 
@@ -432,7 +432,8 @@ RECONSTRUCTION_SUFFIX = "_reconstruction.png"
 def _reconstruction_names(images: list[str], out: Path) -> list[Path]:
     """NAME_reconstruction.png in `out` for each image; NAME_2_... for a name already taken; a stem
     cut (at a character boundary) where the name would exceed the file system's limit on one name
-    (NAME_MAX, 255 bytes on most), which a legal input name of 237 bytes or more reaches."""
+    (NAME_MAX, 255 bytes on most): the suffix takes 19 bytes, so an input whose name is legal but
+    whose stem is over 236 bytes would otherwise give a name the file system refuses."""
     limit = _name_max(out)
     taken: set[str] = set()
     names = []
