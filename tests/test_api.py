@@ -297,3 +297,11 @@ def test_vae_encode_writes_exactly_the_name_given_and_refuses_a_folder(run, phot
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"'{tmp_path / 'folder'}' is a folder" in err, err
     assert sorted(path.name for path in tmp_path.iterdir()) == ["folder", "latents"]
+
+
+def test_a_device_this_machine_lacks_is_blamed_on_the_device_argument(run, monkeypatch):
+    from image_autoencoding.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=r"^device: 'cuda' requested but no CUDA device is available$"):
+        ia.load(run, device="cuda")

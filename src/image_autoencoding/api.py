@@ -65,7 +65,7 @@ def load(
         mixture = load_run_mixture(path.parent.parent, trained) if in_run else None
     else:
         raise UserError(f"'{path}' not found (expected a run folder, a .pt checkpoint or an export folder)")
-    device = device if isinstance(device, torch.device) else resolve_device(device)
+    device = device if isinstance(device, torch.device) else resolve_device(device, "device")
     return TrainedVAE(trained, device, dtype, mixture)
 
 
