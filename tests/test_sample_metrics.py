@@ -126,8 +126,9 @@ def test_a_weights_file_for_another_network_is_refused_in_one_line(tmp_path):
 
     path = tmp_path / "other.pth"
     torch.save({"w": torch.ones(3)}, path)
-    with pytest.raises(UserError, match="not usable weights for Inception3"):
+    with pytest.raises(UserError, match="not usable weights for Inception3: ") as refused:
         inception_network(path)
+    assert "\n" not in str(refused.value) and "first 'w'" in str(refused.value) and "missing" in str(refused.value)
 
 
 def test_the_report_says_where_the_inception_weights_go_when_they_are_absent(run, tmp_path, monkeypatch):

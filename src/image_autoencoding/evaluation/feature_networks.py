@@ -65,10 +65,22 @@ def load_weights(module: nn.Module, path: Path) -> nn.Module:
     if not isinstance(state, dict) or not all(isinstance(key, str) for key in state):
         raise UserError(f"{quoted(path)} is not usable weights for {name}: it holds a {type(state).__name__}, "
                         "expected a state dict (parameter name -> tensor)")
+    expected = module.state_dict()
+    missing, unknown = [key for key in expected if key not in state], [key for key in state if key not in expected]
+    if missing or unknown:
+        found = []
+        if missing:
+            found.append(f"{len(missing)} of the {len(expected)} tensors it needs are missing (first {missing[0]!r})")
+        if unknown:
+            found.append(f"the file holds {len(unknown)} it has no place for (first {unknown[0]!r})")
+        raise UserError(f"{quoted(path)} is not usable weights for {name}: {'; '.join(found)}")
     try:
         module.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
-        raise UserError(f"{quoted(path)} is not usable weights for {name}: {str(exc).splitlines()[0]}") from None
+        # torch's first line is a heading ("Error(s) in loading state_dict for ..."); the reason follows.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        raise UserError(f"{quoted(path)} is not usable weights for {name}: {lines[min(1, len(lines) - 1)][:200]}"
+                        ) from None
     return module
 
 
