@@ -11,6 +11,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from PIL import Image
 import image_autoencoding as ia
 from conftest import TINY
 from fixtures import odd_but_valid_files, photo, save_jpeg
+from helpers.disks import full_disk
 from image_autoencoding import export as export_module
 from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
@@ -375,3 +377,53 @@ def test_a_damaged_export_is_one_line_naming_the_file(exported, tmp_path, capsys
     assert main(["sample", str(out), "-n", "1", "--out", str(tmp_path / "samples")]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert f"'{named}'" in line and not (tmp_path / "samples").exists()
+
+
+def test_encode_of_no_images_and_a_fractional_sample_count_say_what_was_expected(run):
+    vae = ia.load(run, device="cpu")
+    with pytest.raises(ValueError, match="encode: expected at least one image, got none"):
+        vae.encode([])
+    with pytest.raises(TypeError, match="n: expected a whole number of images, got 2.5"):
+        vae.sample(2.5)
+    with pytest.raises(ValueError, match=re.escape("seed: expected an integer from 0 to 2**64-1")):
+        vae.sample(1, seed=10**23)
+
+
+def test_read_only_pixels_such_as_the_memory_mapped_cache_are_encoded_without_a_warning(run):
+    vae = ia.load(run, device="cpu")
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    expected = vae.encode_pixels(pixels).mean
+    pixels.setflags(write=False)  # as `vae encode --split` reads a cache opened read-only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(vae.encode_pixels(pixels).mean, expected)
+
+
+def test_vae_encode_on_a_full_disk_keeps_the_previous_file(run, photos, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "lat.npz"
+    assert main(["encode", str(run), str(photos[0]), "-o", str(out)]) == 0
+    before = out.read_bytes()
+    full_disk(monkeypatch)
+    assert main(["encode", str(run), *map(str, photos), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lat.npz" in err and "No space left on device" in err, err
+    assert out.read_bytes() == before and [path.name for path in tmp_path.iterdir()] == ["lat.npz"]
+
+
+def test_vae_encode_writes_exactly_the_name_given_and_refuses_a_folder(run, photos, tmp_path, capsys):
+    assert main(["encode", str(run), str(photos[0]), "-o", str(tmp_path / "latents")]) == 0
+    assert capsys.readouterr().out.splitlines() == [str(tmp_path / "latents")]
+    assert np.load(tmp_path / "latents")["mean"].shape == (1, 8)
+    (tmp_path / "folder").mkdir()
+    assert main(["encode", str(run), str(photos[0]), "-o", str(tmp_path / "folder")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"'{tmp_path / 'folder'}' is a folder" in err, err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["folder", "latents"]
+
+
+def test_a_device_this_machine_lacks_is_blamed_on_the_device_argument(run, monkeypatch):
+    from image_autoencoding.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=r"^device: 'cuda' requested but no CUDA device is available$"):
+        ia.load(run, device="cuda")

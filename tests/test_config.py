@@ -114,6 +114,16 @@ def test_a_bad_value_is_blamed_on_where_it_came_from(tmp_path):
         load_config(None, ["train.batch_size=0"])
 
 
+@pytest.mark.parametrize(("overrides", "rule"), [
+    (["data.image_size=60"], "multiple of 8 (the encoder divides it by model.stride (2) 3 times"),
+    (["model.arch=resnet", "model.resnet_channels=[8,16,32]", "data.image_size=18"],
+     "multiple of 4 (the resnet encoder halves it 2 times, once per model.resnet_channels level after the first)"),
+])
+def test_an_image_size_the_model_cannot_divide_is_told_that_models_rule(overrides, rule):
+    with pytest.raises(ConfigError, match=re.escape(rule)):
+        load_config(None, overrides)
+
+
 @pytest.mark.parametrize("key", ["train.log_dir", "data.cache_dir"])
 def test_a_folder_key_pointing_at_a_file_is_one_line(key, tmp_path, capsys):
     """The cache is built for file datasets only (the bundled digits live in memory)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from PIL import Image
 
 from conftest import TINY
 from fixtures import photo, save_jpeg
+from helpers.disks import full_disk, read_only
 from image_autoencoding.cli import main
+from image_autoencoding.runs import report as run_report
 from image_autoencoding.runs.checkpoint import load_checkpoint
 from image_autoencoding.visualization import plots
 
@@ -305,3 +308,103 @@ def test_confidence_interval_of_a_skewed_non_negative_metric_stays_non_negative(
         assert s.mean - normal_half < 0  # the case the symmetric interval gets wrong
     s = summaries["ssim"]
     assert s.ci95_low < s.mean < s.ci95_high <= 1
+
+
+# -- disks that say no, out-of-range options, odd names, --device ----------------------------------------
+
+
+@pytest.mark.parametrize(("first", "name"), [(1, "metrics_train_limit_3.json"), (2, "report_train_limit_3.md")])
+def test_a_full_disk_keeps_the_previous_metrics_and_report_whole(run, monkeypatch, capsys, first, name):
+    monkeypatch.setattr(run_report, "write_pictures", lambda *args, **kwargs: {})  # seconds, and not in question
+    argv = ["evaluate", str(run), "--split", "train", "--limit", "3"]
+    assert main(argv) == 0
+    before = {path: (run / path).read_bytes() for path in ("metrics_train_limit_3.json", "report_train_limit_3.md")}
+    full_disk(monkeypatch, first)  # the first / second file evaluate writes (metrics, then the report)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and name in err and "No space left on device" in err, err
+    assert {path: (run / path).read_bytes() for path in before} == before
+    assert not list(run.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("argv", [["sample", "-n", "2"], ["reconstruct", "{image}"], ["evaluate", "--limit", "3"]])
+def test_a_read_only_run_folder_is_one_line_naming_the_folder(run, tmp_path, monkeypatch, capsys, argv):
+    image = save_jpeg(photo(0), tmp_path / "p.jpg")
+    decoded = []
+    monkeypatch.setattr(torch.nn.Module, "__call__", _counting(decoded))
+    read_only(monkeypatch, run)
+    assert main([argv[0], str(run), *(arg.format(image=image) for arg in argv[1:])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(run) in err and "Read-only file system" in err, err
+    assert decoded == []  # refused before any network ran
+
+
+def _counting(calls: list):
+    call = torch.nn.Module.__call__
+
+    def counted(module, *args, **kwargs):
+        calls.append(type(module).__name__)
+        return call(module, *args, **kwargs)
+
+    return counted
+
+
+@pytest.mark.parametrize("argv", [["sample", "-n", "2"], ["reconstruct", "{image}"]])
+def test_out_naming_a_file_is_one_line_and_the_file_is_kept(run, tmp_path, capsys, argv):
+    image = save_jpeg(photo(0), tmp_path / "p.jpg")
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    assert main([argv[0], str(run), *(arg.format(image=image) for arg in argv[1:]), "--out", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"'{taken}' is a file, not a folder" in err, err
+    assert taken.read_text() == "mine"
+
+
+@pytest.mark.parametrize(("option", "value"), [("--seed", str(10**23)), ("--seed", str(2**64)),
+                                               ("-n", "3000000000")])
+def test_sample_refuses_a_seed_or_a_count_out_of_range_in_one_line(run, tmp_path, capsys, option, value):
+    assert main(["sample", str(run), option, value, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{option}: expected" in err and value in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sample_takes_the_largest_seed_torch_does(run, tmp_path):
+    assert main(["sample", str(run), "-n", "1", "--seed", str(2**64 - 1), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "sample_0000.png").is_file()
+
+
+def test_reconstruct_shortens_an_output_name_longer_than_the_file_system_allows(run, tmp_path, capsys):
+    # Legal names (248 bytes); with "_reconstruction.png" added they would be 267, over NAME_MAX (255).
+    names = [tmp_path / ("x" * 244 + ".png"), tmp_path / ("x" * 243 + "y.png")]
+    for index, name in enumerate(names):
+        photo(index).save(name)
+    assert main(["reconstruct", str(run), *map(str, names), "--out", str(tmp_path / "out")]) == 0
+    written = [Path(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(set(written)) == 2 and all(path.is_file() for path in written)
+    assert all(len(path.name.encode()) <= os.pathconf(tmp_path, "PC_NAME_MAX") for path in written)
+    assert all(path.name.startswith("x" * 200) and path.name.endswith("_reconstruction.png") for path in written)
+
+
+def test_a_file_name_with_a_newline_stays_on_the_one_line_of_the_error(run, tmp_path, capsys):
+    bad = tmp_path / "bad\nname.jpg"
+    bad.write_text("<!DOCTYPE html><html></html>")
+    assert main(["reconstruct", str(run), str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad\\nname.jpg" in err, err
+
+
+@pytest.mark.parametrize("argv", [["evaluate", "--split", "train", "--limit", "3"],
+                                  ["sample", "-n", "2", "--out", "{out}"],
+                                  ["reconstruct", "{image}", "--out", "{out}"],
+                                  ["encode", "{image}", "-o", "{out}/latents.npz"]])
+def test_every_command_that_runs_a_network_takes_device_and_blames_it_for_a_missing_gpu(
+        run, tmp_path, monkeypatch, capsys, argv):
+    image = save_jpeg(photo(0), tmp_path / "p.jpg")
+    args = [argv[0], str(run), *(arg.format(image=image, out=tmp_path / "out") for arg in argv[1:])]
+    assert main([*args, "--device", "cpu"]) == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    capsys.readouterr()
+    assert main([*args, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device: 'cuda' requested but no CUDA device" in err and "train." not in err

@@ -126,8 +126,9 @@ def test_a_weights_file_for_another_network_is_refused_in_one_line(tmp_path):
 
     path = tmp_path / "other.pth"
     torch.save({"w": torch.ones(3)}, path)
-    with pytest.raises(UserError, match="not usable weights for Inception3"):
+    with pytest.raises(UserError, match="not usable weights for Inception3: ") as refused:
         inception_network(path)
+    assert "\n" not in str(refused.value) and "first 'w'" in str(refused.value) and "missing" in str(refused.value)
 
 
 def test_the_report_says_where_the_inception_weights_go_when_they_are_absent(run, tmp_path, monkeypatch):
@@ -139,3 +140,62 @@ def test_the_report_says_where_the_inception_weights_go_when_they_are_absent(run
     section = (run / "report_limit_4.md").read_text().split("## Sample quality")[1].split("##")[0]
     assert f"vae evaluate {run} --fid" in section
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_FILE) in section
+
+
+def test_inception_features_are_those_of_torchvisions_own_constructor_for_its_weights(tmp_path):
+    """torchvision's inception_v3(weights=IMAGENET1K_V1) sets transform_input=True: the weights,
+    ported from TensorFlow, expect inputs in [-1, 1]. Random weights here (no download); the same
+    file loaded both ways, the same ImageNet-normalised 299 px images, as torchvision's transforms give."""
+    from torchvision.models import inception_v3
+
+    from image_autoencoding.evaluation.feature_networks import IMAGENET_MEAN, IMAGENET_STD, inception_network
+
+    torch.manual_seed(0)
+    reference = inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
+    torch.save(reference.state_dict(), tmp_path / "inception.pth")
+    reference.fc = torch.nn.Identity()
+    images = torch.rand(1, 3, 299, 299, generator=torch.Generator().manual_seed(1))
+    mean, std = (torch.tensor(values).view(1, 3, 1, 1) for values in (IMAGENET_MEAN, IMAGENET_STD))
+    with torch.no_grad():
+        expected = reference.eval()((images - mean) / std).double()
+    ours = inception_network(tmp_path / "inception.pth").features(images)
+    # Random weights give pooled features of ~1e-6: compare relative to their size.
+    assert (ours - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+class _CreatesFileWhenUnpickled:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+@pytest.mark.parametrize("content", ["a pickle that runs code", "a list of tensors"])
+def test_inception_weights_that_are_not_a_state_dict_are_one_line(run, tmp_path, capsys, content):
+    from image_autoencoding.cli import main
+
+    marker, weights = tmp_path / "marker", tmp_path / "weights.pth"
+    torch.save(_CreatesFileWhenUnpickled(marker) if content.startswith("a pickle") else [torch.ones(2)], weights)
+    files = sorted(run.rglob("*"))
+    assert main(["evaluate", str(run), "--fid", "--inception-weights", str(weights), "--limit", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(weights) in err and "Traceback" not in err, err
+    assert "weights_only" not in err and "False" not in err  # no advice to load it unsafely
+    assert not marker.exists() and sorted(run.rglob("*")) == files
+
+
+def test_fid_on_too_few_images_is_refused_before_any_feature_is_computed(run, tmp_path, monkeypatch, capsys):
+    from image_autoencoding.cli import main
+    from image_autoencoding.evaluation import feature_networks
+
+    computed = []
+    tiny_network = feature_networks.FeatureNetwork(torch.nn.Conv2d(3, 4, 3), input_size=8)
+    monkeypatch.setattr(feature_networks.FeatureNetwork, "features", lambda self, images: computed.append(1))
+    monkeypatch.setattr(feature_networks, "inception_network", lambda weights: tiny_network)
+    weights = tmp_path / "any.pth"
+    weights.write_bytes(b"")
+    assert main(["evaluate", str(run), "--fid", "--inception-weights", str(weights), "--limit", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "at least 4 images" in err and "gives 3" in err, err
+    assert computed == [] and not list(run.rglob("*limit_3*"))

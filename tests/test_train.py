@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import re
 import subprocess
 import sys
@@ -99,6 +100,22 @@ def test_the_trainer_alone_writes_no_files(tiny, tmp_path, monkeypatch):
     trainer.fit()
     assert trainer.epoch == 2 and trainer.best_ssim > 0
     assert list(work.iterdir()) == [] and list(tmp_path.iterdir()) == [work]
+
+
+def test_a_warm_up_as_long_as_the_run_is_a_logged_warning(tiny):
+    """train.warmup_steps >= the planned steps: the rate would rise over the whole run, never at train.lr."""
+    config = load_config(None, [*tiny, "train.epochs=1", "train.warmup_steps=3", "train.eval_images=32"])
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("image_autoencoding")
+    logger.addHandler(handler)
+    try:
+        Trainer(config, load_image_data(config.data)).fit()  # 3 steps planned: train.max_steps_per_epoch=3
+    finally:
+        logger.removeHandler(handler)
+    assert any("train.warmup_steps (3) is not shorter than the 3 steps this run plans" in record.getMessage()
+               for record in records), [record.getMessage() for record in records]
 
 
 def test_reconstruction_grid_has_inputs_above_outputs(tiny, tmp_path):

@@ -15,6 +15,7 @@ same way (runs/loading.py).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Union
@@ -27,7 +28,7 @@ from torch import Tensor
 from image_autoencoding.config import Config
 from image_autoencoding.data.batches import Normalizer
 from image_autoencoding.data.preprocess import array_to_image, load_image, prepare_image
-from image_autoencoding.errors import UserError
+from image_autoencoding.errors import UserError, quoted
 from image_autoencoding.export import EXPORT_MIXTURE, is_export, load_export
 from image_autoencoding.models.vae import DiagonalGaussian
 from image_autoencoding.runs.latent_sampler import MixtureFile, mixture_path
@@ -40,6 +41,7 @@ __all__ = ["DiagonalGaussian", "ImageInput", "TrainedVAE", "load"]
 ImageInput = Union[str, Path, Image.Image, np.ndarray]  # noqa: UP007 -- a runtime alias users may import
 BATCH_SIZE = 64  # images through the network at a time
 SAMPLERS = ("prior", "gmm")
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit unsigned seed
 
 
 def load(
@@ -62,7 +64,7 @@ def load(
         mixture_file = mixture_path(path.parent.parent, path)  # a run's own checkpoint: its mixture, if fitted to it
     else:
         raise UserError(f"'{path}' not found (expected a run folder, a .pt checkpoint or an export folder)")
-    device = device if isinstance(device, torch.device) else resolve_device(device)
+    device = device if isinstance(device, torch.device) else resolve_device(device, "device")
     # Read when first sampled from (TrainedVAE.mixture), checked against the weights as loaded.
     return TrainedVAE(trained, device, dtype, mixture_file=MixtureFile.of(mixture_file, trained))
 
@@ -119,7 +121,7 @@ class TrainedVAE:
             try:
                 return load_image(item, data.image_crop, data.image_size, data.max_image_pixels)
             except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as exc:
-                raise UserError(f"image '{item}' cannot be read: {exc}") from None
+                raise UserError(f"image {quoted(item)} cannot be read: {exc}") from None
         if isinstance(item, Image.Image):
             return prepare_image(item, data.image_crop, data.image_size)
         if isinstance(item, np.ndarray):
@@ -132,7 +134,11 @@ class TrainedVAE:
             yield self._normalized(self.preprocess(items[start : start + BATCH_SIZE]))
 
     def _normalized(self, pixels: np.ndarray) -> Tensor:
-        return self.normalize(torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)).to(self.dtype)
+        if not (pixels.flags.c_contiguous and pixels.flags.writeable):
+            # A batch's copy: torch.from_numpy warns on a read-only array, as the memory-mapped
+            # training cache is (`vae encode --split`).
+            pixels = np.array(pixels, order="C")
+        return self.normalize(torch.from_numpy(pixels).to(self.device)).to(self.dtype)
 
     # -- the networks ---------------------------------------------------------------------------------
 
@@ -140,7 +146,10 @@ class TrainedVAE:
     def encode(self, images: ImageInput | Sequence[ImageInput]) -> DiagonalGaussian:
         """The posterior q(z|x) of each image: `.mean`, `.logvar`, `.std` (N, latent_dim), in
         float32 on the model's device, and `.sample(generator)`."""
-        return self._posterior(self._batches(images))
+        items = _as_list(images)
+        if not items:
+            raise ValueError("encode: expected at least one image, got none")
+        return self._posterior(self._batches(items))
 
     def encode_pixels(self, pixels: np.ndarray) -> DiagonalGaussian:
         """Like `encode`, for uint8 (N, image_size, image_size, 3) pixels that are preprocessed
@@ -148,6 +157,8 @@ class TrainedVAE:
         if pixels.ndim != 4 or pixels.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(f"expected pixels of shape (N, {self.image_size}, {self.image_size}, 3), "
                              f"got {pixels.shape}")
+        if not len(pixels):
+            raise ValueError("encode_pixels: expected at least one image, got none")
         return self._posterior(self._normalized(pixels[start : start + BATCH_SIZE])
                                for start in range(0, len(pixels), BATCH_SIZE))
 
@@ -188,8 +199,14 @@ class TrainedVAE:
         and the same images as `vae sample --seed`): from the prior N(0, temperature^2 I), or with
         sampler="gmm" from the Gaussian mixture fitted to the training images' latents (Ghosh et
         al. 2020), each component's spread scaled by `temperature`."""
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise TypeError(f"n: expected a whole number of images, got {n!r}")
         if n < 1:
             raise ValueError(f"n: expected a number of images >= 1, got {n}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"seed: expected an integer, got {seed!r}")
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed: expected an integer from 0 to 2**64-1, got {seed}")
         if not np.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"temperature: expected a finite number > 0, got {temperature}")
         if sampler not in SAMPLERS:

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from image_autoencoding.errors import UserError, quoted
+
 TEMP_SUFFIX = ".tmp"
 
 
@@ -99,3 +101,13 @@ def replace_folder(new: Path, path: str | Path) -> None:
         raise
     fsync_folder(path.parent)
     aside.unlink() if aside.is_symlink() else shutil.rmtree(aside, ignore_errors=True)
+
+
+def atomic_write_or_explain(path: str | Path, write: Callable[[IO], None], binary: bool = True) -> None:
+    """atomic_write, a failure (a full disk, no permission) raised as the one-line UserError that
+    names the file; the previous file is kept."""
+    try:
+        atomic_write(path, write, binary)
+    except OSError as exc:
+        raise UserError(f"cannot write {quoted(path)}: {exc.strerror or exc}; the previous file, if any, is kept"
+                        ) from None

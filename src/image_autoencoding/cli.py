@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -10,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from image_autoencoding.config import ConfigError, load_config
-from image_autoencoding.errors import UserError
+from image_autoencoding.errors import UserError, quoted
 from image_autoencoding.training.interrupts import TrainingInterrupted, stop_at_once
 
 if TYPE_CHECKING:
@@ -198,10 +200,12 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _add_run_command(subparsers, name: str, handler, help: str, description: str) -> argparse.ArgumentParser:
-    """A command that reads a run folder and one of its checkpoints (evaluate, sample, reconstruct)."""
+    """A command that reads a run folder and one of its checkpoints and runs its networks (evaluate,
+    sample, reconstruct, encode)."""
     parser = subparsers.add_parser(name, help=help, description=description)
     parser.add_argument("run_dir", metavar="RUN_DIR")
     parser.add_argument("--checkpoint", default="best", help="best (default), last, epoch_N or a .pt path")
+    parser.add_argument("--device", help="auto, cpu, cuda[:N] (default: the run's)")
     parser.set_defaults(handler=handler)
     return parser
 
@@ -220,7 +224,6 @@ def _add_evaluate(subparsers) -> None:
     )
     parser.add_argument("--split", choices=["valid", "train"], default="valid")
     parser.add_argument("--limit", type=int, metavar="N", help="score only the first N images")
-    parser.add_argument("--device", help="auto, cpu, cuda[:N] (default: the run's)")
     parser.add_argument("--fid", action="store_true",
                         help="also FID, KID, precision and recall (Inception-v3 features) of reconstructions, prior "
                         "samples and latent-mixture samples against the split: sample_quality.json")
@@ -237,23 +240,26 @@ def _evaluate(args: argparse.Namespace) -> int:
         sample_quality_table,
         write_sample_quality,
     )
+    from image_autoencoding.runs.run_dir import ensure_writable
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit: expected a number of images >= 1 (got {args.limit})")
     run_dir = _run_folder(args.run_dir)
+    requested = _requested_device(args)
+    ensure_writable(run_dir, "run folder")  # every evaluation writes its figures there
     network = None
     if args.fid:  # before any work: missing weights are a one-line error, exit 2
         from image_autoencoding.evaluation.feature_networks import inception_network, inception_weights
 
         network = inception_network(inception_weights(args.inception_weights))
     vae = load(run_dir, args.checkpoint, device="cpu")
+    device = str(requested or _run_device(vae.config))
     data = load_image_data(vae.config.data, progress=False)  # read once for the metrics and --fid
     quality, written = None, []
     if network is not None:  # first, so that the report shows it
-        quality, path = write_sample_quality(run_dir, vae.trained, network, args.split, args.limit, data,
-                                             args.device)
+        quality, path = write_sample_quality(run_dir, vae.trained, network, args.split, args.limit, data, device)
         written.append(path)
-    document, files = evaluate_and_write(run_dir, vae.trained, args.split, args.limit, data, args.device, quality)
+    document, files = evaluate_and_write(run_dir, vae.trained, args.split, args.limit, data, device, quality)
     print(f"{document['split']} split, {document['images']} images, {Path(document['checkpoint']).name} "
           f"(epoch {document['epoch']})")
     print(metrics_table(document))
@@ -270,6 +276,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 # samples_grid.png shows the first this many samples: a grid of all of 100000 would be a picture too
 # large to open, and too crowded to look at.
 SAMPLE_GRID_IMAGES = 256
+# The most images one `vae sample` writes. Every latent is drawn first, in one call (see _sample): a
+# million 128-float latents take 512 MB (a spatial latent of 4 x 16 x 16, 4 GB); and a million PNG
+# files in one folder is already more than file browsers and shells handle well (FID papers use 50,000).
+MAX_SAMPLES = 1_000_000
 
 
 def _add_sample(subparsers) -> None:
@@ -297,38 +307,44 @@ def _sample(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from image_autoencoding.api import load
+    from image_autoencoding.api import MAX_SEED
+    from image_autoencoding.runs.run_dir import ensure_writable
     from image_autoencoding.visualization.grids import save_sample_grid
     from image_autoencoding.visualization.images import save_images
 
-    if args.n < 1:
-        raise ConfigError(f"-n: expected a number of images >= 1 (got {args.n})")
+    if not 1 <= args.n <= MAX_SAMPLES:
+        raise ConfigError(f"-n: expected a number of images from 1 to {MAX_SAMPLES} (got {args.n})")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ConfigError(f"--seed: expected an integer from 0 to 2**64-1 = {MAX_SEED} (got {args.seed})")
     if not math.isfinite(args.temperature) or args.temperature <= 0:
         raise ConfigError(f"--temperature: expected a finite number > 0 (got {args.temperature})")
     run_dir = _run_folder(args.run_dir)
-    vae = load(run_dir, args.checkpoint, device="cpu")
+    requested = _requested_device(args)
+    prefix = "gmm_" if args.sampler == "gmm" else ""
+    out = Path(args.out) if args.out else run_dir / "samples" / f"{prefix}seed_{args.seed}_t{args.temperature:g}"
+    ensure_writable(out)  # before any decoding: a read-only run folder or a file named by --out
+    vae = _load(run_dir, args.checkpoint, requested)
     if args.sampler == "gmm" and vae.mixture is None:
         vae.mixture = _fit_mixture(run_dir, vae)
     # Every latent is drawn first, in one call: the same seed gives the same images whatever the
     # batch size. n x latent_dim floats are small; the decoded images are what must not all be in
     # memory at once.
     z = vae.sample_latents(args.n, args.temperature, args.seed, args.sampler)
-    prefix = "gmm_" if args.sampler == "gmm" else ""
-    out = Path(args.out) if args.out else run_dir / "samples" / f"{prefix}seed_{args.seed}_t{args.temperature:g}"
     batch_size = vae.config.train.batch_size
     digits = max(4, len(str(args.n - 1)))  # names sort in order however many there are
     grid, grid_size = [], min(args.n, SAMPLE_GRID_IMAGES)
     bar = tqdm(total=args.n, desc="sampling", unit="img", file=sys.stderr, dynamic_ncols=True,
                disable=args.n <= batch_size or not _bars(True))
-    for start in range(0, args.n, batch_size):
-        images = vae.decode(z[start : start + batch_size], as_tensor=True)
-        save_images(images, [out / f"sample_{i:0{digits}d}.png" for i in range(start, start + len(images))])
-        if start < grid_size:
-            grid.append(images[: grid_size - start])
-            if start + len(images) >= grid_size:
-                save_sample_grid(torch.cat(grid), out / "samples_grid.png")
-                grid = []
-        bar.update(len(images))
+    with _writing_into(out):
+        for start in range(0, args.n, batch_size):
+            images = vae.decode(z[start : start + batch_size], as_tensor=True)
+            save_images(images, [out / f"sample_{i:0{digits}d}.png" for i in range(start, start + len(images))])
+            if start < grid_size:
+                grid.append(images[: grid_size - start])
+                if start + len(images) >= grid_size:
+                    save_sample_grid(torch.cat(grid), out / "samples_grid.png")
+                    grid = []
+            bar.update(len(images))
     bar.close()
     print(out)
     return 0
@@ -364,8 +380,40 @@ def _fit_mixture(run_dir: Path, vae):
 def _run_folder(path: str) -> Path:
     run_dir = Path(path)
     if not run_dir.is_dir():
-        raise ConfigError(f"run folder '{run_dir}' not found")
+        raise ConfigError(f"run folder {quoted(run_dir)} not found")
     return run_dir
+
+
+def _requested_device(args: argparse.Namespace):
+    """--device as a device of this machine, checked before any work; None when not given."""
+    from image_autoencoding.runtime import resolve_device
+
+    return resolve_device(args.device, "--device") if args.device else None
+
+
+def _run_device(config):
+    """The device the run's config names, for a command given no --device."""
+    from image_autoencoding.runtime import resolve_device
+
+    return resolve_device(config.train.device, "train.device in the run's config (choose another with --device)")
+
+
+def _load(run_dir: Path, checkpoint: str, requested):
+    """The run's model (api.load) on the `requested` device, or else on the run's."""
+    from image_autoencoding.api import TrainedVAE, load
+
+    vae = load(run_dir, checkpoint, device="cpu")
+    device = requested or _run_device(vae.config)
+    return vae if device == vae.device else TrainedVAE(vae.trained, device, vae.dtype, vae.mixture)
+
+
+@contextlib.contextmanager
+def _writing_into(out: Path):
+    """A failed write of an output file (a full disk) as the one-line error naming the folder."""
+    try:
+        yield
+    except OSError as exc:
+        raise UserError(f"cannot write into {quoted(out)}: {exc.strerror or exc}") from None
 
 
 def _add_reconstruct(subparsers) -> None:
@@ -384,30 +432,66 @@ def _add_reconstruct(subparsers) -> None:
 def _reconstruct(args: argparse.Namespace) -> int:
     import torch
 
-    from image_autoencoding.api import load
+    from image_autoencoding.runs.run_dir import ensure_writable
     from image_autoencoding.visualization.grids import save_reconstruction_grid
 
-    vae = load(_run_folder(args.run_dir), args.checkpoint, device="cpu")
-    out = Path(args.out) if args.out else Path(args.run_dir) / "reconstructions"
-    taken: set[str] = set()
-    names = []
-    for name in args.images:
-        stem = Path(name).stem
-        candidate, copy = stem, 1
-        while candidate.casefold() in taken:  # casefold: on macOS and Windows X.png and x.png are one file
-            copy += 1
-            candidate = f"{stem}_{copy}"
-        taken.add(candidate.casefold())
-        names.append(out / f"{candidate}_reconstruction.png")
+    run_dir = _run_folder(args.run_dir)
+    vae = _load(run_dir, args.checkpoint, _requested_device(args))
+    out = Path(args.out) if args.out else run_dir / "reconstructions"
+    names = _reconstruction_names(args.images, out)
     pixels = vae.preprocess(args.images)  # every file read (or refused) before anything is written
+    ensure_writable(out)  # before encoding and decoding: a read-only run folder or a file named by --out
     inputs = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
     # The pixels are preprocessed already: cropping and resizing them again would not be the identity
     # when data.image_crop is smaller than data.image_size.
     outputs = vae.decode(vae.encode_pixels(pixels).mean, as_tensor=True)
-    for i, path in enumerate(names):
-        save_reconstruction_grid(inputs[i : i + 1], outputs[i : i + 1], path, per_row=1, min_tile=RECONSTRUCTION_TILE)
-        print(path)
+    with _writing_into(out):
+        for i, path in enumerate(names):
+            save_reconstruction_grid(inputs[i : i + 1], outputs[i : i + 1], path, per_row=1,
+                                     min_tile=RECONSTRUCTION_TILE)
+            print(path)
     return 0
+
+
+RECONSTRUCTION_SUFFIX = "_reconstruction.png"
+
+
+def _reconstruction_names(images: list[str], out: Path) -> list[Path]:
+    """NAME_reconstruction.png in `out` for each image; NAME_2_... for a name already taken; a stem
+    cut (at a character boundary) where the name would exceed the file system's limit on one name
+    (NAME_MAX, 255 bytes on most): the suffix takes 19 bytes, so an input whose name is legal but
+    whose stem is over 236 bytes would otherwise give a name the file system refuses."""
+    limit = _name_max(out)
+    taken: set[str] = set()
+    names = []
+    for name in images:
+        stem, copy = Path(name).stem, 1
+        while True:
+            tail = f"_{copy}" if copy > 1 else ""
+            candidate = _cut_to_bytes(stem, limit - len((tail + RECONSTRUCTION_SUFFIX).encode())) + tail
+            if candidate.casefold() not in taken:  # casefold: on macOS and Windows X.png and x.png are one file
+                break
+            copy += 1
+        taken.add(candidate.casefold())
+        names.append(out / f"{candidate}{RECONSTRUCTION_SUFFIX}")
+    return names
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name, in bytes, the file system holding `folder` (or its nearest existing
+    parent) accepts."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        return os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no answer: the usual limit
+        return 255
+
+
+def _cut_to_bytes(text: str, size: int) -> str:
+    """`text`'s longest prefix of at most `size` bytes in UTF-8 (never half a character)."""
+    return text.encode()[: max(size, 1)].decode(errors="ignore")
 
 
 # `vae reconstruct`'s pictures: each image enlarged (nearest neighbour) to at least this many pixels,
@@ -449,18 +533,24 @@ def _add_encode(subparsers) -> None:
     )
     parser.add_argument("images", nargs="*", metavar="IMAGE", help="image files (or --split)")
     parser.add_argument("--split", choices=["valid", "train"], help="encode every image of this split")
-    parser.add_argument("-o", "--out", required=True, metavar="FILE.npz")
+    parser.add_argument("-o", "--out", required=True, metavar="FILE.npz",
+                        help="the .npz file to write, under exactly this name")
 
 
 def _encode(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from image_autoencoding.api import load
+    from image_autoencoding.atomic_files import atomic_write_or_explain
     from image_autoencoding.data.image_data import load_image_data
+    from image_autoencoding.runs.run_dir import ensure_writable
 
     if bool(args.images) == bool(args.split):
         raise ConfigError("vae encode: give image files or --split valid|train (one of them)")
-    vae = load(_run_folder(args.run_dir), args.checkpoint, device="cpu")
+    run_dir, requested, out = _run_folder(args.run_dir), _requested_device(args), Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"-o {quoted(out)} is a folder; expected the name of the .npz file to write")
+    ensure_writable(out.parent)  # before encoding
+    vae = _load(run_dir, args.checkpoint, requested)
     if args.split:
         data = load_image_data(vae.config.data, progress=False)
         split = data.valid if args.split == "valid" else data.train
@@ -469,12 +559,9 @@ def _encode(args: argparse.Namespace) -> int:
     else:
         posterior = vae.encode(args.images)
         extra = {"files": np.array([str(name) for name in args.images], dtype=str)}
-    out = Path(args.out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(out, mean=posterior.mean.cpu().numpy(), logvar=posterior.logvar.cpu().numpy(), **extra)
-    except OSError as exc:
-        raise UserError(f"cannot write '{out}': {exc.strerror or exc}") from None
+    arrays = {"mean": posterior.mean.cpu().numpy(), "logvar": posterior.logvar.cpu().numpy(), **extra}
+    # Written to a handle, so the file has exactly the name given (np.savez adds .npz to a name without it).
+    atomic_write_or_explain(out, lambda handle: np.savez(handle, **arrays))
     print(out)
     return 0
 

@@ -389,12 +389,16 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _image_size_fits_model(self) -> Config:
-        step = self.model.downsampling
+        step, model = self.model.downsampling, self.model
         if self.data.image_size % step:
-            raise ValueError(
-                f"data.image_size {self.data.image_size} must be a multiple of {step} "
-                f"(the encoder halves it {len(self.model.encoder_channels)} times)"
-            )
+            if model.arch == "resnet":
+                levels = len(model.resnet_channels)
+                rule = (f"the resnet encoder halves it {levels - 1} times, once per model.resnet_channels "
+                        "level after the first")
+            else:
+                rule = (f"the encoder divides it by model.stride ({model.stride}) {len(model.encoder_channels)} "
+                        "times, once per model.encoder_channels entry")
+            raise ValueError(f"data.image_size {self.data.image_size} must be a multiple of {step} ({rule})")
         return self
 
     @model_validator(mode="after")

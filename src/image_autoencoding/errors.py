@@ -6,3 +6,11 @@ class UserError(ValueError):
 
     The message is one line and names the file or key and what was expected.
     """
+
+
+def quoted(name: object) -> str:
+    """A file name (or any user-given name) for a one-line message: in single quotes as usual, or
+    escaped repr-style when it holds a newline or another unprintable character, which would break
+    the message's one line (a file may legally be named "a\\nb.jpg")."""
+    text = str(name)
+    return f"'{text}'" if text.isprintable() else repr(text)

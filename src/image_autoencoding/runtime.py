@@ -13,15 +13,17 @@ import torch
 from image_autoencoding.config import ConfigError
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, source: str = "config key 'train.device'") -> torch.device:
+    """`name` (auto, cpu, cuda, cuda:N) as a device of this machine; `source` says in an error where
+    the name came from (an option such as --device, or a config key)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise ConfigError(f"config key 'train.device': expected auto, cpu, cuda or cuda:N (got {name!r})") from None
+        raise ConfigError(f"{source}: expected auto, cpu, cuda or cuda:N (got {name!r})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'train.device': 'cuda' requested but no CUDA device is available")
+        raise ConfigError(f"{source}: {name!r} requested but no CUDA device is available")
     return device
 
 

@@ -3,9 +3,12 @@ KID, or any network with a state-dict file (a domain classifier; a tiny one in t
 same loading and feature code.
 
 Inception-v3 here is torchvision's ImageNet model (IMAGENET1K_V1), its 2048 pooled features, inputs
-resized to 299 px and normalised as for ImageNet. FID papers use the TensorFlow Inception graph of
-pytorch-fid / torch-fidelity, whose figures differ somewhat from these: compare FIDs computed here
-with each other, not with published numbers.
+resized to 299 px, exactly as torchvision's own `inception_v3(weights=IMAGENET1K_V1)` computes them:
+these weights were ported from TensorFlow and expect pixels scaled to [-1, 1], so torchvision builds
+the network with `transform_input=True`, which maps the ImageNet-normalised inputs to that scale
+(without it the network sees inputs on a scale it was not trained for). FID papers use the
+TensorFlow Inception graph of pytorch-fid / torch-fidelity, whose figures differ somewhat from
+these: compare FIDs computed here with each other, not with published numbers.
 
 No weights are downloaded: a machine without internet (ours) cannot, and a user's machine usually has
 them in torch's cache already. `inception_weights` finds the file or says in one line where to put it.
@@ -20,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from image_autoencoding.errors import UserError
+from image_autoencoding.errors import UserError, quoted
+from image_autoencoding.safe_load import load_plain
 
 INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"
 INCEPTION_URL = f"https://download.pytorch.org/models/{INCEPTION_FILE}"
@@ -56,12 +60,27 @@ class FeatureNetwork:
 
 def load_weights(module: nn.Module, path: Path) -> nn.Module:
     """A state dict read with weights_only=True (plain tensors, no code), strictly matched."""
+    state = load_plain(path, "weights file")
+    name = type(module).__name__
+    if not isinstance(state, dict) or not all(isinstance(key, str) for key in state):
+        raise UserError(f"{quoted(path)} is not usable weights for {name}: it holds a {type(state).__name__}, "
+                        "expected a state dict (parameter name -> tensor)")
+    expected = module.state_dict()
+    missing, unknown = [key for key in expected if key not in state], [key for key in state if key not in expected]
+    if missing or unknown:
+        found = []
+        if missing:
+            found.append(f"{len(missing)} of the {len(expected)} tensors it needs are missing (first {missing[0]!r})")
+        if unknown:
+            found.append(f"the file holds {len(unknown)} it has no place for (first {unknown[0]!r})")
+        raise UserError(f"{quoted(path)} is not usable weights for {name}: {'; '.join(found)}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
         module.load_state_dict(state)
-    except (OSError, RuntimeError, KeyError) as exc:
-        raise UserError(f"'{path}' is not usable weights for {type(module).__name__}: "
-                        f"{str(exc).splitlines()[0]}") from None
+    except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
+        # torch's first line is a heading ("Error(s) in loading state_dict for ..."); the reason follows.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        raise UserError(f"{quoted(path)} is not usable weights for {name}: {lines[min(1, len(lines) - 1)][:200]}"
+                        ) from None
     return module
 
 
@@ -79,6 +98,8 @@ def inception_network(weights: Path) -> FeatureNetwork:
     """Inception-v3 with `weights`, its final classifier removed (2048 pooled features)."""
     from torchvision.models import inception_v3
 
-    module = load_weights(inception_v3(weights=None, aux_logits=True, init_weights=False), weights)
+    # transform_input=True: what torchvision's constructor sets for these weights (see the module's docstring).
+    module = load_weights(inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False),
+                          weights)
     module.fc = nn.Identity()
     return FeatureNetwork(module.eval(), input_size=299)

@@ -16,6 +16,8 @@ from torch import Tensor
 from image_autoencoding.evaluation.feature_networks import FeatureNetwork
 
 BLOCK = 1024  # rows of a distance matrix computed at once
+K_NEIGHBOURS = 3  # precision / recall: each manifold ball reaches its point's 3rd nearest neighbour (the paper's k)
+MIN_IMAGES = K_NEIGHBOURS + 1  # of each set: a point and its k nearest others
 
 
 def _as_double(features: Tensor) -> Tensor:
@@ -65,7 +67,7 @@ def kernel_distance(real: Tensor, fake: Tensor, subsets: int = 100, subset_size:
     return float(spread.mean()), float(spread.std()) if len(values) > 1 else 0.0
 
 
-def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, float]:
+def precision_recall(real: Tensor, fake: Tensor, k: int = K_NEIGHBOURS) -> tuple[float, float]:
     """Kynkäänniemi et al. 2019: each set's manifold is the union of balls around its points, each
     reaching that point's k-th nearest neighbour in its own set. Precision: the share of fake
     points inside the real manifold (samples look like data); recall: the share of real points
@@ -87,7 +89,7 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, flo
     return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
 
 
-def sample_quality(network: FeatureNetwork, real: Tensor, generated: dict[str, Tensor], k: int = 3
+def sample_quality(network: FeatureNetwork, real: Tensor, generated: dict[str, Tensor], k: int = K_NEIGHBOURS
                    ) -> dict[str, dict[str, float]]:
     """For each set of generated images (in [0, 1], N x 3 x H x W): FID, KID (mean, std),
     precision and recall against `real` images, all in the feature space of `network`."""

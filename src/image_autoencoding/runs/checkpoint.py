@@ -16,6 +16,7 @@ import torch
 
 from image_autoencoding.atomic_files import atomic_write, leftover_temporaries
 from image_autoencoding.errors import UserError
+from image_autoencoding.safe_load import unreadable_message
 from image_autoencoding.training.rng import rng_state_problem
 
 FORMAT_VERSION = 1
@@ -220,34 +221,8 @@ def _wrong(key: str, value: Any, expected: str) -> str:
     return f"{key} is {shown}, expected {expected}"
 
 
-# torch's refusal names the global as "GLOBAL module.name"; the rest of its message is advice to
-# load the file unpickling anything, which a user must never be told to do with an unknown file.
-_REFUSED_GLOBAL = re.compile(r"GLOBAL\s+([\w.]+)")
-_UNPICKLER_REASON = re.compile(r"WeightsUnpickler error:\s*([^\n]*)")
-
-
 def _unreadable(path: Path, exc: Exception) -> CheckpointError:
-    text = str(exc).strip()
-    refused = _REFUSED_GLOBAL.search(text)
-    if refused:
-        return CheckpointError(
-            f"checkpoint '{path}' is not a plain-tensor checkpoint: it needs the Python object "
-            f"{refused.group(1)}, which is not loaded because unpickling it could run code"
-        )
-    detail = _UNPICKLER_REASON.search(text)
-    if detail:
-        reason = _first_sentence(detail.group(1))
-        return CheckpointError(f"checkpoint '{path}' is not a plain-tensor checkpoint: {reason}")
-    reason = _first_sentence(text)
-    if not isinstance(exc, RuntimeError):  # torch's readers raise RuntimeError; anything else is a stray pickle
-        reason = f"not a PyTorch checkpoint ({type(exc).__name__}: {reason})"
-    return CheckpointError(f"checkpoint '{path}' cannot be read safely: {reason}")
-
-
-def _first_sentence(text: str) -> str:
-    """What went wrong, without the advice torch appends (which may suggest an unsafe load)."""
-    sentence = (text.strip().splitlines() or [""])[0].split(". ")[0].strip()
-    return sentence[:200] if sentence and "weights_only" not in sentence else "unreadable"
+    return CheckpointError(unreadable_message(path, exc, "checkpoint"))
 
 
 def publish_as(path: Path, alias: Path) -> None:

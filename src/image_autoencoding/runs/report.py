@@ -18,12 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from image_autoencoding.atomic_files import atomic_write_or_explain
 from image_autoencoding.config import Config, ModelConfig
 from image_autoencoding.data.batches import Normalizer, evaluation_batches
 from image_autoencoding.data.image_data import ImageData, load_image_data
+from image_autoencoding.errors import UserError
 from image_autoencoding.evaluation.evaluate import SplitEvaluation, evaluate_split
 from image_autoencoding.evaluation.feature_networks import FeatureNetwork, MissingWeights, inception_weights
-from image_autoencoding.evaluation.sample_metrics import sample_quality
+from image_autoencoding.evaluation.sample_metrics import K_NEIGHBOURS, MIN_IMAGES, sample_quality
 from image_autoencoding.models.vae import VAE
 from image_autoencoding.runs.checkpoint import CheckpointError
 from image_autoencoding.runs.latent_sampler import fit_and_save, load_run_mixture
@@ -255,8 +257,13 @@ def write_report(
         if path is not None and path.is_file():
             lines += [f"### {title}", "", f"![{title}]({rel(path)})", ""]
     report = run_dir / f"report{suffix}.md"
-    report.write_text("\n".join(lines), encoding="utf-8")
+    _write_text(report, "\n".join(lines))
     return report
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomically: a full disk leaves the previous report or metrics file whole."""
+    atomic_write_or_explain(path, lambda handle: handle.write(text), binary=False)
 
 
 def evaluate_and_write(
@@ -281,7 +288,7 @@ def evaluate_and_write(
     if mixture is not None:
         document["latent_mixture"] = {"components": mixture.components, "bic": mixture.info.get("bic")}
     metrics_json = run_dir / f"metrics{suffix}.json"
-    metrics_json.write_text(json.dumps(document, indent=2), encoding="utf-8")
+    _write_text(metrics_json, json.dumps(document, indent=2))
     pictures = write_pictures(run_dir, model, chosen.images, chosen.labels, data.class_names, evaluation, normalize,
                               torch_device, suffix, config.train.tsne_points)
     if mixture is not None:
@@ -308,6 +315,11 @@ def write_sample_quality(run_dir: Path, trained: TrainedModel, network: FeatureN
     data = data if data is not None else load_image_data(config.data, progress=False)
     images = (data.valid if split == "valid" else data.train).images
     images = images[:limit] if limit is not None else images
+    if len(images) < MIN_IMAGES:  # before any image goes through a network
+        given = f"--limit {limit}: " if limit is not None else ""
+        raise UserError(f"FID / KID / precision / recall need at least {MIN_IMAGES} images (precision and recall "
+                        f"use each image's {K_NEIGHBOURS} nearest neighbours); {given}the {split} split gives "
+                        f"{len(images)}")
     torch_device = resolve_device(device or config.train.device)
     model = trained.model.to(torch_device).eval()
     normalize = Normalizer(config.data, torch_device)
@@ -324,7 +336,7 @@ def write_sample_quality(run_dir: Path, trained: TrainedModel, network: FeatureN
     document = {"split": split, "images": n, "checkpoint": str(trained.source), "epoch": trained.epoch,
                 "scores": sample_quality(network, torch.cat(real), generated)}
     path = run_dir / f"sample_quality{output_suffix(run_dir, trained.source, split, limit)}.json"
-    path.write_text(json.dumps(document, indent=2), encoding="utf-8")
+    _write_text(path, json.dumps(document, indent=2))
     return document, path
 
 

@@ -13,7 +13,7 @@ import yaml
 
 from image_autoencoding.atomic_files import atomic_write
 from image_autoencoding.config import Config, ConfigError, build_config, read_yaml
-from image_autoencoding.errors import UserError
+from image_autoencoding.errors import UserError, quoted
 
 
 def create_run_dir(output_dir: str | Path, now: float | None = None) -> Path:
@@ -41,13 +41,15 @@ def ensure_writable(folder: str | Path, what: str = "output folder") -> Path:
     """Create `folder` if needed and prove a file can be written there, before any training time
     is spent: a read-only or missing output location is a one-line error, not a crash at epoch 1."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{what} {quoted(folder)} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise UserError(f"{what} '{folder}' is not writable: {exc.strerror or exc}") from None
+        raise UserError(f"{what} {quoted(folder)} is not writable: {exc.strerror or exc}") from None
     return folder
 
 

@@ -390,3 +390,8 @@ class Trainer:
             )
         if self.epoch >= self.cfg.epochs:
             logger.info("nothing to do: %d of %d epochs already done", self.epoch, self.cfg.epochs)
+        if self.cfg.warmup_steps >= self.planned_steps > self.step:
+            logger.warning("train.warmup_steps (%d) is not shorter than the %d steps this run plans "
+                           "(train.epochs x steps per epoch): the learning rate rises over the whole run, from "
+                           "train.lr / %d, instead of training at train.lr", self.cfg.warmup_steps,
+                           self.planned_steps, self.cfg.warmup_steps)
