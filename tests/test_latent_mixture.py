@@ -292,8 +292,12 @@ def test_gmm_sampling_in_a_read_only_run_samples_from_the_mixture_it_could_not_s
     copy = _copy(run, tmp_path / "run")
     (copy / "latent_gmm_best.safetensors").unlink()
 
+    mkstemp = atomic_files.tempfile.mkstemp
+
     def read_only(*args, dir=None, **kwargs):  # mkstemp in the run folder, as a read-only file system answers
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dir))
+        if dir is not None and Path(dir).resolve() == copy.resolve():
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dir))
+        return mkstemp(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(atomic_files.tempfile, "mkstemp", read_only)
     assert main(["sample", str(copy), "-n", "3", "--sampler", "gmm", "--out", str(tmp_path / "out")]) == 0

@@ -100,6 +100,13 @@ class TrainedVAE:
     def mixture(self, mixture: LatentMixture | None) -> None:
         self._mixture, self._mixture_file = mixture, None
 
+    def to(self, device: str | torch.device) -> TrainedVAE:
+        """The networks moved to `device` (auto, cpu, cuda, cuda:N); returns self."""
+        self.device = device if isinstance(device, torch.device) else resolve_device(device, "device")
+        self.model.to(self.device)
+        self.normalize = Normalizer(self.config.data, self.device)
+        return self
+
     @property
     def image_size(self) -> int:
         return self.config.data.image_size

@@ -322,9 +322,10 @@ def _sample(args: argparse.Namespace) -> int:
     requested = _requested_device(args)
     prefix = "gmm_" if args.sampler == "gmm" else ""
     out = Path(args.out) if args.out else run_dir / "samples" / f"{prefix}seed_{args.seed}_t{args.temperature:g}"
-    ensure_writable(out)  # before any decoding: a read-only run folder or a file named by --out
     vae = _load(run_dir, args.checkpoint, requested)
-    if args.sampler == "gmm" and vae.mixture is None:
+    fit = args.sampler == "gmm" and vae.mixture is None  # a damaged mixture file stops here, nothing made
+    ensure_writable(out)  # before any network runs: a read-only run folder or a file named by --out
+    if fit:
         vae.mixture = _fit_mixture(run_dir, vae)
     # Every latent is drawn first, in one call: the same seed gives the same images whatever the
     # batch size. n x latent_dim floats are small; the decoded images are what must not all be in
@@ -399,12 +400,12 @@ def _run_device(config):
 
 
 def _load(run_dir: Path, checkpoint: str, requested):
-    """The run's model (api.load) on the `requested` device, or else on the run's."""
-    from image_autoencoding.api import TrainedVAE, load
+    """The run's (or export's) model, api.load, on the `requested` device, or else on the one its
+    config names."""
+    from image_autoencoding.api import load
 
     vae = load(run_dir, checkpoint, device="cpu")
-    device = requested or _run_device(vae.config)
-    return vae if device == vae.device else TrainedVAE(vae.trained, device, vae.dtype, vae.mixture)
+    return vae.to(requested or _run_device(vae.config))
 
 
 @contextlib.contextmanager
