@@ -186,6 +186,42 @@ def test_nothing_left_stops_even_with_no_limit(tmp_path, capsys):
     assert code == 2 and "no usable image is left" in err
 
 
+def _folder_with_one_empty_file(tmp_path) -> list[str]:
+    """train/: 3 photos and an empty .jpg (a quarter bad); valid/: 1 photo. The `vae prepare` arguments."""
+    for index in range(3):
+        save_jpeg(photo(index, 32, 24), tmp_path / f"data/train/{index}.jpg")
+    (tmp_path / "data/train/empty.jpg").write_bytes(b"")
+    save_jpeg(photo(3, 32, 24), tmp_path / "data/valid/0.jpg")
+    return ["prepare", "-q", "data.dataset=folder", f"data.data_root={tmp_path / 'data'}",
+            f"data.cache_dir={tmp_path / 'cache'}", "data.image_size=16", "data.num_workers=0"]
+
+
+def test_a_stricter_max_bad_fraction_refuses_a_cache_a_looser_run_built(tmp_path, capsys):
+    prepare = _folder_with_one_empty_file(tmp_path)
+    assert main([*prepare, "data.max_bad_fraction=0.5"]) == 0
+    capsys.readouterr()
+    assert main(prepare) == 2  # the default limit, 5%, on the cache built above
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 of 4" in err and "max_bad_fraction=0.05" in err and "empty.jpg" in err
+    assert main([*prepare, "data.max_bad_fraction=0.5"]) == 0  # the cache itself is kept for looser runs
+
+
+@pytest.mark.parametrize("damage", ["truncated", "float", "short"])
+def test_a_damaged_labels_file_rebuilds_the_cache(tmp_path, capsys, damage):
+    prepare = _folder_with_one_empty_file(tmp_path)
+    assert main([*prepare, "data.max_bad_fraction=0.5"]) == 0
+    cfg = load_config(None, [*prepare[2:], "data.max_bad_fraction=0.5"]).data
+    built = load_image_data(cfg, progress=False).train
+    labels_file = built.cache_dir / "labels.npy"
+    if damage == "truncated":
+        labels_file.write_bytes(labels_file.read_bytes()[:-4])
+    else:
+        np.save(labels_file, built.labels.astype(np.float32) if damage == "float" else built.labels[:-1])
+    again = load_image_data(cfg, progress=False).train
+    assert again.labels.dtype == np.int64 and np.array_equal(again.labels, built.labels)
+    assert np.array_equal(np.asarray(again.images), np.asarray(built.images))
+
+
 def test_train_copies_bad_files_into_the_run_folder(tiny, tmp_path):
     make_coco(tmp_path / "data", n_train=30, n_test=0, n_valid=3, broken=True)
     assert main(["train", *tiny, "data.dataset=coco", f"data.data_root={tmp_path / 'data'}",

@@ -277,12 +277,16 @@ def _open(directory: Path, manifest: dict, reused: bool, verification: Verificat
 
 
 def _read_manifest(directory: Path) -> dict | None:
-    """The manifest of a complete cache folder, else None."""
+    """The manifest of a complete cache folder, else None: images.u8 of the size and labels.npy of the
+    length the manifest records (a truncated or damaged file is rebuilt, never opened)."""
     try:
         manifest = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
         size = manifest["image_size"]
         complete = (directory / IMAGES_FILE).stat().st_size == manifest["count"] * size * size * 3
-    except (OSError, ValueError, KeyError, TypeError):
+        # Memory-mapped: the header and the file's length are checked without reading the labels.
+        labels = np.load(directory / LABELS_FILE, mmap_mode="r")
+        complete = complete and labels.dtype == np.int64 and labels.shape == (manifest["count"],)
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
         return None
     return manifest if complete else None
 
@@ -303,10 +307,16 @@ def open_or_build(
     previous = _read_manifest(directory)
     if verify:
         verified = _verify_files if isinstance(split, FileSplit) else _verify_arrays
-        return verified(split, cfg, split_name, directory, expected, previous, progress)
-    if _matches(previous, expected):
-        return _open(directory, previous, reused=True)
-    return _build(split, cfg, split_name, directory, expected, progress)
+        cached = verified(split, cfg, split_name, directory, expected, previous, progress)
+    elif _matches(previous, expected):
+        cached = _open(directory, previous, reused=True)
+    else:
+        return _build(split, cfg, split_name, directory, expected, progress)
+    if cached.reused:
+        # data.max_bad_fraction is not part of the cache's key: a cache a more tolerant run built is
+        # checked against this run's limit.
+        _check_bad_fraction(cached.bad_files, len(split.labels), cfg, split_name, directory)
+    return cached
 
 
 # -- verifying the content ----------------------------------------------------------------------------
