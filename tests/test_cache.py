@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -220,6 +222,34 @@ def test_a_damaged_labels_file_rebuilds_the_cache(tmp_path, capsys, damage):
     again = load_image_data(cfg, progress=False).train
     assert again.labels.dtype == np.int64 and np.array_equal(again.labels, built.labels)
     assert np.array_equal(np.asarray(again.images), np.asarray(built.images))
+
+
+def test_a_cache_that_cannot_fit_is_refused_in_one_line_before_writing(tmp_path, capsys, monkeypatch):
+    prepare = _folder_with_one_empty_file(tmp_path)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    assert main([*prepare, "data.max_bad_fraction=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"data.cache_dir '{tmp_path / 'cache'}'" in err
+    assert "needs about 3.1 KB for 4 images of 16x16" in err and "1.0 KB free" in err  # 4 x 16 x 16 x 3 + labels
+    assert list((tmp_path / "cache").iterdir()) == []  # no cache, no temporary folder
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("call", ["posix_fallocate", "save"])
+def test_a_disk_that_fills_while_the_cache_is_built_is_one_line(tmp_path, capsys, monkeypatch, call):
+    prepare = _folder_with_one_empty_file(tmp_path)
+    # posix_fallocate reserves images.u8 (where a write into the memory map would otherwise be killed
+    # by SIGBUS); np.save writes labels.npy after the images.
+    monkeypatch.setattr(os if call == "posix_fallocate" else np, call, _disk_full)
+    assert main([*prepare, "data.max_bad_fraction=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and str(tmp_path / "cache") in err
+    assert "needs about" in err and "free there" in err
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_train_copies_bad_files_into_the_run_folder(tiny, tmp_path):

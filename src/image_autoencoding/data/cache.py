@@ -37,6 +37,7 @@ from tqdm import tqdm
 from image_autoencoding.config import DataConfig
 from image_autoencoding.data.preprocess import centre_crop_resize, grey_array_to_rgb, load_image
 from image_autoencoding.data.sources import ArraySplit, FileSplit
+from image_autoencoding.disk_space import FULL_DISK, free_bytes, free_space, human_size
 from image_autoencoding.errors import UserError
 
 logger = logging.getLogger("image_autoencoding")
@@ -444,10 +445,11 @@ def _build(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     except OSError as exc:
-        where = f"data.cache_dir '{cfg.cache_dir}'" if cfg.cache_dir else f"the cache folder '{directory.parent}'"
-        raise UserError(f"{where}: cannot make a folder for the cache there: {exc.strerror or exc}") from None
+        raise UserError(f"{_cache_root(cfg, directory)}: cannot make a folder for the cache there: "
+                        f"{exc.strerror or exc}") from None
     total = len(split.labels)
     size = cfg.image_size
+    needed = max(total, 1) * size * size * 3 + 8 * total  # images.u8 before skipped rows are cut, labels.npy
     start = time.perf_counter()
     if isinstance(split, FileSplit):
         names = [str(path) for path in split.paths]
@@ -459,7 +461,13 @@ def _build(
         hashes = hashes if hashes is not None else [_hash_file(path) for path in split.origin]
         entries = ((pixels, reason, None) for pixels, reason in _decoded_arrays(split, cfg))
     try:
+        # A write into a memory map on a full disk is a SIGBUS that kills the process without a word:
+        # the room is checked, then claimed, before any pixel is written.
+        free = free_bytes(tmp)
+        if free is not None and free < needed:
+            raise _disk_full(cfg, directory, needed, total, "not enough room")
         images = np.memmap(tmp / IMAGES_FILE, dtype=np.uint8, mode="w+", shape=(max(total, 1), size, size, 3))
+        _allocate(tmp / IMAGES_FILE, images.nbytes)
         kept, bad, rows, digests = [], [], [], []
         bar = tqdm(total=total, desc=f"preparing {cfg.dataset} {split_name}", unit="img", disable=not progress,
                    dynamic_ncols=True)
@@ -501,8 +509,10 @@ def _build(
         _fsync_folder(tmp)
         del old_images
         _replace(tmp, directory)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in FULL_DISK:
+            raise _disk_full(cfg, directory, needed, total, exc.strerror or str(exc)) from None
         raise
     seconds = time.perf_counter() - start
     copied = f", {len(reuse)} unchanged copied from the previous cache" if reuse else ""
@@ -511,6 +521,32 @@ def _build(
         len(kept), cfg.dataset, split_name, seconds, total / max(seconds, 1e-9), copied, len(bad), directory,
     )
     return _open(directory, manifest, reused=False, verification=verification)
+
+
+def _cache_root(cfg: DataConfig, directory: Path) -> str:
+    return f"data.cache_dir '{cfg.cache_dir}'" if cfg.cache_dir else f"the cache folder '{directory.parent}'"
+
+
+def _disk_full(cfg: DataConfig, directory: Path, needed: int, total: int, reason: str) -> UserError:
+    size = cfg.image_size
+    return UserError(
+        f"{_cache_root(cfg, directory)}: cannot build the cache there: {reason} (it needs about "
+        f"{human_size(needed)} for {total} images of {size}x{size}; {free_space(directory.parent)} free there)"
+    )
+
+
+def _allocate(path: Path, nbytes: int) -> None:
+    """Reserve the file's blocks, so a disk that fills while the cache is written fails here with
+    ENOSPC instead of with a SIGBUS at a page write. File systems that cannot reserve (some network
+    and copy-on-write ones) keep the free-space check alone."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with path.open("rb+") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, nbytes)
+        except OSError as exc:
+            if exc.errno in FULL_DISK:
+                raise
 
 
 def _check_bad_fraction(bad: list[BadFile], total: int, cfg: DataConfig, split_name: str, directory: Path) -> None:
