@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -250,6 +251,26 @@ def test_a_disk_that_fills_while_the_cache_is_built_is_one_line(tmp_path, capsys
     assert err.count("\n") == 1 and "No space left on device" in err and str(tmp_path / "cache") in err
     assert "needs about" in err and "free there" in err
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_huge_file_named_jpg_is_listed_as_bad_without_being_read(tmp_path, capsys):
+    prepare = _folder_with_one_empty_file(tmp_path)
+    (tmp_path / "data/train/empty.jpg").unlink()
+    with (tmp_path / "data/train/movie.jpg").open("wb") as handle:
+        handle.truncate(2 * 1024**3)  # 2 GiB, sparse: no disk used, but 2 GiB of memory if read whole
+    tracemalloc.start()
+    try:
+        assert main([*prepare, "data.max_bad_fraction=0.5"]) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100 * 2**20
+    cfg = load_config(None, [*prepare[2:], "data.max_bad_fraction=0.5"]).data
+    (path, reason), = _read_csv(cache_directory(cfg, "train") / "bad_files.csv")[1:]
+    assert path.endswith("movie.jpg") and reason.startswith("too large to be an image: 2.1 GB")
+    capsys.readouterr()
+    assert main([*prepare, "data.max_bad_fraction=0.5", "--verify"]) == 0  # the hash pass does not read it either
+    assert "0 images re-decoded" in capsys.readouterr().out
 
 
 def test_train_copies_bad_files_into_the_run_folder(tiny, tmp_path):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import logging
 import multiprocessing
@@ -28,7 +27,9 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -49,6 +50,15 @@ CHUNK_SIZE = 32  # images per worker task: large enough to amortise the pickling
 # and ARM) SHA-1 hashes files about twice as fast as BLAKE2b. Stored in the manifest, so digests of
 # another algorithm are never compared.
 CONTENT_HASH = "sha1"
+# The largest file that can hold an image within data.max_image_pixels: 8 bytes a pixel (uncompressed
+# 16-bit RGBA, the widest layout of PNG and TIFF photographs) plus room for metadata (EXIF thumbnails,
+# ICC profiles, XMP). A larger file named .jpg is something else (a video, a disk image) and is refused
+# unread: reading it whole cost each decoding worker its size in memory (2 GB for a 2 GB file).
+BYTES_PER_PIXEL_AT_MOST, METADATA_BYTES_AT_MOST = 8, 16 * 2**20
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    return BYTES_PER_PIXEL_AT_MOST * max_pixels + METADATA_BYTES_AT_MOST
 
 
 class TooManyBadFiles(UserError):
@@ -132,26 +142,27 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _hash_bytes(data: bytes) -> str:
-    return hashlib.new(CONTENT_HASH, data).hexdigest()
-
-
-def _hash_file(path: Path | str) -> str | None:
-    """Hash of a file's bytes, read in chunks (None: missing or unreadable)."""
+def _hash_file(path: Path | str, max_bytes: int | None = None) -> str | None:
+    """Hash of a file's bytes, read in chunks (None: missing, unreadable, or over `max_bytes`, which
+    a build refuses unread, so a verification must not read it either)."""
     try:
         with open(path, "rb") as handle:
+            if max_bytes is not None and os.fstat(handle.fileno()).st_size > max_bytes:
+                return None
             return hashlib.file_digest(handle, CONTENT_HASH).hexdigest()
     except OSError:
         return None
 
 
-def _hash_files(paths: list[Path], workers: int, desc: str, progress: bool) -> list[str | None]:
+def _hash_files(
+    paths: list[Path], workers: int, desc: str, progress: bool, max_bytes: int | None = None
+) -> list[str | None]:
     # Threads, not processes: reading releases the GIL and so does hashlib on buffers over 2 KiB, so
     # threads overlap disk reads and hashing with nothing to pickle.
     bar = tqdm(total=len(paths), desc=desc, unit="file", disable=not progress, dynamic_ncols=True)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         hashes = []
-        for digest in pool.map(_hash_file, paths):
+        for digest in pool.map(partial(_hash_file, max_bytes=max_bytes), paths):
             hashes.append(digest)
             bar.update(1)
     bar.close()
@@ -175,16 +186,25 @@ def _expected_manifest(split: FileSplit | ArraySplit, cfg: DataConfig) -> dict:
 
 
 def _decode_file(task: tuple[str, int, int, int]) -> tuple[bytes | None, str, str | None]:
-    """Runs in a worker process: (pixels, "", hash) or (None, reason, hash); hash None: unreadable.
+    """Runs in a worker process: (pixels, "", hash) or (None, reason, hash); hash None: unreadable or
+    too large to be an image (refused before a byte is read).
 
-    The file is read once, hashed and decoded from memory: the stored hash is that of exactly the bytes
-    whose pixels are cached, and costs one hash of bytes the decoder reads anyway."""
+    The file is opened once, hashed in chunks, then decoded from the same open file, never held whole
+    in memory: the stored hash is that of the very file whose pixels are cached (a file replaced while
+    it is open keeps its old content for this handle)."""
     path, image_crop, image_size, max_pixels = task
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            limit = max_file_bytes(max_pixels)
+            if size > limit:
+                return None, (f"too large to be an image: {human_size(size)}, more than an image of "
+                              f"data.max_image_pixels ({max_pixels}) takes ({human_size(limit)})"), None
+            digest = hashlib.file_digest(handle, CONTENT_HASH).hexdigest()
+            handle.seek(0)
+            return (*_decode(handle, size, image_crop, image_size, max_pixels), digest)
     except OSError as exc:
         return None, _unreadable(exc), None
-    return (*_decode_bytes(data, image_crop, image_size, max_pixels), _hash_bytes(data))
 
 
 def _unreadable(exc: OSError) -> str:
@@ -194,15 +214,18 @@ def _unreadable(exc: OSError) -> str:
     return f"unreadable: {reason}" if "truncated" not in reason else f"truncated: {reason}"
 
 
-def _decode_bytes(data: bytes, image_crop: int, image_size: int, max_pixels: int) -> tuple[bytes | None, str]:
-    if not data:
+def _decode(
+    handle: BinaryIO, size: int, image_crop: int, image_size: int, max_pixels: int
+) -> tuple[bytes | None, str]:
+    if not size:
         return None, "empty file"
     # load_image refuses the whole picture past max_pixels (and turns Pillow's warnings into that
     # refusal); Pillow's own checks of single frames and tiles read the module global, so it is set
     # too, and restored, since in-process decoding shares it.
     previous_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
     try:
-        return load_image(io.BytesIO(data), image_crop, image_size, max_pixels).tobytes(), ""
+        # Pillow identifies the format from the first bytes and reads the rest only to decode.
+        return load_image(handle, image_crop, image_size, max_pixels).tobytes(), ""
     except Image.DecompressionBombError as exc:
         return None, f"decompression bomb: {exc}".split(". ")[0]
     except Image.UnidentifiedImageError:
@@ -369,7 +392,8 @@ def _verify_files(
     if previous is None:  # nothing to compare with: a plain build, which hashes what it decodes
         return _build(split, cfg, split_name, directory, expected, progress, verification=Verification(0, 0.0))
     start = time.perf_counter()
-    hashes = _hash_files(split.paths, cfg.num_workers, f"verifying {cfg.dataset} {split_name}", progress)
+    hashes = _hash_files(split.paths, cfg.num_workers, f"verifying {cfg.dataset} {split_name}", progress,
+                         max_file_bytes(cfg.max_image_pixels))
     seconds = time.perf_counter() - start
     cached = _cached_entries(previous, expected)
     reuse: dict[int, _Cached] = {}
