@@ -22,9 +22,10 @@ from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
 from image_autoencoding.data import cache as cache_module
 from image_autoencoding.data.cache import cache_directory
-from image_autoencoding.data.image_data import load_image_data
+from image_autoencoding.data.image_data import check_split_sizes, load_image_data
 from image_autoencoding.data.preprocess import load_image
 from image_autoencoding.data.sources import find_source
+from image_autoencoding.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -282,6 +283,34 @@ def test_train_copies_bad_files_into_the_run_folder(tiny, tmp_path):
     rows = _read_csv(run / "bad_files.csv")
     assert rows[0] == ["path", "reason"] and len(rows) == 6
     assert "5 unreadable images skipped" in (run / "train.log").read_text()
+
+
+def test_a_split_too_small_to_train_on_is_refused_in_one_line_before_the_run_folder(tiny, tmp_path, capsys):
+    for index in range(2):  # one image to train on, one held out
+        save_jpeg(photo(index, 32, 24), tmp_path / f"data/{index}.jpg")
+    code = main(["train", *tiny, "data.dataset=folder", f"data.data_root={tmp_path / 'data'}",
+                 f"data.cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "the folder train split has 1 usable image; training needs at least 2" in err
+    assert not list(tmp_path.rglob("vae_*"))  # no run folder
+
+
+def test_an_empty_validation_split_is_refused_in_one_line(tiny, tmp_path, capsys):
+    make_fashion_mnist(tmp_path / "data", n_train=40, n_test=0)
+    code = main(["train", *tiny, "data.dataset=fashion-mnist", f"data.data_root={tmp_path / 'data'}",
+                 f"data.cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "the fashion-mnist validation split has 0 usable images" in err
+    assert not list(tmp_path.rglob("vae_*"))
+
+
+def test_under_torchrun_a_train_split_smaller_than_one_global_batch_is_refused(tmp_path):
+    make_fashion_mnist(tmp_path / "data", n_train=40, n_test=4)
+    data = load_image_data(_config(tmp_path, "fashion-mnist"), progress=False)
+    check_split_sizes(data, "fashion-mnist", batch_size=20, world_size=2)  # 40 images: one step
+    with pytest.raises(UserError, match=r"train split has 40 usable images; .* = 64, .* lower train.batch_size"):
+        check_split_sizes(data, "fashion-mnist", batch_size=32, world_size=2)
 
 
 def test_fashion_mnist_is_cached_like_the_others(tmp_path):

@@ -110,7 +110,7 @@ def _run_dir_and_data(config, resume, dist):
     """Rank 0 checks the output folder, reads (on first use builds) the cache and makes the run
     folder; then it tells the other ranks the folder, or the error that stopped it, and they open
     the finished cache. One run folder whatever the number of processes."""
-    from image_autoencoding.data.image_data import load_image_data
+    from image_autoencoding.data.image_data import check_split_sizes, load_image_data
     from image_autoencoding.runs.run_dir import create_run_dir, ensure_writable
 
     if not dist.is_main:
@@ -122,8 +122,9 @@ def _run_dir_and_data(config, resume, dist):
         if config.train.log_dir is not None:
             ensure_writable(config.train.log_dir, "train.log_dir")
         ensure_writable(resume.run_dir if resume else f"{config.train.output_dir}/results/vae")
-        # Fails on a missing dataset or too many bad images before any run folder is made.
+        # Fails on a missing dataset, too many bad images or too few images before any run folder is made.
         data = load_image_data(config.data, progress=_bars(config.train.progress))
+        check_split_sizes(data, config.data.dataset, config.train.batch_size, dist.world_size)
         run_dir = resume.run_dir if resume else create_run_dir(config.train.output_dir)
         data.write_bad_files(run_dir / "bad_files.csv")
     except UserError as exc:

@@ -293,8 +293,10 @@ def _remove_abandoned_builds(directory: Path) -> None:
 
 
 def _open(directory: Path, manifest: dict, reused: bool, verification: Verification | None = None) -> CachedSplit:
-    size = manifest["image_size"]
-    images = np.memmap(directory / IMAGES_FILE, dtype=np.uint8, mode="r", shape=(manifest["count"], size, size, 3))
+    size, count = manifest["image_size"], manifest["count"]
+    # An empty file cannot be memory-mapped; an empty split is refused with its count by its user.
+    images = (np.memmap(directory / IMAGES_FILE, dtype=np.uint8, mode="r", shape=(count, size, size, 3)) if count
+              else np.zeros((0, size, size, 3), dtype=np.uint8))
     labels = np.load(directory / LABELS_FILE)
     bad = [BadFile(path, reason) for path, reason in manifest["skipped"]]
     return CachedSplit(images, labels, bad, directory, reused, verification)
