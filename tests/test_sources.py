@@ -136,6 +136,8 @@ def test_junk_files_are_ignored(tmp_path):
         ("train.json", b'{"apple_pie": 5}', "class \"apple_pie\" maps to 5; expected {class: ['class/id', ...]}"),
         ("train.json", b'{"apple_pie": "apple_pie/100"}', "class \"apple_pie\" maps to \"apple_pie/100\""),
         ("train.json", b'{"apple_pie": [100]}', "class \"apple_pie\" maps to [100]"),
+        ("train.json", b'{"pizza": ["pizza/100"]}', "entry 'pizza/100' is not 'class/id' with a class from"),
+        ("train.json", b'{}', "lists no images"),
     ],
 )
 def test_food101_meta_of_the_wrong_encoding_or_shape_is_one_line_naming_the_file(

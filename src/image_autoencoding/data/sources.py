@@ -215,12 +215,12 @@ def _read_utf8(path: Path, expected: str) -> str:
         ) from None
 
 
-def _read_food_split(meta: Path, split: str, layout: str) -> list[str]:
-    """Entries 'class/id' of meta/<split>.txt (CRLF tolerated) or meta/<split>.json."""
+def _read_food_split(meta: Path, split: str, layout: str) -> tuple[Path, list[str]]:
+    """The file read and its entries 'class/id': meta/<split>.txt (CRLF tolerated) or meta/<split>.json."""
     text_file, json_file = meta / f"{split}.txt", meta / f"{split}.json"
     if text_file.is_file():
         lines = _read_utf8(text_file, "one 'class/id' per line").splitlines()
-        return [line.strip() for line in lines if line.strip()]
+        return text_file, [line.strip() for line in lines if line.strip()]
     if json_file.is_file():
         shape = "{class: ['class/id', ...]}"
         try:
@@ -234,7 +234,7 @@ def _read_food_split(meta: Path, split: str, layout: str) -> list[str]:
                 raise DatasetLayoutError(
                     f"'{json_file}': class {json.dumps(name)} maps to {json.dumps(entries)[:60]}; expected {shape}"
                 )
-        return [entry.strip() for entries in by_class.values() for entry in entries]
+        return json_file, [entry.strip() for entries in by_class.values() for entry in entries]
     raise DatasetLayoutError(f"split file '{text_file}' (or '{json_file.name}') not found; expected layout: {layout}")
 
 
@@ -246,7 +246,8 @@ def food101_source(cfg: DataConfig) -> DatasetSource:
     layout = FOOD_LAYOUT.format(images=cfg.images_data, meta=cfg.meta_data)
     _require_dir(images, layout)
     _require_dir(meta, layout)
-    entries = {split: _read_food_split(meta, split, layout) for split in ("train", "test")}
+    split_files = {split: _read_food_split(meta, split, layout) for split in ("train", "test")}
+    entries = {split: listed for split, (_, listed) in split_files.items()}
     classes_file = meta / "classes.txt"
     if classes_file.is_file():
         text = _read_utf8(classes_file, "one class name per line")
@@ -258,17 +259,18 @@ def food101_source(cfg: DataConfig) -> DatasetSource:
 
     def split_of(name: str) -> FileSplit:
         paths, labels = [], []
+        split_file = split_files[name][0]
         for entry in entries[name]:
             label, _, image_id = entry.partition("/")
             if not image_id or label not in index:
                 raise DatasetLayoutError(
-                    f"'{meta / name}.txt': entry '{entry}' is not 'class/id' with a class from classes.txt"
+                    f"'{split_file}': entry '{entry}' is not 'class/id' with a class from classes.txt"
                 )
             path = images / label / image_id
             paths.append(path if path.suffix.lower() in IMAGE_SUFFIXES else path.with_name(image_id + ".jpg"))
             labels.append(index[label])
         if not paths:
-            raise DatasetLayoutError(f"'{meta / name}.txt' lists no images; expected layout: {layout}")
+            raise DatasetLayoutError(f"'{split_file}' lists no images; expected layout: {layout}")
         return FileSplit(images, paths, np.asarray(labels, dtype=np.int64))
 
     return DatasetSource("food-101", split_of("train"), split_of("test"), class_names)
