@@ -9,7 +9,7 @@ killed build is never mistaken for a finished one.
 
 Size and mtime miss a file whose content changed but kept both (restored with `touch -r`, copied with
 `rsync --times`). The manifest therefore also stores a hash of every source file, computed while
-building from the very bytes decoded, and `verify=True` (`vae prepare --verify`) reads and hashes
+building through the very handle decoded from, and `verify=True` (`vae prepare --verify`) reads and hashes
 every file, then decodes again exactly the entries whose content differs, copying the other rows
 from the old cache.
 """
