@@ -64,3 +64,24 @@ def test_without_random_flip_every_image_is_seen_as_stored(images):
     # The same order as with flips: switching them off changes nothing else.
     flipped = np.concatenate([_to_pixels(x, normalize) for x in training_batches(images, 32, 5, 1, device, normalize)])
     assert all(np.array_equal(a, b) or np.array_equal(a, b[:, ::-1]) for a, b in zip(seen, flipped, strict=True))
+
+
+def test_under_torchrun_each_rank_takes_a_shuffled_share_of_the_global_batch():
+    """The cache is ordered by class: a share cut from the batch sorted by index would give rank 0
+    the lowest-index (first classes') images of every step."""
+    images = np.zeros((96, 2, 2, 3), dtype=np.uint8)
+    images[:, 0, 0, 0] = np.arange(96)  # each image says its index
+    device = torch.device("cpu")
+    normalize = Normalizer(load_config().data, device)
+
+    def indices(x: torch.Tensor) -> list[int]:
+        return _to_pixels(x, normalize)[:, 0, 0, 0].tolist()
+
+    one = [indices(x) for x in training_batches(images, 32, 5, 1, device, normalize, flip=False)]
+    ranks = [[indices(x) for x in training_batches(images, 16, 5, 1, device, normalize, rank=r, world_size=2,
+                                                    flip=False)] for r in (0, 1)]
+    assert len(one) == len(ranks[0]) == len(ranks[1]) == 3
+    for whole, first, second in zip(one, *ranks, strict=True):
+        assert sorted(first + second) == whole  # together: the global batch, each image once
+        assert first == sorted(first) and second == sorted(second)  # each share read front to back
+    assert all(max(first) > min(second) for first, second in zip(*ranks, strict=True))

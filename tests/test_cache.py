@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +22,10 @@ from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
 from image_autoencoding.data import cache as cache_module
 from image_autoencoding.data.cache import cache_directory
-from image_autoencoding.data.image_data import load_image_data
+from image_autoencoding.data.image_data import check_split_sizes, load_image_data
 from image_autoencoding.data.preprocess import load_image
 from image_autoencoding.data.sources import find_source
+from image_autoencoding.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,6 +190,90 @@ def test_nothing_left_stops_even_with_no_limit(tmp_path, capsys):
     assert code == 2 and "no usable image is left" in err
 
 
+def _folder_with_one_empty_file(tmp_path) -> list[str]:
+    """train/: 3 photos and an empty .jpg (a quarter bad); valid/: 1 photo. The `vae prepare` arguments."""
+    for index in range(3):
+        save_jpeg(photo(index, 32, 24), tmp_path / f"data/train/{index}.jpg")
+    (tmp_path / "data/train/empty.jpg").write_bytes(b"")
+    save_jpeg(photo(3, 32, 24), tmp_path / "data/valid/0.jpg")
+    return ["prepare", "-q", "data.dataset=folder", f"data.data_root={tmp_path / 'data'}",
+            f"data.cache_dir={tmp_path / 'cache'}", "data.image_size=16", "data.num_workers=0"]
+
+
+def test_a_stricter_max_bad_fraction_refuses_a_cache_a_looser_run_built(tmp_path, capsys):
+    prepare = _folder_with_one_empty_file(tmp_path)
+    assert main([*prepare, "data.max_bad_fraction=0.5"]) == 0
+    capsys.readouterr()
+    assert main(prepare) == 2  # the default limit, 5%, on the cache built above
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 of 4" in err and "max_bad_fraction=0.05" in err and "empty.jpg" in err
+    assert main([*prepare, "data.max_bad_fraction=0.5"]) == 0  # the cache itself is kept for looser runs
+
+
+@pytest.mark.parametrize("damage", ["truncated", "float", "short"])
+def test_a_damaged_labels_file_rebuilds_the_cache(tmp_path, capsys, damage):
+    prepare = _folder_with_one_empty_file(tmp_path)
+    assert main([*prepare, "data.max_bad_fraction=0.5"]) == 0
+    cfg = load_config(None, [*prepare[2:], "data.max_bad_fraction=0.5"]).data
+    built = load_image_data(cfg, progress=False).train
+    labels_file = built.cache_dir / "labels.npy"
+    if damage == "truncated":
+        labels_file.write_bytes(labels_file.read_bytes()[:-4])
+    else:
+        np.save(labels_file, built.labels.astype(np.float32) if damage == "float" else built.labels[:-1])
+    again = load_image_data(cfg, progress=False).train
+    assert again.labels.dtype == np.int64 and np.array_equal(again.labels, built.labels)
+    assert np.array_equal(np.asarray(again.images), np.asarray(built.images))
+
+
+def test_a_cache_that_cannot_fit_is_refused_in_one_line_before_writing(tmp_path, capsys, monkeypatch):
+    prepare = _folder_with_one_empty_file(tmp_path)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    assert main([*prepare, "data.max_bad_fraction=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"data.cache_dir '{tmp_path / 'cache'}'" in err
+    assert "needs about 3.1 KB for 4 images of 16x16" in err and "1.0 KB free" in err  # 4 x 16 x 16 x 3 + labels
+    assert list((tmp_path / "cache").iterdir()) == []  # no cache, no temporary folder
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("call", ["posix_fallocate", "save"])
+def test_a_disk_that_fills_while_the_cache_is_built_is_one_line(tmp_path, capsys, monkeypatch, call):
+    prepare = _folder_with_one_empty_file(tmp_path)
+    # posix_fallocate reserves images.u8 (where a write into the memory map would otherwise be killed
+    # by SIGBUS); np.save writes labels.npy after the images.
+    monkeypatch.setattr(os if call == "posix_fallocate" else np, call, _disk_full)
+    assert main([*prepare, "data.max_bad_fraction=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and str(tmp_path / "cache") in err
+    assert "needs about" in err and "free there" in err
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_huge_file_named_jpg_is_listed_as_bad_without_being_read(tmp_path, capsys):
+    prepare = _folder_with_one_empty_file(tmp_path)
+    (tmp_path / "data/train/empty.jpg").unlink()
+    with (tmp_path / "data/train/movie.jpg").open("wb") as handle:
+        handle.truncate(2 * 1024**3)  # 2 GiB, sparse: no disk used, but 2 GiB of memory if read whole
+    tracemalloc.start()
+    try:
+        assert main([*prepare, "data.max_bad_fraction=0.5"]) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100 * 2**20
+    cfg = load_config(None, [*prepare[2:], "data.max_bad_fraction=0.5"]).data
+    (path, reason), = _read_csv(cache_directory(cfg, "train") / "bad_files.csv")[1:]
+    assert path.endswith("movie.jpg") and reason.startswith("too large to be an image: 2.1 GB")
+    capsys.readouterr()
+    assert main([*prepare, "data.max_bad_fraction=0.5", "--verify"]) == 0  # the hash pass does not read it either
+    assert "0 images re-decoded" in capsys.readouterr().out
+
+
 def test_train_copies_bad_files_into_the_run_folder(tiny, tmp_path):
     make_coco(tmp_path / "data", n_train=30, n_test=0, n_valid=3, broken=True)
     assert main(["train", *tiny, "data.dataset=coco", f"data.data_root={tmp_path / 'data'}",
@@ -195,6 +283,34 @@ def test_train_copies_bad_files_into_the_run_folder(tiny, tmp_path):
     rows = _read_csv(run / "bad_files.csv")
     assert rows[0] == ["path", "reason"] and len(rows) == 6
     assert "5 unreadable images skipped" in (run / "train.log").read_text()
+
+
+def test_a_split_too_small_to_train_on_is_refused_in_one_line_before_the_run_folder(tiny, tmp_path, capsys):
+    for index in range(2):  # one image to train on, one held out
+        save_jpeg(photo(index, 32, 24), tmp_path / f"data/{index}.jpg")
+    code = main(["train", *tiny, "data.dataset=folder", f"data.data_root={tmp_path / 'data'}",
+                 f"data.cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "the folder train split has 1 usable image; training needs at least 2" in err
+    assert not list(tmp_path.rglob("vae_*"))  # no run folder
+
+
+def test_an_empty_validation_split_is_refused_in_one_line(tiny, tmp_path, capsys):
+    make_fashion_mnist(tmp_path / "data", n_train=40, n_test=0)
+    code = main(["train", *tiny, "data.dataset=fashion-mnist", f"data.data_root={tmp_path / 'data'}",
+                 f"data.cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "the fashion-mnist validation split has 0 usable images" in err
+    assert not list(tmp_path.rglob("vae_*"))
+
+
+def test_under_torchrun_a_train_split_smaller_than_one_global_batch_is_refused(tmp_path):
+    make_fashion_mnist(tmp_path / "data", n_train=40, n_test=4)
+    data = load_image_data(_config(tmp_path, "fashion-mnist"), progress=False)
+    check_split_sizes(data, "fashion-mnist", batch_size=20, world_size=2)  # 40 images: one step
+    with pytest.raises(UserError, match=r"train split has 40 usable images; .* = 64, .* lower train.batch_size"):
+        check_split_sizes(data, "fashion-mnist", batch_size=32, world_size=2)
 
 
 def test_fashion_mnist_is_cached_like_the_others(tmp_path):

@@ -224,9 +224,10 @@ def test_alpha_one_over_batch_size_is_over_the_global_batch():
 
 
 @pytest.mark.parametrize("start_step", [0, 2])
-def test_ranks_take_contiguous_shares_of_each_global_batch_with_its_flips(start_step):
-    """Rank 0's and rank 1's batches side by side are the one-process batch of twice the size:
-    same images, same flips, same order, and the same step count (global batches)."""
+def test_ranks_share_each_global_batch_with_its_flips(start_step):
+    """Rank 0's and rank 1's batches interleaved are the one-process batch of twice the size: same
+    images, same flips, row p of it being row p // 2 of rank p % 2 (where the reparametrisation
+    noise is taken from), and the same step count (global batches)."""
     images = np.random.default_rng(0).integers(0, 256, size=(70, 4, 4, 3), dtype=np.uint8)
     device = torch.device("cpu")
     normalize = Normalizer(load_config().data, device)
@@ -238,7 +239,7 @@ def test_ranks_take_contiguous_shares_of_each_global_batch_with_its_flips(start_
     assert len(one) == 9 - start_step and len(ranks[0]) == len(ranks[1]) == 8 - start_step
     assert steps_per_epoch(70, 4, None, world_size=2) == 8
     for whole, first, second in zip(one, *ranks, strict=False):
-        assert torch.equal(torch.cat([first, second]), whole)
+        assert torch.equal(torch.stack([first, second], dim=1).flatten(0, 1), whole)
 
 
 def test_validation_shares_cover_the_split_once_in_order():
@@ -351,10 +352,9 @@ def _free_bits_gradients(rank: int, root: Path, world: int, free_bits: float) ->
         # eval(): BatchNorm from running statistics, so halves of the batch see what the whole sees.
         model = build_model(load_config(None, COMMON).model, 16).eval()
         x = torch.load(root / "batch.pt")
-        share = len(x) // world
         objective = VAEObjective(model, nullcontext, rank, world, free_bits=free_bits)
         torch.manual_seed(1)  # the reparametrisation noise: drawn for the global batch on every rank
-        objective(x[rank * share : (rank + 1) * share], torch.tensor(1.0))[0].backward()
+        objective(x[rank::world], torch.tensor(1.0))[0].backward()  # the rank's share, as training_batches cuts it
         grads = torch.cat([p.grad.flatten() for p in model.parameters()])
         if world > 1:
             dist.all_reduce(grads)
@@ -376,12 +376,12 @@ def test_free_bits_clamp_the_global_batch_means_under_torchrun(tmp_path):
     model = build_model(load_config(None, COMMON).model, 16).eval()
     with torch.no_grad():
         per_unit = model.encoder(x).kl_per_dim()
-    whole, first_half = per_unit.mean(dim=0), per_unit[:16].mean(dim=0)
+    whole, rank_0 = per_unit.mean(dim=0), per_unit[0::2].mean(dim=0)  # rank 0's share (see training_batches)
     # A floor between the global mean of one unit and rank 0's mean of it: clamping each rank's
     # own mean would treat that unit differently on rank 0.
-    unit = int((whole - first_half).abs().argmax())
-    free_bits = float(whole[unit] + first_half[unit]) / 2
-    assert (whole[unit] > free_bits) != (first_half[unit] > free_bits)
+    unit = int((whole - rank_0).abs().argmax())
+    free_bits = float(whole[unit] + rank_0[unit]) / 2
+    assert (whole[unit] > free_bits) != (rank_0[unit] > free_bits)
 
     _free_bits_gradients(0, tmp_path, 1, free_bits)
     mp.spawn(_free_bits_gradients, args=(tmp_path, 2, free_bits), nprocs=2)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "image_autoencoding"
 LAYERS = [
-    {"errors", "config", "config_docs", "runtime", "atomic_files", "safe_load"},
+    {"errors", "config", "config_docs", "runtime", "atomic_files", "safe_load", "disk_space"},
     {"data"},
     {"models"},
     {"visualization"},

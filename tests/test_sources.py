@@ -126,3 +126,26 @@ def test_junk_files_are_ignored(tmp_path):
         (train / name).write_bytes(b"junk")
     names = {p.name for p in _source("coco", tmp_path).train.paths}
     assert names == {"000000000001.jpg", "000000000002.jpg"}
+
+
+@pytest.mark.parametrize(
+    ("meta_file", "content", "expected"),
+    [
+        ("train.txt", b"apple_pie/100\ncr\xe8me_br\xfbl\xe9e/1\n", "not UTF-8"),
+        ("classes.txt", b"apple_pie\ncr\xe8me_br\xfbl\xe9e\n", "not UTF-8"),
+        ("train.json", b'{"apple_pie": 5}', "class \"apple_pie\" maps to 5; expected {class: ['class/id', ...]}"),
+        ("train.json", b'{"apple_pie": "apple_pie/100"}', "class \"apple_pie\" maps to \"apple_pie/100\""),
+        ("train.json", b'{"apple_pie": [100]}', "class \"apple_pie\" maps to [100]"),
+        ("train.json", b'{"pizza": ["pizza/100"]}', "entry 'pizza/100' is not 'class/id' with a class from"),
+        ("train.json", b'{}', "lists no images"),
+    ],
+)
+def test_food101_meta_of_the_wrong_encoding_or_shape_is_one_line_naming_the_file(
+        tmp_path, capsys, meta_file, content, expected):
+    make_food101(tmp_path, per_class=(1, 1), json_meta=meta_file.endswith(".json"))
+    (tmp_path / "food-101/meta" / meta_file).write_bytes(content)
+    code = main(["prepare", "-q", "data.dataset=food-101", f"data.data_root={tmp_path}",
+                 f"data.cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"meta/{meta_file}" in err and expected in err

@@ -59,11 +59,15 @@ def training_batches(
     batch is kept unless it holds a single image (BatchNorm cannot normalise a batch of one).
 
     With several processes, step s is one global batch of `batch_size x world_size` images of the
-    epoch's order (the same order on every rank, from (seed, epoch)), and rank r takes the r-th
-    contiguous `batch_size` of it, with the flip draws made for the whole global batch. Rank 0 to
-    W-1 together thus see exactly the batches, and flips, of one process with the global batch
-    size, and steps count global batches whatever the number of processes. The last partial
-    global batch is dropped (as DistributedSampler's drop_last), so every rank has a full share.
+    epoch's order (the same order on every rank, from (seed, epoch)), sorted by index, and rank r
+    takes every W-th image of it from the r-th on, with the flip draws made for the whole global
+    batch. Caches are ordered by class, so contiguous shares of the sorted batch gave rank 0 the
+    first classes' images of every step (class-skewed BatchNorm statistics); every W-th image gives
+    each rank a share spread over the whole batch, still read front to back. Rank 0 to W-1 together
+    see exactly the images, and flips, of one process with the global batch size, row p of that
+    batch being row p // W of rank p % W (the layout `objective.share_of_global_noise` follows), and
+    steps count global batches whatever the number of processes. The last partial global batch is
+    dropped (as DistributedSampler's drop_last), so every rank has a full share.
 
     `start_step` skips the first batches of the epoch (a run resumed inside an epoch): their flip
     draws are still made, without reading pixels, so the remaining batches are exactly those an
@@ -77,7 +81,7 @@ def training_batches(
     total = steps_per_epoch(n, batch_size, max_steps, world_size)
     for step in range(min(start_step, total)):
         torch.rand(len(order[step * global_batch : (step + 1) * global_batch]), generator=flip_generator)
-    mine = slice(rank * batch_size, (rank + 1) * batch_size) if world_size > 1 else slice(None)
+    mine = slice(rank, None, world_size)
     for step in range(start_step, total):
         start = step * global_batch
         # Sorted indices read a memory-mapped array front to back; the batch is shuffled anyway.

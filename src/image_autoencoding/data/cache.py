@@ -9,7 +9,7 @@ killed build is never mistaken for a finished one.
 
 Size and mtime miss a file whose content changed but kept both (restored with `touch -r`, copied with
 `rsync --times`). The manifest therefore also stores a hash of every source file, computed while
-building from the very bytes decoded, and `verify=True` (`vae prepare --verify`) reads and hashes
+building through the very handle decoded from, and `verify=True` (`vae prepare --verify`) reads and hashes
 every file, then decodes again exactly the entries whose content differs, copying the other rows
 from the old cache.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import logging
 import multiprocessing
@@ -28,7 +27,9 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -37,6 +38,7 @@ from tqdm import tqdm
 from image_autoencoding.config import DataConfig
 from image_autoencoding.data.preprocess import centre_crop_resize, grey_array_to_rgb, load_image
 from image_autoencoding.data.sources import ArraySplit, FileSplit
+from image_autoencoding.disk_space import FULL_DISK, free_bytes, free_space, human_size
 from image_autoencoding.errors import UserError
 
 logger = logging.getLogger("image_autoencoding")
@@ -48,6 +50,15 @@ CHUNK_SIZE = 32  # images per worker task: large enough to amortise the pickling
 # and ARM) SHA-1 hashes files about twice as fast as BLAKE2b. Stored in the manifest, so digests of
 # another algorithm are never compared.
 CONTENT_HASH = "sha1"
+# The largest file that can hold an image within data.max_image_pixels: 8 bytes a pixel (uncompressed
+# 16-bit RGBA, the widest layout of PNG and TIFF photographs) plus room for metadata (EXIF thumbnails,
+# ICC profiles, XMP). A larger file named .jpg is something else (a video, a disk image) and is refused
+# unread: reading it whole cost each decoding worker its size in memory (2 GB for a 2 GB file).
+BYTES_PER_PIXEL_AT_MOST, METADATA_BYTES_AT_MOST = 8, 16 * 2**20
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    return BYTES_PER_PIXEL_AT_MOST * max_pixels + METADATA_BYTES_AT_MOST
 
 
 class TooManyBadFiles(UserError):
@@ -131,26 +142,27 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _hash_bytes(data: bytes) -> str:
-    return hashlib.new(CONTENT_HASH, data).hexdigest()
-
-
-def _hash_file(path: Path | str) -> str | None:
-    """Hash of a file's bytes, read in chunks (None: missing or unreadable)."""
+def _hash_file(path: Path | str, max_bytes: int | None = None) -> str | None:
+    """Hash of a file's bytes, read in chunks (None: missing, unreadable, or over `max_bytes`, which
+    a build refuses unread, so a verification must not read it either)."""
     try:
         with open(path, "rb") as handle:
+            if max_bytes is not None and os.fstat(handle.fileno()).st_size > max_bytes:
+                return None
             return hashlib.file_digest(handle, CONTENT_HASH).hexdigest()
     except OSError:
         return None
 
 
-def _hash_files(paths: list[Path], workers: int, desc: str, progress: bool) -> list[str | None]:
+def _hash_files(
+    paths: list[Path], workers: int, desc: str, progress: bool, max_bytes: int | None = None
+) -> list[str | None]:
     # Threads, not processes: reading releases the GIL and so does hashlib on buffers over 2 KiB, so
     # threads overlap disk reads and hashing with nothing to pickle.
     bar = tqdm(total=len(paths), desc=desc, unit="file", disable=not progress, dynamic_ncols=True)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         hashes = []
-        for digest in pool.map(_hash_file, paths):
+        for digest in pool.map(partial(_hash_file, max_bytes=max_bytes), paths):
             hashes.append(digest)
             bar.update(1)
     bar.close()
@@ -174,16 +186,25 @@ def _expected_manifest(split: FileSplit | ArraySplit, cfg: DataConfig) -> dict:
 
 
 def _decode_file(task: tuple[str, int, int, int]) -> tuple[bytes | None, str, str | None]:
-    """Runs in a worker process: (pixels, "", hash) or (None, reason, hash); hash None: unreadable.
+    """Runs in a worker process: (pixels, "", hash) or (None, reason, hash); hash None: unreadable or
+    too large to be an image (refused before a byte is read).
 
-    The file is read once, hashed and decoded from memory: the stored hash is that of exactly the bytes
-    whose pixels are cached, and costs one hash of bytes the decoder reads anyway."""
+    The file is opened once, hashed in chunks, then decoded from the same open file, never held whole
+    in memory: the stored hash is that of the very file whose pixels are cached (a file replaced while
+    it is open keeps its old content for this handle)."""
     path, image_crop, image_size, max_pixels = task
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            limit = max_file_bytes(max_pixels)
+            if size > limit:
+                return None, (f"too large to be an image: {human_size(size)}, more than an image of "
+                              f"data.max_image_pixels ({max_pixels}) takes ({human_size(limit)})"), None
+            digest = hashlib.file_digest(handle, CONTENT_HASH).hexdigest()
+            handle.seek(0)
+            return (*_decode(handle, size, image_crop, image_size, max_pixels), digest)
     except OSError as exc:
         return None, _unreadable(exc), None
-    return (*_decode_bytes(data, image_crop, image_size, max_pixels), _hash_bytes(data))
 
 
 def _unreadable(exc: OSError) -> str:
@@ -193,15 +214,18 @@ def _unreadable(exc: OSError) -> str:
     return f"unreadable: {reason}" if "truncated" not in reason else f"truncated: {reason}"
 
 
-def _decode_bytes(data: bytes, image_crop: int, image_size: int, max_pixels: int) -> tuple[bytes | None, str]:
-    if not data:
+def _decode(
+    handle: BinaryIO, size: int, image_crop: int, image_size: int, max_pixels: int
+) -> tuple[bytes | None, str]:
+    if not size:
         return None, "empty file"
     # load_image refuses the whole picture past max_pixels (and turns Pillow's warnings into that
     # refusal); Pillow's own checks of single frames and tiles read the module global, so it is set
     # too, and restored, since in-process decoding shares it.
     previous_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
     try:
-        return load_image(io.BytesIO(data), image_crop, image_size, max_pixels).tobytes(), ""
+        # Pillow identifies the format from the first bytes and reads the rest only to decode.
+        return load_image(handle, image_crop, image_size, max_pixels).tobytes(), ""
     except Image.DecompressionBombError as exc:
         return None, f"decompression bomb: {exc}".split(". ")[0]
     except Image.UnidentifiedImageError:
@@ -269,20 +293,26 @@ def _remove_abandoned_builds(directory: Path) -> None:
 
 
 def _open(directory: Path, manifest: dict, reused: bool, verification: Verification | None = None) -> CachedSplit:
-    size = manifest["image_size"]
-    images = np.memmap(directory / IMAGES_FILE, dtype=np.uint8, mode="r", shape=(manifest["count"], size, size, 3))
+    size, count = manifest["image_size"], manifest["count"]
+    # An empty file cannot be memory-mapped; an empty split is refused with its count by its user.
+    images = (np.memmap(directory / IMAGES_FILE, dtype=np.uint8, mode="r", shape=(count, size, size, 3)) if count
+              else np.zeros((0, size, size, 3), dtype=np.uint8))
     labels = np.load(directory / LABELS_FILE)
     bad = [BadFile(path, reason) for path, reason in manifest["skipped"]]
     return CachedSplit(images, labels, bad, directory, reused, verification)
 
 
 def _read_manifest(directory: Path) -> dict | None:
-    """The manifest of a complete cache folder, else None."""
+    """The manifest of a complete cache folder, else None: images.u8 of the size and labels.npy of the
+    length the manifest records (a truncated or damaged file is rebuilt, never opened)."""
     try:
         manifest = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
         size = manifest["image_size"]
         complete = (directory / IMAGES_FILE).stat().st_size == manifest["count"] * size * size * 3
-    except (OSError, ValueError, KeyError, TypeError):
+        # Memory-mapped: the header and the file's length are checked without reading the labels.
+        labels = np.load(directory / LABELS_FILE, mmap_mode="r")
+        complete = complete and labels.dtype == np.int64 and labels.shape == (manifest["count"],)
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
         return None
     return manifest if complete else None
 
@@ -303,10 +333,16 @@ def open_or_build(
     previous = _read_manifest(directory)
     if verify:
         verified = _verify_files if isinstance(split, FileSplit) else _verify_arrays
-        return verified(split, cfg, split_name, directory, expected, previous, progress)
-    if _matches(previous, expected):
-        return _open(directory, previous, reused=True)
-    return _build(split, cfg, split_name, directory, expected, progress)
+        cached = verified(split, cfg, split_name, directory, expected, previous, progress)
+    elif _matches(previous, expected):
+        cached = _open(directory, previous, reused=True)
+    else:
+        return _build(split, cfg, split_name, directory, expected, progress)
+    if cached.reused:
+        # data.max_bad_fraction is not part of the cache's key: a cache a more tolerant run built is
+        # checked against this run's limit.
+        _check_bad_fraction(cached.bad_files, len(split.labels), cfg, split_name, directory)
+    return cached
 
 
 # -- verifying the content ----------------------------------------------------------------------------
@@ -358,7 +394,8 @@ def _verify_files(
     if previous is None:  # nothing to compare with: a plain build, which hashes what it decodes
         return _build(split, cfg, split_name, directory, expected, progress, verification=Verification(0, 0.0))
     start = time.perf_counter()
-    hashes = _hash_files(split.paths, cfg.num_workers, f"verifying {cfg.dataset} {split_name}", progress)
+    hashes = _hash_files(split.paths, cfg.num_workers, f"verifying {cfg.dataset} {split_name}", progress,
+                         max_file_bytes(cfg.max_image_pixels))
     seconds = time.perf_counter() - start
     cached = _cached_entries(previous, expected)
     reuse: dict[int, _Cached] = {}
@@ -434,10 +471,11 @@ def _build(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     except OSError as exc:
-        where = f"data.cache_dir '{cfg.cache_dir}'" if cfg.cache_dir else f"the cache folder '{directory.parent}'"
-        raise UserError(f"{where}: cannot make a folder for the cache there: {exc.strerror or exc}") from None
+        raise UserError(f"{_cache_root(cfg, directory)}: cannot make a folder for the cache there: "
+                        f"{exc.strerror or exc}") from None
     total = len(split.labels)
     size = cfg.image_size
+    needed = max(total, 1) * size * size * 3 + 8 * total  # images.u8 before skipped rows are cut, labels.npy
     start = time.perf_counter()
     if isinstance(split, FileSplit):
         names = [str(path) for path in split.paths]
@@ -449,7 +487,13 @@ def _build(
         hashes = hashes if hashes is not None else [_hash_file(path) for path in split.origin]
         entries = ((pixels, reason, None) for pixels, reason in _decoded_arrays(split, cfg))
     try:
+        # A write into a memory map on a full disk is a SIGBUS that kills the process without a word:
+        # the room is checked, then claimed, before any pixel is written.
+        free = free_bytes(tmp)
+        if free is not None and free < needed:
+            raise _disk_full(cfg, directory, needed, total, "not enough room")
         images = np.memmap(tmp / IMAGES_FILE, dtype=np.uint8, mode="w+", shape=(max(total, 1), size, size, 3))
+        _allocate(tmp / IMAGES_FILE, images.nbytes)
         kept, bad, rows, digests = [], [], [], []
         bar = tqdm(total=total, desc=f"preparing {cfg.dataset} {split_name}", unit="img", disable=not progress,
                    dynamic_ncols=True)
@@ -491,8 +535,10 @@ def _build(
         _fsync_folder(tmp)
         del old_images
         _replace(tmp, directory)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in FULL_DISK:
+            raise _disk_full(cfg, directory, needed, total, exc.strerror or str(exc)) from None
         raise
     seconds = time.perf_counter() - start
     copied = f", {len(reuse)} unchanged copied from the previous cache" if reuse else ""
@@ -501,6 +547,32 @@ def _build(
         len(kept), cfg.dataset, split_name, seconds, total / max(seconds, 1e-9), copied, len(bad), directory,
     )
     return _open(directory, manifest, reused=False, verification=verification)
+
+
+def _cache_root(cfg: DataConfig, directory: Path) -> str:
+    return f"data.cache_dir '{cfg.cache_dir}'" if cfg.cache_dir else f"the cache folder '{directory.parent}'"
+
+
+def _disk_full(cfg: DataConfig, directory: Path, needed: int, total: int, reason: str) -> UserError:
+    size = cfg.image_size
+    return UserError(
+        f"{_cache_root(cfg, directory)}: cannot build the cache there: {reason} (it needs about "
+        f"{human_size(needed)} for {total} images of {size}x{size}; {free_space(directory.parent)} free there)"
+    )
+
+
+def _allocate(path: Path, nbytes: int) -> None:
+    """Reserve the file's blocks, so a disk that fills while the cache is written fails here with
+    ENOSPC instead of with a SIGBUS at a page write. File systems that cannot reserve (some network
+    and copy-on-write ones) keep the free-space check alone."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with path.open("rb+") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, nbytes)
+        except OSError as exc:
+            if exc.errno in FULL_DISK:
+                raise
 
 
 def _check_bad_fraction(bad: list[BadFile], total: int, cfg: DataConfig, split_name: str, directory: Path) -> None:

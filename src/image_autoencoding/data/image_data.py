@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from image_autoencoding.config import DataConfig
+from image_autoencoding.data.batches import steps_per_epoch
 from image_autoencoding.data.cache import BadFile, Verification, open_or_build, preprocess_in_memory, write_bad_files
 from image_autoencoding.data.sources import find_source
+from image_autoencoding.errors import UserError
 
 logger = logging.getLogger("image_autoencoding")
 
@@ -57,3 +59,24 @@ def load_image_data(cfg: DataConfig, progress: bool = True, verify: bool = False
     if bad:
         logger.warning("skipped %d unreadable files (listed in bad_files.csv)", len(bad))
     return ImageData(splits["train"], splits["valid"], source.class_names, bad)
+
+
+def check_split_sizes(data: ImageData, dataset: str, batch_size: int, world_size: int = 1) -> None:
+    """Refuses splits too small to train on, before a run folder is made: a train split of no full
+    step trains nothing for every epoch (and the latent mixture is then fit on nothing), and an empty
+    validation split leaves nothing to score or choose best.pt by."""
+    n_train, n_valid = len(data.train.labels), len(data.valid.labels)
+    if steps_per_epoch(n_train, batch_size, None, world_size) == 0:
+        if world_size > 1:
+            need = (f"one global batch of train.batch_size={batch_size} x {world_size} processes = "
+                    f"{batch_size * world_size}, as every process takes a full share of each step; "
+                    "lower train.batch_size or add images")
+        else:
+            need = "2, as a batch of one image cannot be normalised; add images"
+        raise UserError(f"the {dataset} train split has {_images(n_train)}; training needs at least {need}")
+    if n_valid == 0:
+        raise UserError(f"the {dataset} validation split has {_images(n_valid)}; evaluation needs at least 1")
+
+
+def _images(count: int) -> str:
+    return f"{count} usable image" if count == 1 else f"{count} usable images"

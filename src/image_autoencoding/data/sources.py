@@ -205,20 +205,36 @@ FOOD_LAYOUT = (
 )
 
 
-def _read_food_split(meta: Path, split: str, layout: str) -> list[str]:
-    """Entries 'class/id' of meta/<split>.txt (CRLF tolerated) or meta/<split>.json."""
+def _read_utf8(path: Path, expected: str) -> str:
+    """A meta file's text; one line naming the file when it is not UTF-8 (Food-101's files are ASCII)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetLayoutError(
+            f"'{path}': not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}); expected {expected}"
+        ) from None
+
+
+def _read_food_split(meta: Path, split: str, layout: str) -> tuple[Path, list[str]]:
+    """The file read and its entries 'class/id': meta/<split>.txt (CRLF tolerated) or meta/<split>.json."""
     text_file, json_file = meta / f"{split}.txt", meta / f"{split}.json"
     if text_file.is_file():
-        lines = text_file.read_text(encoding="utf-8").splitlines()
-        return [line.strip() for line in lines if line.strip()]
+        lines = _read_utf8(text_file, "one 'class/id' per line").splitlines()
+        return text_file, [line.strip() for line in lines if line.strip()]
     if json_file.is_file():
+        shape = "{class: ['class/id', ...]}"
         try:
-            by_class = json.loads(json_file.read_text(encoding="utf-8"))
+            by_class = json.loads(_read_utf8(json_file, f"JSON {shape}"))
         except json.JSONDecodeError as exc:
             raise DatasetLayoutError(f"'{json_file}': not valid JSON ({exc.msg} at line {exc.lineno})") from None
         if not isinstance(by_class, dict):
-            raise DatasetLayoutError(f"'{json_file}': expected {{class: ['class/id', ...]}}")
-        return [entry.strip() for entries in by_class.values() for entry in entries]
+            raise DatasetLayoutError(f"'{json_file}': expected {shape}, found {json.dumps(by_class)[:60]}")
+        for name, entries in by_class.items():
+            if not isinstance(entries, list) or not all(isinstance(entry, str) for entry in entries):
+                raise DatasetLayoutError(
+                    f"'{json_file}': class {json.dumps(name)} maps to {json.dumps(entries)[:60]}; expected {shape}"
+                )
+        return json_file, [entry.strip() for entries in by_class.values() for entry in entries]
     raise DatasetLayoutError(f"split file '{text_file}' (or '{json_file.name}') not found; expected layout: {layout}")
 
 
@@ -230,10 +246,12 @@ def food101_source(cfg: DataConfig) -> DatasetSource:
     layout = FOOD_LAYOUT.format(images=cfg.images_data, meta=cfg.meta_data)
     _require_dir(images, layout)
     _require_dir(meta, layout)
-    entries = {split: _read_food_split(meta, split, layout) for split in ("train", "test")}
+    split_files = {split: _read_food_split(meta, split, layout) for split in ("train", "test")}
+    entries = {split: listed for split, (_, listed) in split_files.items()}
     classes_file = meta / "classes.txt"
     if classes_file.is_file():
-        names = [line.strip() for line in classes_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = _read_utf8(classes_file, "one class name per line")
+        names = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         names = [entry.split("/")[0] for split in entries.values() for entry in split]
     class_names = sorted(set(names))
@@ -241,17 +259,18 @@ def food101_source(cfg: DataConfig) -> DatasetSource:
 
     def split_of(name: str) -> FileSplit:
         paths, labels = [], []
+        split_file = split_files[name][0]
         for entry in entries[name]:
             label, _, image_id = entry.partition("/")
             if not image_id or label not in index:
                 raise DatasetLayoutError(
-                    f"'{meta / name}.txt': entry '{entry}' is not 'class/id' with a class from classes.txt"
+                    f"'{split_file}': entry '{entry}' is not 'class/id' with a class from classes.txt"
                 )
             path = images / label / image_id
             paths.append(path if path.suffix.lower() in IMAGE_SUFFIXES else path.with_name(image_id + ".jpg"))
             labels.append(index[label])
         if not paths:
-            raise DatasetLayoutError(f"'{meta / name}.txt' lists no images; expected layout: {layout}")
+            raise DatasetLayoutError(f"'{split_file}' lists no images; expected layout: {layout}")
         return FileSplit(images, paths, np.asarray(labels, dtype=np.int64))
 
     return DatasetSource("food-101", split_of("train"), split_of("test"), class_names)

@@ -6,7 +6,6 @@ as a dict), so `torch.load(weights_only=True)` can read it and a crafted file ca
 
 from __future__ import annotations
 
-import errno
 import re
 import shutil
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from image_autoencoding.atomic_files import atomic_write, leftover_temporaries
+from image_autoencoding.disk_space import FULL_DISK, free_space, human_size
 from image_autoencoding.errors import UserError
 from image_autoencoding.safe_load import unreadable_message
 from image_autoencoding.training.rng import rng_state_problem
@@ -67,24 +67,9 @@ def _write_error(path: Path, cause: OSError | None, needed: int, measured: str) 
     """One line: what failed and, when the disk may be full, how much room the file needs."""
     reason = (cause.strerror or str(cause)) if cause is not None else "the write failed"
     room = ""
-    if cause is None or cause.errno in (errno.ENOSPC, errno.EDQUOT):
-        room = f" (it needs about {_human_size(needed)}, {measured}; {_free_space(path.parent)} free there)"
+    if cause is None or cause.errno in FULL_DISK:
+        room = f" (it needs about {human_size(needed)}, {measured}; {free_space(path.parent)} free there)"
     return CheckpointWriteError(f"cannot write checkpoint '{path}': {reason}{room}; the previous checkpoint is kept")
-
-
-def _free_space(folder: Path) -> str:
-    try:
-        return _human_size(shutil.disk_usage(folder).free)
-    except OSError:
-        return "an unknown amount"
-
-
-def _human_size(size: float) -> str:
-    for unit in ("B", "KB", "MB"):
-        if size < 1000:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} GB"
 
 
 def tensor_bytes(tree: Any) -> int:

@@ -65,11 +65,13 @@ class VAEObjective(nn.Module):
 
 def share_of_global_noise(like: Tensor, rank: int, world_size: int) -> Tensor:
     """Standard normal noise shaped like `like` (this rank's n rows): drawn for the whole global
-    batch, n x world_size rows, and this rank's rows taken, so that W processes draw exactly the
-    noise one process with the global batch draws, and every rank's generator stays in step."""
+    batch, n x world_size rows, and this rank's rows taken (every W-th from the r-th, where
+    `batches.training_batches` puts this rank's images), so that W processes draw exactly the noise
+    one process with the global batch draws, for the same images, and every rank's generator stays
+    in step."""
     n = like.shape[0]
     noise = torch.randn((n * world_size, *like.shape[1:]), device=like.device, dtype=like.dtype)
-    return noise[rank * n : (rank + 1) * n]
+    return noise[rank::world_size]
 
 
 def not_finite(losses: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
