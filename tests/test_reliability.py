@@ -466,6 +466,28 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_refused_before_buil
     assert [p.name for p in tmp_path.iterdir()] == ["bad.pt"]
 
 
+@pytest.mark.parametrize("case", ["a parameter too few", "a moment of another shape"])
+def test_an_optimizer_state_that_does_not_fit_the_model_is_refused_before_resuming(tiny, tmp_path, capsys, case,
+                                                                                  no_final_report):
+    assert main(["train", *tiny, "train.epochs=1"]) == 0
+    run = _run_dir(tmp_path)
+    last = run / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    optimizer = state["encoder_optimizer"]
+    if case == "a parameter too few":
+        dropped = optimizer["param_groups"][0]["params"].pop()
+        optimizer["state"].pop(dropped, None)
+    else:
+        entry = optimizer["state"][0]
+        entry["square_avg"] = torch.zeros(2, 2)
+    save_checkpoint(state, last)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "train.epochs=2"]) == 2
+    error = _one_line(capsys.readouterr().err)
+    assert f"checkpoint '{last}': encoder_optimizer does not fit the encoder" in error
+    assert [r["epoch"] for r in _metrics(run)] == ["1"]
+
+
 def test_last_best_and_epoch_checkpoints_are_separate_files_so_resume_can_fall_back(tiny, tmp_path,
                                                                                    no_final_report):
     assert main(["train", *tiny, "train.epochs=2", "train.checkpoint_every=1"]) == 0

@@ -23,6 +23,33 @@ def expected_shapes(cfg: ModelConfig, image_size: int) -> Shapes:
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
+def parameter_shapes(cfg: ModelConfig, image_size: int) -> dict[str, list[tuple[int, ...]]]:
+    """Each network's ("encoder", "decoder") parameter shapes in the order its optimizer numbers
+    them (training/optimizers.py builds one optimizer per network)."""
+    with torch.device("meta"):
+        model = build_model(cfg, image_size)
+    return {name: [tuple(p.shape) for p in getattr(model, name).parameters()] for name in ("encoder", "decoder")}
+
+
+def optimizer_mismatch(shapes: list[tuple[int, ...]], state: Mapping) -> str | None:
+    """How an optimizer state dict (checked for its types already: runs/checkpoint.py) does not fit
+    parameters of `shapes`, in words; None when it fits. torch pairs saved and current parameters by
+    position and checks only the counts per group; a moment buffer of another shape would fail
+    inside the first step, mid-run."""
+    numbered = [index for group in state["param_groups"] for index in group["params"]]
+    if len(numbered) != len(shapes):
+        return f"it steps {len(numbered)} parameters, the network has {len(shapes)}"
+    position = {index: k for k, index in enumerate(numbered)}
+    for index, entry in state["state"].items():
+        if index not in position:
+            return f"it holds state for parameter {index}, which none of its groups steps"
+        expected = shapes[position[index]]
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and tuple(value.shape) != expected:
+                return f"its {key} of parameter {index} is {list(value.shape)}, the parameter's is {list(expected)}"
+    return None
+
+
 def tensor_shapes(tensors: Mapping[str, torch.Tensor]) -> Shapes:
     return {name: tuple(tensor.shape) for name, tensor in tensors.items()}
 

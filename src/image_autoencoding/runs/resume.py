@@ -8,7 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from image_autoencoding.config import Config, ConfigError, apply_overrides, build_config
-from image_autoencoding.models.shapes import expected_shapes, shape_mismatch, tensor_shapes
+from image_autoencoding.models.shapes import (
+    expected_shapes,
+    optimizer_mismatch,
+    parameter_shapes,
+    shape_mismatch,
+    tensor_shapes,
+)
 from image_autoencoding.runs.checkpoint import (
     CheckpointError,
     epoch_checkpoints,
@@ -132,6 +138,10 @@ def prepare_resume(
     problem = shape_mismatch(expected_shapes(saved.model, saved.data.image_size), tensor_shapes(state["model"]))
     if problem:
         raise CheckpointError(f"checkpoint '{path}' does not fit the model its config describes: {problem}")
+    for network, shapes in parameter_shapes(saved.model, saved.data.image_size).items():
+        problem = optimizer_mismatch(shapes, state[f"{network}_optimizer"])
+        if problem:
+            raise CheckpointError(f"checkpoint '{path}': {network}_optimizer does not fit the {network}: {problem}")
     _check_checkpoint_fits_run(run_dir, path, saved)
     config = build_config(apply_overrides(saved.to_dict(), overrides), "resume overrides")
     before, after = _flatten(saved.to_dict()), _flatten(config.to_dict())
