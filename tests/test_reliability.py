@@ -48,6 +48,7 @@ from image_autoencoding.runs.checkpoint import (
 from image_autoencoding.runs.resume import load_newest_good
 from image_autoencoding.runs.run_dir import create_run_dir
 from image_autoencoding.training.callbacks import Callback
+from image_autoencoding.training.optimizers import build_optimizers
 from image_autoencoding.training.rng import rng_state
 from image_autoencoding.training.trainer import Trainer
 
@@ -332,8 +333,11 @@ def test_resume_inside_an_epoch_refuses_a_changed_batch_size(tmp_path, capsys):
     path = tmp_path / "inside.pt"
     config = load_config(None, TINY)
     progress = {"steps": 2, "sums": torch.zeros(2), "images": 64, "skipped": 0, "seconds": 1.0}
-    save_checkpoint({**_fake_state(), "model": build_model(config.model, config.data.image_size).state_dict(),
-                     "epoch_progress": progress, "config": config.to_dict()}, path)
+    model = build_model(config.model, config.data.image_size)
+    encoder_optimizer, decoder_optimizer = build_optimizers(model, config.train)
+    save_checkpoint({**_fake_state(), "model": model.state_dict(), "encoder_optimizer": encoder_optimizer.state_dict(),
+                     "decoder_optimizer": decoder_optimizer.state_dict(), "epoch_progress": progress,
+                     "config": config.to_dict()}, path)
     assert main(["train", "--resume", str(tmp_path), "--checkpoint", str(path), "train.batch_size=16"]) == 2
     error = _one_line(capsys.readouterr().err)
     assert "train.batch_size" in error and "inside an epoch" in error
