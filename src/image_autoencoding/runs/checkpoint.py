@@ -16,7 +16,7 @@ import torch
 from image_autoencoding.atomic_files import atomic_write, leftover_temporaries
 from image_autoencoding.disk_space import FULL_DISK, free_space, human_size
 from image_autoencoding.errors import UserError
-from image_autoencoding.safe_load import unreadable_message
+from image_autoencoding.safe_load import load_plain
 from image_autoencoding.training.rng import rng_state_problem
 
 FORMAT_VERSION = 1
@@ -107,10 +107,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' not found")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated zip, foreign pickle, refused global: all mean "not ours"
-        raise _unreadable(path, exc) from None
+    state = load_plain(path, "checkpoint", CheckpointError, map_location)
     if not isinstance(state, dict) or "format_version" not in state or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"checkpoint '{path}' is not an image-autoencoding checkpoint")
     if _is_whole(state["format_version"], 1) and state["format_version"] > FORMAT_VERSION:
@@ -204,10 +201,6 @@ def _wrong(key: str, value: Any, expected: str) -> str:
     else:
         shown = f"a {type(value).__name__}"
     return f"{key} is {shown}, expected {expected}"
-
-
-def _unreadable(path: Path, exc: Exception) -> CheckpointError:
-    return CheckpointError(unreadable_message(path, exc, "checkpoint"))
 
 
 def publish_as(path: Path, alias: Path) -> None:
