@@ -38,7 +38,7 @@ class StepProbe(Callback):
     def on_step_end(self, trainer, batch, sums) -> None:
         posterior = trainer.model.encoder(batch)
         recon, kl = (float(v) / len(batch) for v in sums) if sums is not None else (float("nan"),) * 2
-        self.rows.append({"step": trainer.step, "lr": trainer.encoder_optimizer.param_groups[0]["lr"],
+        self.rows.append({"step": trainer.step, "lr": trainer.training_step.optimizers["encoder"].param_groups[0]["lr"],
                           "kl": kl, "recon": recon, "mu_abs_max": float(posterior.mean.abs().max()),
                           "logvar_max": float(posterior.logvar.max())})
 

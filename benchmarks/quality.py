@@ -37,6 +37,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ from model_cost import parameter_count, step_gflop_per_image
 from seed_statistics import SEED_COLUMNS, paired, paired_table, summarize, summary_table
 
 from image_autoencoding.config import load_config, read_yaml
-from image_autoencoding.data.batches import evaluation_batches, steps_per_epoch, training_batches
+from image_autoencoding.data.batches import evaluation_batches, training_batches
 from image_autoencoding.data.image_data import ImageData, Split, load_image_data
 from image_autoencoding.evaluation.diversity import relative_diversity
 from image_autoencoding.evaluation.evaluate import evaluate_split
@@ -60,6 +61,7 @@ from image_autoencoding.evaluation.sample_metrics import sample_quality
 from image_autoencoding.evaluation.sharpness import laplacian_variance
 from image_autoencoding.runs.latent_sampler import fit_model_mixture
 from image_autoencoding.runs.report import decoded_images, sample_latents
+from image_autoencoding.training.callbacks import Callback
 from image_autoencoding.training.trainer import Trainer
 from image_autoencoding.visualization.grids import save_reconstruction_grid, save_sample_grid
 
@@ -133,17 +135,22 @@ PROBE_STEPS = (3, 10)  # --train-seconds: untimed steps, then timed ones, of a t
 
 
 def make_trainer(recipe: str, data: ImageData, data_overrides: list[str], args, work: Path, extra: list[str],
-                 seed: int, steps: int) -> tuple[Trainer, str | None, list[str]]:
-    """A row's trainer, planned to take `steps` steps; with its config file and overrides."""
+                 seed: int, steps: int, callbacks: Sequence[Callback] = ()) -> tuple[Trainer, str | None, list[str]]:
+    """A row's trainer, to take `steps` steps (Trainer.fit(max_steps)); with its config file and overrides."""
     path, overrides = recipe_overrides(recipe, args.warmup_fraction, steps, args.default_overrides)
     overrides += extra  # last, so that a variant may also change the seed or the precision
     config = load_config(path, [
         *data_overrides, "train.precision=auto", "train.progress=false", f"train.seed={seed}",
-        f"train.output_dir={work}", f"train.batch_size={BATCH}", *overrides,
+        f"train.output_dir={work}", f"train.batch_size={BATCH}", f"train.epochs={MAX_EPOCHS}",
+        # fit validates after every epoch: on the whole split for --curve, else on a few images
+        # (the row's scores are `score`'s, on the whole split).
+        f"train.eval_images={'null' if args.curve else EPOCH_VALID_IMAGES}", *overrides,
     ])
-    trainer = Trainer(config, data)
-    trainer.planned_steps = steps  # the horizon of a cosine schedule: this run's steps, not train.epochs'
-    return trainer, path, overrides
+    return Trainer(config, data, callbacks=callbacks), path, overrides
+
+
+MAX_EPOCHS = 10**6  # rows end at their planned steps (Trainer.plan), never at train.epochs
+EPOCH_VALID_IMAGES = 512
 
 
 def steps_in(seconds: float, recipe: str, data: ImageData, data_overrides: list[str], args, work: Path,
@@ -159,6 +166,34 @@ def steps_in(seconds: float, recipe: str, data: ImageData, data_overrides: list[
     return max(1, int(seconds / ((time.perf_counter() - start) / timed)))
 
 
+class EpochRows(Callback):
+    """Each epoch's metrics (the trainer's metrics.csv row): training seconds, validation values."""
+
+    def __init__(self):
+        self.rows: list[dict[str, float]] = []
+
+    def on_epoch_end(self, trainer, epoch: int, values: dict) -> None:
+        self.rows.append(dict(values))
+
+    @property
+    def train_seconds(self) -> float:
+        return sum(row["seconds"] for row in self.rows)
+
+
+class WallTimeBudget(Callback):
+    """--train-seconds: the probe's few steps misjudged the pace by up to 40% on a 2-core CPU (rows
+    meant to train 120 s took 95-163 s), so at each epoch's end the rest of the run is re-planned
+    from its own pace so far (training seconds, validation excluded); the cosine horizon moves with
+    it, by a few steps once the first epoch is timed."""
+
+    def __init__(self, seconds: float, epochs: EpochRows):
+        self.seconds, self.epochs = seconds, epochs
+
+    def on_epoch_end(self, trainer, epoch: int, values: dict) -> None:
+        done, elapsed = trainer.step, self.epochs.train_seconds
+        trainer.plan(max(done, done + int((self.seconds - elapsed) * done / elapsed)))
+
+
 def train_recipe(
     recipe: str, data: ImageData, data_overrides: list[str], args, work: Path, extra: list[str] = (), seed: int = 1
 ) -> tuple[Trainer, dict]:
@@ -166,36 +201,20 @@ def train_recipe(
         steps = steps_in(args.train_seconds, recipe, data, data_overrides, args, work, extra, seed)
     else:
         steps = math.ceil(args.images_seen / BATCH)
-    trainer, path, overrides = make_trainer(recipe, data, data_overrides, args, work, extra, seed, steps)
-    per_epoch = steps_per_epoch(len(data.train.images), BATCH, None)
-    start, epoch, done, curve, scoring = time.perf_counter(), 0, 0, [], 0.0
-    while done < steps:
-        epoch += 1
-        epoch_steps = min(per_epoch, steps - done)
-        trainer.train_epoch(epoch, max_steps=epoch_steps)
-        done += epoch_steps
-        if args.train_seconds is not None:
-            # The probe's few steps misjudged the pace by up to 40% on a 2-core CPU (rows meant to
-            # train 120 s took 95-163 s); re-plan the rest of the run from this run's own pace so far.
-            # The cosine horizon moves with it, by a few steps once the first epoch is timed.
-            elapsed = time.perf_counter() - start - scoring
-            steps = max(done, done + int((args.train_seconds - elapsed) * done / elapsed))
-            trainer.planned_steps = steps
-        if args.curve:
-            started = time.perf_counter()
-            curve.append(trainer.validate())
-            scoring += time.perf_counter() - started
-    seconds = time.perf_counter() - start - scoring
-    info = {"config": path or "configs/coco.yaml (train section)", "overrides": overrides, "steps": steps,
-            "images_seen": steps * BATCH, "epochs": epoch, "train_seconds": round(seconds, 1),
-            "train_img_s": round(steps * BATCH / seconds, 1),
-            "final_lr": trainer.encoder_optimizer.param_groups[0]["lr"]}
-    if curve:
-        info["valid_by_epoch"] = [{key.removeprefix("valid_"): round(v, 5) for key, v in values.items()}
-                                  for values in curve]
-        info["last_gain_epoch"] = last_gain_epoch([values["valid_ssim"] for values in curve])
-    if trainer.gan is not None:
-        info.update(trainer.gan.take_stats())
+    epochs = EpochRows()
+    budget = [WallTimeBudget(args.train_seconds, epochs)] if args.train_seconds is not None else []
+    trainer, path, overrides = make_trainer(recipe, data, data_overrides, args, work, extra, seed, steps,
+                                            [epochs, *budget])
+    trainer.fit(max_steps=steps)
+    seconds = epochs.train_seconds
+    info = {"config": path or "configs/coco.yaml (train section)", "overrides": overrides, "steps": trainer.step,
+            "images_seen": trainer.step * BATCH, "epochs": trainer.epoch, "train_seconds": round(seconds, 1),
+            "train_img_s": round(trainer.step * BATCH / seconds, 1), "final_lr": trainer.training_step.learning_rate,
+            **trainer.training_step.take_stats()}
+    if args.curve:
+        info["valid_by_epoch"] = [{key.removeprefix("valid_"): round(v, 5) for key, v in row.items()
+                                   if key.startswith("valid_")} for row in epochs.rows]
+        info["last_gain_epoch"] = last_gain_epoch([row["valid_ssim"] for row in epochs.rows])
     return trainer, info
 
 
@@ -252,7 +271,7 @@ def score(trainer: Trainer, data: ImageData, picture_prefix: Path | None,
 def cost(trainer: Trainer, data: ImageData) -> dict:
     """Parameters (the VAE's and, for VAE-GAN, the discriminator's) and GFLOP per image of a
     training step; after scoring, since counting takes a step."""
-    networks = [trainer.model] + ([trainer.gan.discriminator] if trainer.gan is not None else [])
+    networks = trainer.training_step.networks.values()
     x = next(training_batches(data.train.images, BATCH, 0, 1, trainer.device, trainer.normalize))
     return {"parameters": sum(parameter_count(n) for n in networks), "step_gflop_per_image":
             step_gflop_per_image(trainer, x)}

@@ -253,7 +253,7 @@ def test_importing_the_package_loads_no_torch():
 
 def test_the_checkpoint_holds_the_weights_the_api_uses(run):
     vae = ia.load(run, checkpoint="last", device="cpu")
-    state = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    state = load_checkpoint(run / "checkpoints" / "last.pt").model
     assert all(torch.equal(v, state[k]) for k, v in vae.model.state_dict().items())
 
 
@@ -288,7 +288,7 @@ def test_the_api_posterior_keeps_the_logvar_bounds_the_model_was_configured_with
 
 def _another_checkpoint(run: Path) -> str:
     """A checkpoint of the run whose weights are not best.pt's (the default export's)."""
-    return "epoch_1" if load_checkpoint(run / "checkpoints" / "best.pt")["epoch"] == 2 else "last"
+    return "epoch_1" if load_checkpoint(run / "checkpoints" / "best.pt").epoch == 2 else "last"
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -304,7 +304,7 @@ def test_an_export_replaces_the_whole_folder_of_an_earlier_one(run, onnx_exporte
     assert main(["export", str(run), "--checkpoint", _another_checkpoint(run), "--out", str(out)]) == 0
     assert sorted(_files(out)) == ["config.json", "decoder.safetensors", "encoder.safetensors"]
     vae = ia.load(out, device="cpu")
-    assert vae.mixture is None and vae.epoch != load_checkpoint(run / "checkpoints" / "best.pt")["epoch"]
+    assert vae.mixture is None and vae.epoch != load_checkpoint(run / "checkpoints" / "best.pt").epoch
     assert [path.name for path in tmp_path.iterdir()] == ["export"]  # no temporary folder left
 
 

@@ -40,8 +40,8 @@ from image_autoencoding.runs.loading import load_from_run
 from image_autoencoding.training.callbacks import Callback
 from image_autoencoding.training.distributed import Distributed
 from image_autoencoding.training.interrupts import TrainingInterrupted
-from image_autoencoding.training.objective import VAEObjective
 from image_autoencoding.training.sharded_evaluation import shard_range
+from image_autoencoding.training.steps.vae import VAEObjective
 from image_autoencoding.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,12 +117,12 @@ def test_two_processes_train_as_one_process_with_the_global_batch(runs):
     # summation order (two half-batch sums, all-reduced), which RMSprop's early steps amplify a little.
     _assert_rows_close(two[:1], one[:1], rel=2e-5)
     _assert_rows_close(two, one, rel=1e-3)
-    weights_two = load_checkpoint(runs["two"] / "checkpoints/epoch_1.pt")["model"]
-    weights_one = load_checkpoint(runs["one"] / "checkpoints/epoch_1.pt")["model"]
+    weights_two = load_checkpoint(runs["two"] / "checkpoints/epoch_1.pt").model
+    weights_one = load_checkpoint(runs["one"] / "checkpoints/epoch_1.pt").model
     for key, value in weights_one.items():
         torch.testing.assert_close(weights_two[key], value, rtol=1e-3, atol=1e-4, msg=key)
     state = load_checkpoint(runs["two"] / "checkpoints/last.pt")
-    assert state["world_size"] == 2 and state["step"] == 6 and state["config"]["train"]["batch_size"] == 16
+    assert state.world_size == 2 and state.step == 6 and state.config["train"]["batch_size"] == 16
 
 
 def test_only_rank_0_writes_one_complete_run_folder(runs):
@@ -157,7 +157,7 @@ def test_a_two_process_run_resumes_inside_an_epoch_with_one_process(runs, tmp_pa
     run = tmp_path / "run"
     shutil.copytree(runs["stopped"], run)
     state = load_checkpoint(run / "checkpoints/last.pt")
-    assert (state["step"], state["epoch_progress"]["steps"], state["world_size"]) == (5, 2, 2)
+    assert (state.step, state.epoch_progress["steps"], state.world_size) == (5, 2, 2)
     # Inside an epoch the global batch must stay: 1 x 16 is refused, naming it; 1 x 32 continues.
     assert main(["train", "--quiet", "--resume", str(run), "train.batch_size=16"]) == 2
     assert "global batch" in capsys.readouterr().err
@@ -167,9 +167,9 @@ def test_a_two_process_run_resumes_inside_an_epoch_with_one_process(runs, tmp_pa
     # 1.2e-7 at most), and its epoch rows are that run's.
     resumed = load_checkpoint(run / "checkpoints/last.pt")
     uninterrupted = load_checkpoint(runs["two"] / "checkpoints/last.pt")
-    assert resumed["step"] == uninterrupted["step"] == 6 and resumed["world_size"] == 1
-    for key, value in uninterrupted["model"].items():
-        torch.testing.assert_close(resumed["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert resumed.step == uninterrupted.step == 6 and resumed.world_size == 1
+    for key, value in uninterrupted.model.items():
+        torch.testing.assert_close(resumed.model[key], value, rtol=1e-5, atol=1e-6, msg=key)
     _assert_rows_close(_metrics(run), _metrics(runs["two"]), rel=2e-5)
 
 
@@ -190,7 +190,7 @@ def vae_gan_first_step(rank: int, root: Path, world: int, model: tuple[str, ...]
                           dist=Distributed(rank, rank, world))
         values = trainer.train_epoch(1, max_steps=1)
         networks = {"encoder": trainer.model.encoder, "decoder": trainer.model.decoder,
-                    "discriminator": trainer.gan.discriminator}
+                    "discriminator": trainer.training_step.discriminator}
         grads = {f"{name}.{key}": p.grad for name, net in networks.items() for key, p in net.named_parameters()}
         if rank == 0:
             torch.save({"grads": grads, "values": values}, root / f"gan{world}.pt")
@@ -207,7 +207,7 @@ def test_vae_gan_on_two_processes_takes_the_step_of_one_process_with_the_global_
     mp.spawn(vae_gan_first_step, args=(tmp_path, 2), nprocs=2)
     vae_gan_first_step(0, tmp_path, 1)
     two, one = torch.load(tmp_path / "gan2.pt"), torch.load(tmp_path / "gan1.pt")
-    for key in ("recon", "kl", "encoder_loss"):
+    for key in ("train_recon", "train_kl", "train_loss"):
         assert two["values"][key] == pytest.approx(one["values"][key], rel=1e-5), key
     for key, grad in one["grads"].items():
         # Within 1% of the gradient's largest element: BatchNorm's backward subtracts nearly equal
@@ -268,7 +268,7 @@ def _train_one_epoch_with_a_bad_step_on_rank_1(rank: int, root: Path) -> None:
                 return output[0] + float("inf"), *output[1:]
             return None
 
-        trainer.objective.register_forward_hook(overflow_in_step_2_on_rank_1)
+        trainer.training_step.objective.register_forward_hook(overflow_in_step_2_on_rank_1)
         values = trainer.train_epoch(1)
         weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
         torch.save({"skipped": values["skipped_steps"], "weights": weights}, root / f"rank{rank}.pt")
@@ -311,7 +311,8 @@ def _steps_with_a_stop_request_on_rank_1(rank: int, root: Path) -> None:
                           callbacks=[*([Checkpointing(root / "run", config.train)] if rank == 0 else []),
                                      SigtermOnRank1AfterStep2()])
         kl_weights = []
-        trainer.objective.register_forward_pre_hook(lambda module, args: kl_weights.append(float(args[1])))
+        trainer.training_step.objective.register_forward_pre_hook(
+            lambda module, args: kl_weights.append(float(args[1])))
         try:
             trainer.train_epoch(1)
             outcome = "finished"
@@ -337,7 +338,7 @@ def test_ranks_agree_on_losses_flags_and_stop_requests_in_one_collective_per_ste
         assert record["outcome"] == "stopped with 143" and record["step"] == 3
         assert record["collectives"] == [2 + 1 + 2] * 3  # sums, flag, SIGINT / SIGTERM counts; 3 steps
         assert record["kl_weights"] == pytest.approx(expected, rel=1e-7)
-    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 3
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt").step == 3
 
 
 def _free_bits_gradients(rank: int, root: Path, world: int, free_bits: float) -> None:

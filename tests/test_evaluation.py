@@ -48,8 +48,8 @@ def test_validation_metrics_every_epoch_and_best_checkpoint(run):
             assert np.isfinite(float(row[key])), key
     ssims = [float(r["valid_ssim"]) for r in rows]
     best = load_checkpoint(run / "checkpoints" / "best.pt")
-    assert best["epoch"] == int(np.argmax(ssims)) + 1
-    assert best["best_ssim"] == pytest.approx(max(ssims), rel=1e-4)
+    assert best.epoch == int(np.argmax(ssims)) + 1
+    assert best.monitor["name"] == "valid_ssim" and best.monitor["best"] == pytest.approx(max(ssims), rel=1e-4)
     # keep_checkpoints=1 pruned older epoch files; best.pt survives as its own name.
     assert sorted(p.name for p in (run / "checkpoints").glob("epoch_*.pt")) == ["epoch_3.pt"]
 
@@ -77,7 +77,7 @@ def test_the_report_shows_the_pictures_of_the_epoch_it_scores(run, tmp_path):
 
     copy = shutil.copytree(run, tmp_path / "run")
     state = load_checkpoint(copy / "checkpoints" / "best.pt")
-    state["epoch"] = 2  # best.pt now says it is epoch 2's weights; the last epoch is 3
+    state.epoch = 2  # best.pt now says it is epoch 2's weights; the last epoch is 3
     save_checkpoint(state, copy / "checkpoints" / "best.pt")
     assert main(["evaluate", str(copy)]) == 0
     report = (copy / "report.md").read_text()

@@ -61,3 +61,14 @@ def test_one_backward_gives_each_network_its_own_objective():
     for one, own in zip(decoder_one, decoder_own, strict=True):
         assert torch.allclose(one, own, atol=1e-6)
     assert any(g.abs().sum() > 0 for g in decoder_own)
+
+
+def test_the_reparametrisation_is_the_posteriors_own_and_takes_the_training_noise():
+    """Training draws its noise for the whole global batch (training/steps/noise.py) and passes it
+    in; VAE.forward, the objectives and DiagonalGaussian.sample all compute z = mu + sigma * eps
+    the same way."""
+    mean, logvar = torch.randn(4, 3), torch.randn(4, 3)
+    posterior, noise = DiagonalGaussian(mean, logvar), torch.randn(4, 3)
+    torch.testing.assert_close(posterior.sample(noise), mean + torch.exp(0.5 * logvar) * noise, rtol=0, atol=0)
+    drawn = posterior.sample(torch.Generator().manual_seed(5))
+    torch.testing.assert_close(drawn, posterior.sample(torch.randn(4, 3, generator=torch.Generator().manual_seed(5))))

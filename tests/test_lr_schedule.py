@@ -51,8 +51,8 @@ class RecordRates(Callback):
         self.rates = []
 
     def on_step_end(self, trainer, batch, sums) -> None:
-        self.rates.append([group["lr"] for opt in (trainer.encoder_optimizer, trainer.decoder_optimizer)
-                           for group in opt.param_groups])
+        self.rates.append([group["lr"] for name in ("encoder", "decoder")
+                           for group in trainer.training_step.optimizers[name].param_groups])
 
 
 class KeepStateOnInterrupt(Callback):
@@ -74,14 +74,14 @@ def test_a_run_stopped_mid_epoch_and_resumed_ends_with_the_same_weights(schedule
     keep = KeepStateOnInterrupt()
     with pytest.raises(TrainingInterrupted):
         Trainer(config, data, callbacks=[keep, SignalAtStep("SIGINT@6")]).fit()
-    assert keep.state["step"] == 6
+    assert keep.state.step == 6
     resumed = Trainer(config, data, resume=keep.state)
     resumed.fit()
     assert resumed.step == reference.step == 12
     for name, tensor in reference.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[name], tensor), name
-    for a, b in ((resumed.encoder_optimizer, reference.encoder_optimizer),
-                 (resumed.decoder_optimizer, reference.decoder_optimizer)):
+    for name in ("encoder", "decoder"):
+        a, b = resumed.training_step.optimizers[name], reference.training_step.optimizers[name]
         assert a.param_groups[0]["lr"] == b.param_groups[0]["lr"]
         for key, value in b.state_dict()["state"].items():
             assert all(torch.equal(a.state_dict()["state"][key][k], v) for k, v in value.items())

@@ -52,7 +52,7 @@ def test_kl_warmup_ramps_alpha_linearly_from_zero(tiny, tmp_path):
     seen = []
     trainer = _trainer(tiny, tmp_path, "train.alpha=1.0", "train.kl_warmup_steps=2")
     # The KL weight each step hands the module that computes its loss (the one DDP wraps).
-    trainer.objective.register_forward_pre_hook(lambda module, args: seen.append(float(args[1])))
+    trainer.training_step.objective.register_forward_pre_hook(lambda module, args: seen.append(float(args[1])))
     for x in _batches(trainer, 3):
         trainer.train_step(x)
     assert seen == [0.0, 0.5, 1.0]
@@ -89,14 +89,14 @@ def test_free_bits_change_the_step_but_not_the_reported_kl(tiny, tmp_path):
 def test_vae_gan_steps_move_all_three_networks(tiny, tmp_path):
     trainer = _trainer(tiny, tmp_path, "model.mode=vae-gan", TINY_DISCRIMINATOR)
     networks = {"encoder": trainer.model.encoder, "decoder": trainer.model.decoder,
-                "discriminator": trainer.gan.discriminator}
+                "discriminator": trainer.training_step.discriminator}
     before = {name: [p.detach().clone() for p in net.parameters()] for name, net in networks.items()}
     for x in _batches(trainer, 3):
         sums = trainer.train_step(x)
         assert sums is not None and torch.isfinite(sums).all()
     for name, net in networks.items():
         assert any(not torch.equal(a, b) for a, b in zip(before[name], net.parameters(), strict=True)), name
-    stats = trainer.gan.take_stats()
+    stats = trainer.training_step.take_stats()
     assert 0 < stats["d_real"] < 1 and 0 < stats["d_recon"] < 1
 
 
@@ -105,7 +105,7 @@ def test_vae_gan_without_prior_samples_decodes_and_discriminates_reconstructions
     x = _batches(trainer, 1)[0]
     decoded, judged = [], []
     trainer.model.decoder.register_forward_hook(lambda m, i, out: decoded.append(len(out)))
-    trainer.gan.discriminator.register_forward_hook(lambda m, i, out: judged.append(len(out[0])))
+    trainer.training_step.discriminator.register_forward_hook(lambda m, i, out: judged.append(len(out[0])))
     assert trainer.train_step(x) is not None
     assert decoded == [len(x)] and judged == [2 * len(x)]  # real + reconstructed, no prior samples
     with_prior = _trainer(tiny, tmp_path / "prior", "model.mode=vae-gan", TINY_DISCRIMINATOR,
@@ -120,11 +120,11 @@ def test_vae_gan_skips_a_non_finite_step_leaving_the_discriminator_unchanged(tin
     trainer = _trainer(tiny, tmp_path, "model.mode=vae-gan", TINY_DISCRIMINATOR)
     x = _batches(trainer, 1)[0]
     trainer.train_step(x)
-    before = {k: v.clone() for k, v in trainer.gan.discriminator.state_dict().items()}
+    before = {k: v.clone() for k, v in trainer.training_step.discriminator.state_dict().items()}
     x = x.clone()
     x[0, 0, 0, 0] = float("nan")
     assert trainer.train_step(x) is None
-    after = trainer.gan.discriminator.state_dict()
+    after = trainer.training_step.discriminator.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics included
 
 
@@ -135,23 +135,22 @@ def test_vae_gan_checkpoints_hold_the_discriminator_and_resume_exactly(tiny, tmp
     trainer.epoch = 1
     save_checkpoint(trainer.state(), tmp_path / "epoch_1.pt")
     state = load_checkpoint(tmp_path / "epoch_1.pt")
-    assert {"discriminator", "discriminator_optimizer"} <= set(state)
-    assert state["discriminator_optimizer"]["state"]  # it has stepped
+    assert "discriminator" in state.networks
+    assert state.optimizers["discriminator"]["state"]  # it has stepped
 
     resumed = Trainer(trainer.config, trainer.data, resume=state)
-    saved = state["discriminator"]
-    assert all(torch.equal(v, saved[k]) for k, v in resumed.gan.discriminator.state_dict().items())
+    saved = state.networks["discriminator"]
+    assert all(torch.equal(v, saved[k]) for k, v in resumed.training_step.discriminator.state_dict().items())
     # Resuming sets the RNG to the checkpoint's: the next step of both trainers must agree exactly.
     rng = torch.get_rng_state()
     trainer.train_step(second)
     torch.set_rng_state(rng)
     resumed.train_step(second)
-    for net in ("discriminator",):
-        a, b = getattr(trainer.gan, net).state_dict(), getattr(resumed.gan, net).state_dict()
-        assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = trainer.training_step.discriminator.state_dict(), resumed.training_step.discriminator.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
     a, b = trainer.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    a, b = trainer.gan.optimizer.state_dict()["state"], resumed.gan.optimizer.state_dict()["state"]
+    a, b = (step.training_step.optimizers["discriminator"].state_dict()["state"] for step in (trainer, resumed))
     assert all(torch.equal(a[i]["square_avg"], b[i]["square_avg"]) for i in a)
 
 
@@ -159,7 +158,7 @@ def test_vae_gan_trains_end_to_end_from_the_command_line(tiny, tmp_path):
     overrides = [*tiny, "model.mode=vae-gan", TINY_DISCRIMINATOR, "train.max_steps_per_epoch=2", "train.epochs=1"]
     assert main(["train", "--config", str(REPO / "configs/demo.yaml"), *overrides]) == 0
     (run,) = (tmp_path / "results" / "vae").iterdir()
-    assert "discriminator" in load_checkpoint(run / "checkpoints" / "last.pt")
+    assert "discriminator" in load_checkpoint(run / "checkpoints" / "last.pt").networks
 
 
 def test_sharpness_ranks_a_blurred_image_below_the_original():
@@ -338,20 +337,19 @@ def test_quality_benchmark_rows_at_the_same_wall_time_take_the_steps_that_fit_it
 
 def test_quality_benchmark_rows_at_the_same_wall_time_train_for_that_time_when_the_probe_misjudged(monkeypatch):
     """A row whose real pace is half what the probe measured still trains for about the budget: the
-    rest of the run is re-planned from its own pace, and the cosine horizon follows."""
+    rest of the run is re-planned from its own pace at each epoch's end, and the cosine horizon
+    (Trainer.plan) follows."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    import time
-
     import quality
 
-    trainer = SimpleNamespace(
-        planned_steps=None, gan=None, encoder_optimizer=SimpleNamespace(param_groups=[{"lr": 0.0}]),
-        train_epoch=lambda epoch, max_steps: time.sleep(0.02 * max_steps),
-    )
-    monkeypatch.setattr(quality, "steps_in", lambda *args: 100)  # the probe's guess: 100 steps in 1 s
-    monkeypatch.setattr(quality, "make_trainer", lambda *args: (trainer, None, []))
-    data = SimpleNamespace(train=SimpleNamespace(images=[None] * (10 * quality.BATCH)))  # 10 steps an epoch
-    args = SimpleNamespace(train_seconds=1.0, curve=False)
-    _, info = quality.train_recipe("default", data, [], args, None)
-    assert 0.8 <= info["train_seconds"] <= 1.3
-    assert 40 <= info["steps"] <= 60 and trainer.planned_steps == info["steps"]
+    trainer = SimpleNamespace(step=0, planned=[])
+    trainer.plan = trainer.planned.append
+    epochs = quality.EpochRows()
+    budget = quality.WallTimeBudget(1.0, epochs)
+    planned = 100  # the probe's guess: 100 steps in 1 s; the real pace is 0.02 s a step, 10 steps an epoch
+    while trainer.step < planned:
+        trainer.step += min(10, planned - trainer.step)
+        for callback in (epochs, budget):
+            callback.on_epoch_end(trainer, len(epochs.rows) + 1, {"seconds": 0.2, "valid_ssim": 0.5})
+        planned = trainer.planned[-1]
+    assert 40 <= trainer.step <= 60 and 0.8 <= epochs.train_seconds <= 1.3

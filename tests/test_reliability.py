@@ -48,8 +48,9 @@ from image_autoencoding.runs.checkpoint import (
 from image_autoencoding.runs.resume import load_newest_good
 from image_autoencoding.runs.run_dir import create_run_dir
 from image_autoencoding.training.callbacks import Callback
-from image_autoencoding.training.optimizers import build_optimizers
+from image_autoencoding.training.optimizers import make_optimizer
 from image_autoencoding.training.rng import rng_state
+from image_autoencoding.training.state import TrainingState
 from image_autoencoding.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +121,7 @@ def _assert_identical(a, b, where: str = "") -> None:
 
 def _assert_last_checkpoint_at(run: Path, step: int, step_in_epoch: int) -> None:
     state = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert (state["step"], state["epoch_progress"]["steps"]) == (step, step_in_epoch)
+    assert (state.step, state.epoch_progress["steps"]) == (step, step_in_epoch)
 
 
 def _one_line(text: str) -> str:
@@ -130,10 +131,16 @@ def _one_line(text: str) -> str:
 
 
 def _fake_state(value: float = 1.0) -> dict:
-    """The shape of a checkpoint without training a model."""
+    """The shape of a checkpoint (as its file holds it) without training a model."""
     optimizer = {"state": {}, "param_groups": []}
-    return {"model": {"w": torch.full((4,), value)}, "encoder_optimizer": optimizer, "decoder_optimizer": optimizer,
-            "epoch": 1, "step": 3, "rng": rng_state(), "config": {}}
+    return {"format_version": 2, "model": {"w": torch.full((4,), value)}, "encoder_optimizer": optimizer,
+            "decoder_optimizer": optimizer, "epoch": 1, "step": 3, "rng": rng_state(), "config": {}}
+
+
+def _save_fake(state: dict, path: Path) -> None:
+    """A checkpoint as save_checkpoint writes it, from its raw contents (which may be wrong on purpose)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
 
 
 def _temp_files(folder: Path) -> list[Path]:
@@ -160,9 +167,9 @@ def test_runs_killed_at_any_step_resume_bit_identical(tiny, tmp_path):
     resumed = load_checkpoint(run / "checkpoints" / "last.pt")
     uninterrupted = load_checkpoint(_run_dir(reference_out) / "checkpoints" / "last.pt")
     for state in (resumed, uninterrupted):
-        state["config"]["train"].pop("output_dir")
-    assert resumed["step"] == 12
-    _assert_identical(resumed, uninterrupted)  # weights, both optimizers, RNG, progress
+        state.config["train"].pop("output_dir")
+    assert resumed.step == 12
+    _assert_identical(resumed.to_dict(), uninterrupted.to_dict())  # weights, both optimizers, RNG, progress
 
     rows, reference_rows = _metrics(run), _metrics(_run_dir(reference_out))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
@@ -207,7 +214,7 @@ def test_last_pt_is_written_inside_an_epoch_once_the_minutes_have_passed(tiny, t
     run = _run_dir(tmp_path)
     _assert_last_checkpoint_at(run, step=5, step_in_epoch=2)
     assert main(["train", "--quiet", "--resume", str(run)]) == 0
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 6
+    assert load_checkpoint(run / "checkpoints" / "last.pt").step == 6
 
 
 def test_nothing_to_resume_from_names_what_the_checkpoints_folder_holds(tiny, tmp_path, capsys, no_final_report):
@@ -241,14 +248,14 @@ def test_metrics_rows_after_the_checkpoint_are_replaced_not_duplicated(tiny, tmp
     run = _run_dir(tmp_path)
     before = _metrics(run)
     assert [r["epoch"] for r in before] == ["1", "2"]
-    assert load_checkpoint(inside_epoch_2)["epoch"] == 1  # one epoch done, epoch 2 under way
+    assert load_checkpoint(inside_epoch_2).epoch == 1  # one epoch done, epoch 2 under way
 
     assert main(["train", "--resume", str(run), "--checkpoint", str(inside_epoch_2)]) == 0
     after = _metrics(run)
     assert [r["epoch"] for r in after] == ["1", "2"]
     assert after[0] == before[0]
-    assert {k: after[1][k] for k in ("recon", "kl", "valid_recon")} == {
-        k: before[1][k] for k in ("recon", "kl", "valid_recon")
+    assert {k: after[1][k] for k in ("train_recon", "train_kl", "valid_recon")} == {
+        k: before[1][k] for k in ("train_recon", "train_kl", "valid_recon")
     }
 
 
@@ -257,7 +264,7 @@ def test_resume_from_an_older_checkpoint_sets_the_later_epochs_aside(tiny, tmp_p
     run = _run_dir(tmp_path)
     folder = run / "checkpoints"
     written = {path.name: path.read_bytes() for path in folder.iterdir()}
-    assert load_checkpoint(folder / "best.pt")["epoch"] > 1  # else this test would prove nothing
+    assert load_checkpoint(folder / "best.pt").epoch > 1  # else this test would prove nothing
 
     # A different branch from epoch 1: another learning rate.
     assert main(["train", "--resume", str(run), "--checkpoint", "epoch_1", "train.epochs=2", "train.lr=0.003"]) == 0
@@ -268,8 +275,8 @@ def test_resume_from_an_older_checkpoint_sets_the_later_epochs_aside(tiny, tmp_p
     assert (folder / "epoch_1.pt").read_bytes() == written["epoch_1.pt"]
     assert not (folder / "epoch_3.pt").exists()
     best, newest = load_checkpoint(folder / "best.pt"), load_checkpoint(folder / "epoch_2.pt")
-    assert best["epoch"] == 2 and best["config"]["train"]["lr"] == 0.003
-    _assert_identical(best["model"], newest["model"])
+    assert best.epoch == 2 and best.config["train"]["lr"] == 0.003
+    _assert_identical(best.model, newest.model)
     assert [r["epoch"] for r in _metrics(run)] == ["1", "2"]
     assert f"to {aside}" in (run / "train.log").read_text()
 
@@ -319,7 +326,7 @@ def test_a_run_saved_with_a_key_this_version_does_not_know_is_refused_naming_it(
         command = ["evaluate", str(run), "--limit", "8"]
     else:
         state = load_checkpoint(run / "checkpoints" / "last.pt")
-        state["config"]["model"]["attention"] = True
+        state.config["model"]["attention"] = True
         save_checkpoint(state, run / "checkpoints" / "last.pt")
         command = ["train", "--resume", str(run), "train.epochs=2"]
     capsys.readouterr()
@@ -334,10 +341,11 @@ def test_resume_inside_an_epoch_refuses_a_changed_batch_size(tmp_path, capsys):
     config = load_config(None, TINY)
     progress = {"steps": 2, "sums": torch.zeros(2), "images": 64, "skipped": 0, "seconds": 1.0}
     model = build_model(config.model, config.data.image_size)
-    encoder_optimizer, decoder_optimizer = build_optimizers(model, config.train)
-    save_checkpoint({**_fake_state(), "model": model.state_dict(), "encoder_optimizer": encoder_optimizer.state_dict(),
-                     "decoder_optimizer": decoder_optimizer.state_dict(), "epoch_progress": progress,
-                     "config": config.to_dict()}, path)
+    encoder_optimizer, decoder_optimizer = (make_optimizer(network.parameters(), config.train)
+                                            for network in (model.encoder, model.decoder))
+    _save_fake({**_fake_state(), "model": model.state_dict(), "encoder_optimizer": encoder_optimizer.state_dict(),
+                "decoder_optimizer": decoder_optimizer.state_dict(), "epoch_progress": progress,
+                "config": config.to_dict()}, path)
     assert main(["train", "--resume", str(tmp_path), "--checkpoint", str(path), "train.batch_size=16"]) == 2
     error = _one_line(capsys.readouterr().err)
     assert "train.batch_size" in error and "inside an epoch" in error
@@ -351,9 +359,9 @@ def test_resume_applies_and_logs_training_only_changes(tiny, tmp_path):
     log = (run / "train.log").read_text()
     assert "resume changes train.lr: 0.001 -> 0.004" in log and "train.epochs: 1 -> 2" in log
     state = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert state["epoch"] == 2
-    for name in ("encoder_optimizer", "decoder_optimizer"):
-        group = state[name]["param_groups"][0]
+    assert state.epoch == 2
+    for name in ("encoder", "decoder"):
+        group = state.optimizers[name]["param_groups"][0]
         # As if started with lr 0.004: epoch 2's steps ran at it halved once.
         assert group["lr"] == pytest.approx(0.004 * 0.5) and group["weight_decay"] == 0.01
 
@@ -363,7 +371,7 @@ def test_resume_applies_and_logs_training_only_changes(tiny, tmp_path):
 
 def test_a_crash_inside_the_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    save_checkpoint(_fake_state(1.0), path)
+    _save_fake(_fake_state(1.0), path)
 
     def crash_halfway(obj, handle, *args, **kwargs):
         handle.write(b"PK\x03\x04 half a zip")
@@ -371,22 +379,22 @@ def test_a_crash_inside_the_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
 
     monkeypatch.setattr(torch, "save", crash_halfway)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        save_checkpoint(_fake_state(2.0), path)
-    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.full((4,), 1.0))
+        save_checkpoint(TrainingState.from_dict(_fake_state(2.0)), path)
+    assert torch.equal(load_checkpoint(path).model["w"], torch.full((4,), 1.0))
     assert list(tmp_path.iterdir()) == [path]
 
 
 def test_temporary_files_are_never_taken_for_checkpoints(tmp_path):
     folder = tmp_path / "checkpoints"
-    save_checkpoint(_fake_state(2.0), folder / "epoch_2.pt")
-    save_checkpoint(_fake_state(3.0), folder / "last.pt")
+    _save_fake(_fake_state(2.0), folder / "epoch_2.pt")
+    _save_fake(_fake_state(3.0), folder / "last.pt")
     # What a crash mid-save could leave behind.
     for stale in (".last.pt.k2j4h1.tmp", ".epoch_9.pt.x8z.tmp", ".last.pt.link.tmp"):
         (folder / stale).write_bytes(b"PK\x03\x04 half a zip")
     assert kept_checkpoints(folder) == [folder / "last.pt", folder / "epoch_2.pt"]
     path, state, failures = load_newest_good(tmp_path)
     assert path == folder / "last.pt" and not failures
-    assert torch.equal(state["model"]["w"], torch.full((4,), 3.0))
+    assert torch.equal(state.model["w"], torch.full((4,), 3.0))
 
 
 def test_a_resume_removes_checkpoint_temporaries_left_by_a_killed_write(tiny, tmp_path, no_final_report):
@@ -408,7 +416,7 @@ def test_a_resume_removes_checkpoint_temporaries_left_by_a_killed_write(tiny, tm
 def test_a_bad_checkpoint_is_one_line_naming_the_file_exit_2(tmp_path, capsys, kind):
     path = tmp_path / "bad.pt"
     if kind == "truncated":
-        save_checkpoint(_fake_state(), tmp_path / "good.pt")
+        _save_fake(_fake_state(), tmp_path / "good.pt")
         whole = (tmp_path / "good.pt").read_bytes()
         path.write_bytes(whole[: len(whole) // 2])
     elif kind == "foreign tensor":
@@ -436,7 +444,7 @@ def test_a_bad_checkpoint_is_one_line_naming_the_file_exit_2(tmp_path, capsys, k
 def test_a_checkpoint_value_of_the_wrong_type_is_one_line_naming_file_and_key(tmp_path, capsys, key, value, expected):
     """Every key present, one of the wrong type: refused where checkpoints are read, by every command."""
     path = tmp_path / "bad.pt"
-    save_checkpoint({**_fake_state(), key: value}, path)
+    _save_fake({**_fake_state(), key: value}, path)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(load_config().to_dict()))  # a run folder for reconstruct
     for command in (["train", "--resume", str(tmp_path), "--checkpoint", str(path)],
                     ["reconstruct", str(tmp_path), "--checkpoint", str(path), str(tmp_path / "image.png")],
@@ -461,7 +469,7 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_refused_before_buil
     else:
         weights["encoder.to_mean.weight"] = torch.zeros(3, 3)
     path = tmp_path / "bad.pt"
-    save_checkpoint({**_fake_state(), "model": weights, "config": config.to_dict()}, path)
+    _save_fake({**_fake_state(), "model": weights, "config": config.to_dict()}, path)
     assert main(["train", "--resume", str(tmp_path), "--checkpoint", str(path)]) == 2
     error = _one_line(capsys.readouterr().err)
     assert f"checkpoint '{path}' does not fit" in error and "encoder.to_mean.weight is [" in error
@@ -477,7 +485,7 @@ def test_an_optimizer_state_that_does_not_fit_the_model_is_refused_before_resumi
     run = _run_dir(tmp_path)
     last = run / "checkpoints" / "last.pt"
     state = load_checkpoint(last)
-    optimizer = state["encoder_optimizer"]
+    optimizer = state.optimizers["encoder"]
     if case == "a parameter too few":
         dropped = optimizer["param_groups"][0]["params"].pop()
         optimizer["state"].pop(dropped, None)
@@ -505,13 +513,13 @@ def test_last_best_and_epoch_checkpoints_are_separate_files_so_resume_can_fall_b
     with last.open("r+b") as handle:
         handle.seek(size - 1000)
         handle.write(b"\0" * 1000)
-    assert load_checkpoint(newest)["epoch"] == 2
+    assert load_checkpoint(newest).epoch == 2
     assert main(["train", "--resume", str(run), "train.epochs=3"]) == 0
     log = (run / "train.log").read_text()
     assert f"checkpoint '{last}' cannot be read safely" in log and "falling back" in log
     assert f"from {newest} at epoch 2" in log
     assert [r["epoch"] for r in _metrics(run)] == ["1", "2", "3"]
-    assert load_checkpoint(last)["epoch"] == 3
+    assert load_checkpoint(last).epoch == 3
 
 
 class _CreatesMarkerWhenUnpickled:
@@ -568,7 +576,7 @@ def test_export_is_loadable_with_safetensors_and_json_alone(tiny, tmp_path):
         getattr(exported, network).load_state_dict(tensors)
 
     trained = build_model(config.model, 16)
-    trained.load_state_dict(load_checkpoint(run / "checkpoints" / "last.pt")["model"])
+    trained.load_state_dict(load_checkpoint(run / "checkpoints" / "last.pt").model)
     x = torch.randn(4, 3, 16, 16)
     assert torch.equal(exported.eval().reconstruct(x), trained.eval().reconstruct(x))
 
@@ -585,8 +593,8 @@ def _snapshot(trainer: Trainer) -> dict:
     return {name: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in part.items()}
             if name == "model" else torch.load(_roundtrip(part), weights_only=True)
             for name, part in (("model", trainer.model.state_dict()),
-                               ("encoder", trainer.encoder_optimizer.state_dict()),
-                               ("decoder", trainer.decoder_optimizer.state_dict()))}
+                               ("encoder", trainer.training_step.optimizers["encoder"].state_dict()),
+                               ("decoder", trainer.training_step.optimizers["decoder"].state_dict()))}
 
 
 def _roundtrip(state):
@@ -614,7 +622,7 @@ def test_a_non_finite_loss_or_gradient_skips_the_step_leaving_everything_unchang
         loss, recon, kl = output
         return loss + (recon - recon.detach()).abs().sqrt(), recon, kl
 
-    hook = trainer.objective.register_forward_hook(nan_gradient)
+    hook = trainer.training_step.objective.register_forward_hook(nan_gradient)
     assert trainer.train_step(x) is None
     hook.remove()
     _assert_identical(_snapshot(trainer), before)
@@ -636,13 +644,13 @@ def test_repeated_non_finite_losses_stop_the_run_naming_step_and_batch(tiny, tmp
     assert "3 non-finite losses in a row, the last at step 6 (epoch 2, batch 3)" in error
     run = _run_dir(tmp_path)
     assert [r["epoch"] for r in _metrics(run)] == ["1"]
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
+    assert load_checkpoint(run / "checkpoints" / "last.pt").epoch == 1
 
 
 def test_no_checkpoint_is_ever_written_holding_nan_or_inf(tmp_path):
     for value in (float("nan"), float("inf")):
         with pytest.raises(CheckpointError, match="model.w holds NaN or Inf"):
-            save_checkpoint(_fake_state(value), tmp_path / "last.pt")
+            save_checkpoint(TrainingState.from_dict(_fake_state(value)), tmp_path / "last.pt")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -653,7 +661,7 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(ti
     run = _run_dir(tmp_path)
     assert f"continue with: vae train --resume {run}" in _one_line(done.stderr)
     state = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert (state["epoch"], state["step"], state["epoch_progress"]["steps"]) == (1, 5, 1)
+    assert (state.epoch, state.step, state.epoch_progress["steps"]) == (1, 5, 1)
     assert main(["train", "--quiet", "--resume", str(run)]) == 0
     assert [r["epoch"] for r in _metrics(run)] == ["1", "2", "3"]
 
@@ -667,7 +675,7 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(tin
     run = _run_dir(tmp_path)
     assert f"continue with: vae train --resume {run}" in _one_line(capsys.readouterr().err)
     state = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert (state["epoch"], state["step"], state["epoch_progress"]["steps"]) == (1, 5, 1)
+    assert (state.epoch, state.step, state.epoch_progress["steps"]) == (1, 5, 1)
     assert signal.getsignal(signal.SIGINT) is before  # handlers put back
 
 
@@ -736,7 +744,7 @@ def test_a_full_disk_while_writing_metrics_keeps_csv_and_checkpoint(tiny, tmp_pa
     run = _run_dir(tmp_path)
     assert "metrics.csv" in error and "No space left on device" in error and f"--resume {run}" in error
     assert [r["epoch"] for r in _metrics(run)] == ["1"]
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
+    assert load_checkpoint(run / "checkpoints" / "last.pt").epoch == 1
     assert _temp_files(run) == []
 
 
@@ -756,7 +764,7 @@ def test_a_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tiny, tmp
     error = _one_line(capsys.readouterr().err)
     run = _run_dir(tmp_path)
     assert "epoch_2.pt" in error and "No space left on device" in error and "previous checkpoint is kept" in error
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
+    assert load_checkpoint(run / "checkpoints" / "last.pt").epoch == 1
     assert _temp_files(run) == []
 
 
@@ -791,7 +799,7 @@ def test_a_full_disk_inside_torch_zip_writer_is_one_line_saying_how_much_space(t
     run = _run_dir(tmp_path)
     assert "epoch_2.pt" in error and "No space left on device" in error and "previous checkpoint is kept" in error
     assert re.search(r"needs about [\d.]+ [KMG]?B\b.*\b[\d.]+ [KMG]?B free", error)
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
+    assert load_checkpoint(run / "checkpoints" / "last.pt").epoch == 1
     assert _temp_files(run) == []
 
 
@@ -802,7 +810,7 @@ def test_a_full_disk_while_writing_pictures_is_reported_and_training_goes_on(tin
     log = (run / "train.log").read_text()
     assert "could not write the pictures of epoch 1: [Errno 28] No space left on device" in log
     assert [r["epoch"] for r in _metrics(run)] == ["1", "2"]
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+    assert load_checkpoint(run / "checkpoints" / "last.pt").epoch == 2
 
 
 class _ResumeTheSameRunAtStep(Callback):

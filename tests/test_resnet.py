@@ -18,7 +18,7 @@ from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
 from image_autoencoding.models.factory import build_model
 from image_autoencoding.runs.checkpoint import load_checkpoint
-from image_autoencoding.training.optimizers import build_optimizers
+from image_autoencoding.training.optimizers import make_optimizer
 from test_distributed import vae_gan_first_step
 
 RESNET = ["model.arch=resnet", "model.resnet_channels=[8,16]"]
@@ -54,7 +54,9 @@ def test_each_architecture_trains_with_the_optimizer_measured_for_it_unless_one_
     assert load_config(configs / "seed.yaml", ["model.arch=resnet"]).train.optimizer == "rmsprop"  # the original's
     assert load_config(None, [*RESNET, "train.optimizer=rmsprop"]).train.optimizer == "rmsprop"
     cfg = load_config(None, ["data.image_size=16", *RESNET])
-    encoder_optimizer, decoder_optimizer = build_optimizers(build_model(cfg.model, 16), cfg.train)
+    model = build_model(cfg.model, 16)
+    encoder_optimizer, decoder_optimizer = (make_optimizer(net.parameters(), cfg.train)
+                                            for net in (model.encoder, model.decoder))
     assert isinstance(encoder_optimizer, torch.optim.Adam) and isinstance(decoder_optimizer, torch.optim.Adam)
     assert cfg.to_dict()["train"]["optimizer"] == "adam"  # what config.yaml and checkpoints record
 
@@ -101,9 +103,9 @@ def resnet_run(tmp_path_factory):
 def test_a_resnet_run_stopped_and_resumed_ends_with_the_weights_of_an_uninterrupted_one(resnet_run):
     resumed = load_checkpoint(resnet_run["resumed"] / "checkpoints" / "last.pt")
     whole = load_checkpoint(resnet_run["whole"] / "checkpoints" / "last.pt")
-    assert resumed["step"] == whole["step"] == 6
-    for key, value in whole["model"].items():
-        assert torch.equal(resumed["model"][key], value), key
+    assert resumed.step == whole.step == 6
+    for key, value in whole.model.items():
+        assert torch.equal(resumed.model[key], value), key
     assert (resnet_run["whole"] / "report.md").read_text().count("spatial latent 1x8x8") == 1
 
 
@@ -139,7 +141,7 @@ def test_a_resnet_vae_gan_on_two_processes_takes_the_step_of_one_process(tmp_pat
     mp.spawn(vae_gan_first_step, args=(tmp_path, 2, tuple(SPATIAL)), nprocs=2)
     vae_gan_first_step(0, tmp_path, 1, tuple(SPATIAL))
     two, one = torch.load(tmp_path / "gan2.pt"), torch.load(tmp_path / "gan1.pt")
-    for key in ("recon", "kl", "encoder_loss"):
+    for key in ("train_recon", "train_kl", "train_loss"):
         assert two["values"][key] == pytest.approx(one["values"][key], rel=1e-5), key
     largest = max(float(g.abs().max()) for g in one["grads"].values())
     for key, grad in one["grads"].items():

@@ -32,7 +32,7 @@ def test_one_epoch_from_each_source(tiny, tmp_path, name):
     (run,) = (tmp_path / "results/vae").iterdir()
     with (run / "metrics.csv").open() as handle:
         (row,) = csv.DictReader(handle)
-    assert float(row["recon"]) > 0 and float(row["valid_recon"]) > 0
+    assert float(row["train_recon"]) > 0 and float(row["valid_recon"]) > 0
     assert (run / "images/valid/reconstruction_epoch_001.png").is_file()
     assert not (run / "bad_files.csv").exists()
     assert len(list((tmp_path / "cache").iterdir())) == 2  # train and valid caches

@@ -75,7 +75,7 @@ def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
                 for failure in resume.fallbacks:
                     logger.warning("%s; falling back to an older checkpoint", failure)
                 logger.info("resuming %s from %s at epoch %d, step %d (saved by %d process(es), now %d)", run_dir,
-                            resume.checkpoint, state["epoch"], state["step"], int(state.get("world_size", 1)),
+                            resume.checkpoint, state.epoch, state.step, state.world_size,
                             dist.world_size)
                 for key, (old, new) in resume.changed.items():
                     logger.info("resume changes %s: %r -> %r", key, old, new)

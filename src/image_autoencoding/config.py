@@ -200,6 +200,13 @@ class ModelConfig(_Section):
 Alpha = float | Literal["1/batch_size"]
 
 
+# The validation metrics train.monitor may name, and whether larger is better (training/monitor.py).
+MONITORED: dict[str, Literal["max", "min"]] = {
+    "valid_ssim": "max", "valid_psnr": "max", "valid_pcc": "max",
+    "valid_mse": "min", "valid_recon": "min", "valid_kl": "min",
+}
+
+
 class TrainConfig(_Section):
     batch_size: int = Field(
         64, ge=1,
@@ -233,13 +240,18 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(
         100, ge=0, description="the learning rate rises linearly from lr / this to lr over this many steps; 0: none"
     )
+    monitor: Literal[tuple(MONITORED)] = Field(  # type: ignore[valid-type]
+        "valid_ssim",
+        description="the validation metric that picks best.pt and drives early stopping: larger is better for "
+        "ssim, psnr, pcc; smaller for mse, recon, kl",
+    )
     early_stopping_patience: int | None = Field(
         None, ge=1,
-        description="end the run after this many epochs without a validation-SSIM gain of at least "
+        description="end the run after this many epochs without a gain in train.monitor of at least "
         "train.early_stopping_min_delta; null: train every epoch",
     )
     early_stopping_min_delta: float = Field(
-        0.0, ge=0.0, description="the validation-SSIM gain over the best so far that counts as improving"
+        0.0, ge=0.0, description="the gain in train.monitor over the last mark that counts as improving"
     )
     # The original's two settings were 1 and 1/batch_size. 0.5 x summed squared error is the
     # likelihood of a decoder with pixel variance 1 on images in [-1, 1], so weak that with alpha 1 the

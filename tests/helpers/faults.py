@@ -42,7 +42,7 @@ class NanBatches(Callback):
         self.bad, self.epoch, self.batch, self.hook = bad, 0, 0, None
 
     def on_fit_start(self, trainer) -> None:
-        self.hook = trainer.objective.register_forward_pre_hook(self._poison)
+        self.hook = trainer.training_step.objective.register_forward_pre_hook(self._poison)
 
     def on_epoch_start(self, trainer, epoch: int) -> None:
         self.epoch = epoch

@@ -31,10 +31,13 @@ class DiagonalGaussian:
     def std(self) -> Tensor:
         return torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        """The reparametrisation trick (Kingma & Welling 2014): z = mu + sigma * eps."""
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps
+    def sample(self, noise: Tensor | torch.Generator | None = None) -> Tensor:
+        """The reparametrisation trick (Kingma & Welling 2014): z = mu + sigma * eps, with eps the
+        given standard normal `noise` (training draws it for the whole global batch, see
+        training/steps/noise.py), or drawn here from `generator`."""
+        if not isinstance(noise, Tensor):
+            noise = torch.randn(self.mean.shape, generator=noise, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
 
     def mode(self) -> Tensor:
         return self.mean
@@ -123,9 +126,10 @@ class VAE(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, DiagonalGaussian]:
+    def forward(self, x: Tensor, noise: Tensor | torch.Generator | None = None) -> tuple[Tensor, DiagonalGaussian]:
+        """x -> (the decode of a posterior sample, the posterior); `noise` as DiagonalGaussian.sample's."""
         posterior = self.encoder(x)
-        return self.decoder(posterior.sample(generator)), posterior
+        return self.decoder(posterior.sample(noise)), posterior
 
     def reconstruct(self, x: Tensor) -> Tensor:
         """Deterministic reconstruction through the posterior mean (for pictures and metrics)."""

@@ -1,7 +1,8 @@
 """Checkpoints: written atomically, read without unpickling arbitrary objects.
 
-A checkpoint holds only tensors and plain Python values (state dicts, numbers, strings, the config
-as a dict), so `torch.load(weights_only=True)` can read it and a crafted file cannot run code.
+A checkpoint holds a training/state.TrainingState: only tensors and plain Python values (state
+dicts, numbers, strings, the config as a dict), so `torch.load(weights_only=True)` can read it and a
+crafted file cannot run code.
 """
 
 from __future__ import annotations
@@ -17,13 +18,7 @@ from image_autoencoding.atomic_files import atomic_write, leftover_temporaries
 from image_autoencoding.disk_space import FULL_DISK, free_space, human_size
 from image_autoencoding.errors import UserError
 from image_autoencoding.safe_load import load_plain
-from image_autoencoding.training.rng import rng_state_problem
-
-FORMAT_VERSION = 1
-# What every checkpoint we write holds; a file without these is not ours, whatever else it has.
-REQUIRED_KEYS = (
-    "model", "encoder_optimizer", "decoder_optimizer", "epoch", "step", "rng", "config",
-)
+from image_autoencoding.training.state import StateProblem, TrainingState
 
 
 class CheckpointError(UserError):
@@ -34,19 +29,20 @@ class CheckpointWriteError(UserError):
     """A checkpoint could not be written (full disk, no permission); the previous one is intact."""
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+def save_checkpoint(state: TrainingState, path: str | Path) -> None:
     """Write atomically (see atomic_files), so a crash mid-save leaves the previous checkpoint intact
     and no half-written file under `path`.
 
     Refuses (CheckpointError) a state holding NaN or Inf: a checkpoint must always be a safe place
     to resume from. A failed write (full disk) raises CheckpointWriteError and leaves no file."""
     path = Path(path)
+    state = state.to_dict()
     bad = first_non_finite(state)
     if bad is not None:
         raise CheckpointError(f"refusing to write checkpoint '{path}': {bad} holds NaN or Inf")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda handle: torch.save({"format_version": FORMAT_VERSION, **state}, handle))
+        atomic_write(path, lambda handle: torch.save(state, handle))
     except OSError as exc:
         raise _write_error(path, exc, tensor_bytes(state), "the size of its tensors") from None
     except RuntimeError as exc:
@@ -103,104 +99,15 @@ def first_non_finite(tree: Any, prefix: str = "") -> str | None:
     return None
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> TrainingState:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' not found")
-    state = load_plain(path, "checkpoint", CheckpointError, map_location)
-    if not isinstance(state, dict) or "format_version" not in state or any(k not in state for k in REQUIRED_KEYS):
-        raise CheckpointError(f"checkpoint '{path}' is not an image-autoencoding checkpoint")
-    if _is_whole(state["format_version"], 1) and state["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint '{path}' has format {state['format_version']}; this version reads up to {FORMAT_VERSION}"
-        )
-    problem = _contents_problem(state)
-    if problem:
-        raise CheckpointError(f"checkpoint '{path}' cannot be used: {problem}")
-    return state
-
-
-def _contents_problem(state: dict[str, Any]) -> str | None:
-    """The first value of a checkpoint that is not of the kind the trainer writes (its key, what it
-    is, what was expected), or None. Checked here, where every command reads checkpoints, so that a
-    file with every key but wrong values (model=5, epoch="three") is refused in one line instead of
-    failing inside torch or the trainer, or a resume setting checkpoints aside for a step of -1."""
-    if not _is_whole(state["format_version"], 1):
-        return _wrong("format_version", state["format_version"], "a whole number >= 1")
-    for key in ("model", "discriminator"):
-        if key in state and (problem := _state_dict_problem(key, state[key])):
-            return problem
-    for key in ("encoder_optimizer", "decoder_optimizer", "discriminator_optimizer"):
-        if key in state and (problem := _optimizer_problem(key, state[key])):
-            return problem
-    for key, least in (("epoch", 0), ("step", 0), ("bad_steps_in_a_row", 0), ("world_size", 1)):
-        if key in state and not _is_whole(state[key], least):
-            return _wrong(key, state[key], f"a whole number >= {least}")
-    for key in ("config", "callbacks", "scaler"):
-        if key in state and not isinstance(state[key], dict) and not (key == "scaler" and state[key] is None):
-            return _wrong(key, state[key], "a dict")
-    if "best_ssim" in state and not _is_number(state["best_ssim"]):
-        return _wrong("best_ssim", state["best_ssim"], "a number")
-    if state.get("epoch_progress") is not None and (problem := _progress_problem(state["epoch_progress"])):
-        return problem
-    return rng_state_problem(state["rng"])
-
-
-def _state_dict_problem(key: str, value: Any) -> str | None:
-    if not isinstance(value, dict):
-        return _wrong(key, value, "a state dict (names -> tensors)")
-    for name, tensor in value.items():
-        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-            return _wrong(f"{key}[{name!r}]", tensor, "a tensor")
-    return None
-
-
-def _optimizer_problem(key: str, value: Any) -> str | None:
-    if not (isinstance(value, dict) and isinstance(value.get("state"), dict)
-            and isinstance(value.get("param_groups"), list)):
-        return _wrong(key, value, "an optimizer state dict (state, param_groups)")
-    for group in value["param_groups"]:
-        if not (isinstance(group, dict) and isinstance(group.get("params"), list)
-                and all(_is_whole(index, 0) for index in group["params"])):
-            return _wrong(f"{key}.param_groups[]", group, "a dict whose params are parameter numbers")
-    for index, entry in value["state"].items():
-        if not isinstance(entry, dict):
-            return _wrong(f"{key}.state[{index!r}]", entry, "a dict")
-    return None
-
-
-def _progress_problem(progress: Any) -> str | None:
-    """training/epoch_progress.EpochProgress.state(); empty before the epoch's first step."""
-    if not isinstance(progress, dict):
-        return _wrong("epoch_progress", progress, "a dict")
-    if not progress:
-        return None
-    for key in ("steps", "images", "skipped"):
-        if not _is_whole(progress.get(key), 0):
-            return _wrong(f"epoch_progress.{key}", progress.get(key), "a whole number >= 0")
-    sums = progress.get("sums")
-    if not (isinstance(sums, torch.Tensor) and sums.is_floating_point() and sums.shape == (2,)):
-        return _wrong("epoch_progress.sums", sums, "2 floating-point numbers in a tensor")
-    if not _is_number(progress.get("seconds")):
-        return _wrong("epoch_progress.seconds", progress.get("seconds"), "a number")
-    return None
-
-
-def _is_whole(value: Any, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _wrong(key: str, value: Any, expected: str) -> str:
-    """'key is <value>, expected ...': numbers and short strings shown, anything else by its type."""
-    if value is None or isinstance(value, bool | int | float | str):
-        shown = repr(value if not isinstance(value, str) else value[:40])
-    else:
-        shown = f"a {type(value).__name__}"
-    return f"{key} is {shown}, expected {expected}"
+    raw = load_plain(path, "checkpoint", CheckpointError, map_location)
+    try:
+        return TrainingState.from_dict(raw)
+    except StateProblem as exc:
+        raise CheckpointError(f"checkpoint '{path}' {exc}") from None
 
 
 def publish_as(path: Path, alias: Path) -> None:

@@ -25,7 +25,7 @@ class Checkpointing(Callback):
     once train.checkpoint_every_minutes have passed since the last checkpoint, and on a stop signal:
     a run killed at any moment (kill -9 leaves no time to save) loses at most that much work. At the
     end of every train.checkpoint_every-th epoch (and of the last) also epoch_N.pt, the newest
-    train.keep_checkpoints of them kept; best.pt whenever an epoch's validation SSIM is the best so
+    train.keep_checkpoints of them kept; best.pt whenever an epoch's train.monitor metric is the best so
     far. Each is a separate file (a copy), so a damaged one leaves the others to resume from."""
 
     def __init__(self, run_dir: Path, cfg: TrainConfig):
@@ -67,7 +67,7 @@ class Checkpointing(Callback):
         else:
             saved = self.last
             self._save(trainer, saved)
-        if trainer.improved:
+        if trainer.monitor.improved:
             publish_as(saved, self.folder / "best.pt")  # a copy: pruning epoch_N.pt keeps it
 
     def on_interrupt(self, trainer: Trainer, signum: int) -> None:

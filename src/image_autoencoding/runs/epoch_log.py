@@ -38,8 +38,8 @@ class EpochLog(Callback):
                 writer.add_scalar(f"epoch/{key}", value, epoch)
             writer.flush()
         logger.info(
-            "epoch %d/%d  loss %.2f (recon %.2f, kl %.2f)  valid SSIM %.4f%s  valid recon %.2f  %.0f s  %.0f img/s",
-            epoch, trainer.cfg.epochs, values["encoder_loss"], values["recon"], values["kl"], values["valid_ssim"],
-            " (best so far)" if trainer.improved else "", values["valid_recon"], values["seconds"],
-            values["images_per_s"],
+            "epoch %d/%d  loss %.2f (recon %.2f, kl %.2f)  valid SSIM %.4f  valid recon %.2f  %.0f s  %.0f img/s%s",
+            epoch, trainer.cfg.epochs, values["train_loss"], values["train_recon"], values["train_kl"],
+            values["valid_ssim"], values["valid_recon"], values["seconds"], values["images_per_s"],
+            f"  (best {trainer.monitor.name} so far)" if trainer.monitor.improved else "",
         )

@@ -13,6 +13,7 @@ from image_autoencoding.models.vae import VAE
 from image_autoencoding.runs.checkpoint import CheckpointError, load_checkpoint
 from image_autoencoding.runs.resume import checkpoint_path
 from image_autoencoding.runs.run_dir import checkpoint_config, load_run_config
+from image_autoencoding.training.state import TrainingState
 
 DEFAULT_CHECKPOINT = "best"  # every command that reads a run; `best` is `last` for a run without validation
 
@@ -55,15 +56,15 @@ def load_from_checkpoint(path: str | Path) -> TrainedModel:
     return _with_weights(checkpoint_config(state, path), path, state, "the model its config describes")
 
 
-def _with_weights(config: Config, path: Path, state: dict, described: str) -> TrainedModel:
+def _with_weights(config: Config, path: Path, state: TrainingState, described: str) -> TrainedModel:
     # Checked before the model is built (models/shapes.py): a config describing a huge model is refused.
-    problem = shape_mismatch(expected_shapes(config.model, config.data.image_size), tensor_shapes(state["model"]))
+    problem = shape_mismatch(expected_shapes(config.model, config.data.image_size), tensor_shapes(state.model))
     if problem:
         raise CheckpointError(f"checkpoint '{path}' does not fit {described}: {problem}")
     model = build_model(config.model, config.data.image_size)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state.model)
     except (RuntimeError, KeyError):
         raise CheckpointError(f"checkpoint '{path}' does not fit {described}") from None
-    return TrainedModel(config, model.eval(), path, int(state.get("epoch", 0)), int(state.get("step", 0)))
+    return TrainedModel(config, model.eval(), path, state.epoch, state.step)
 

@@ -1,5 +1,11 @@
 """metrics.csv: one row per epoch, never a duplicate epoch, never a half-written row.
 
+Columns: epoch, step (steps done at its end), train_loss (the encoder's objective per image,
+train_recon + alpha x train_kl, over the epoch's steps), train_recon (0.5 x summed squared error
+per image), train_kl (nats per image), images_per_s, seconds, lr (the encoder's and decoder's at the
+epoch's end), skipped_steps (non-finite), then valid_<metric> (means over the validation images:
+ssim, pcc, mse, psnr, recon, kl).
+
 Every change rewrites the whole file atomically (see atomic_files): a crash or a full disk
 mid-write leaves the previous file as it was. With one row per epoch the rewrite
 costs nothing worth saving.
@@ -18,6 +24,12 @@ class MetricsWriteError(UserError):
     """metrics.csv could not be written (full disk, no permission); the previous file is intact."""
 
 
+# Columns of files written before the training columns were named for what they are: read under
+# today's names, so a resumed run's file keeps one column per value. decoder_loss repeated recon.
+RENAMED = {"encoder_loss": "train_loss", "recon": "train_recon", "kl": "train_kl"}
+DROPPED = ("decoder_loss",)
+
+
 class MetricsLog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -26,7 +38,8 @@ class MetricsLog:
         if not self.path.is_file():
             return []
         with self.path.open(newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
+            return [{RENAMED.get(key, key): value for key, value in row.items() if key not in DROPPED}
+                    for row in csv.DictReader(handle)]
 
     def keep_epochs_up_to(self, epoch: int) -> None:
         """On resume: drop rows written after the checkpoint we continue from."""

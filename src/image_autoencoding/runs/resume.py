@@ -23,6 +23,7 @@ from image_autoencoding.runs.checkpoint import (
     load_checkpoint,
 )
 from image_autoencoding.runs.run_dir import checkpoint_config, create_stamped_dir, load_run_config
+from image_autoencoding.training.state import TrainingState
 
 # Values that change what the weights mean; a resumed run must keep them.
 FROZEN_SECTIONS = ("data", "model")
@@ -40,7 +41,7 @@ FROZEN_INSIDE_EPOCH = ("train.seed", "train.max_steps_per_epoch")
 class Resume:
     run_dir: Path
     config: Config
-    state: dict[str, Any]
+    state: TrainingState
     changed: dict[str, tuple[Any, Any]]  # train.* keys changed on resume: key -> (old, new)
     checkpoint: Path | None = None
     # One line per checkpoint that could not be used before `checkpoint` was (for the log).
@@ -94,7 +95,7 @@ def checkpoint_path(run_dir: Path, checkpoint: str | None) -> Path:
     return run_dir / "checkpoints" / name
 
 
-def load_newest_good(run_dir: Path) -> tuple[Path, dict[str, Any], list[str]]:
+def load_newest_good(run_dir: Path) -> tuple[Path, TrainingState, list[str]]:
     """last.pt, or when it cannot be read the newest epoch_N.pt that can (with why the others not)."""
     folder = run_dir / "checkpoints"
     candidates = kept_checkpoints(folder)
@@ -135,11 +136,11 @@ def prepare_resume(
         path, fallbacks = checkpoint_path(run_dir, checkpoint), []
         state = load_checkpoint(path)
     saved = checkpoint_config(state, path)
-    problem = shape_mismatch(expected_shapes(saved.model, saved.data.image_size), tensor_shapes(state["model"]))
+    problem = shape_mismatch(expected_shapes(saved.model, saved.data.image_size), tensor_shapes(state.model))
     if problem:
         raise CheckpointError(f"checkpoint '{path}' does not fit the model its config describes: {problem}")
     for network, shapes in parameter_shapes(saved.model, saved.data.image_size).items():
-        problem = optimizer_mismatch(shapes, state[f"{network}_optimizer"])
+        problem = optimizer_mismatch(shapes, state.optimizers[network])
         if problem:
             raise CheckpointError(f"checkpoint '{path}': {network}_optimizer does not fit the {network}: {problem}")
     _check_checkpoint_fits_run(run_dir, path, saved)
@@ -147,10 +148,10 @@ def prepare_resume(
     before, after = _flatten(saved.to_dict()), _flatten(config.to_dict())
     changed = {key: (before.get(key), after[key]) for key in after if before.get(key) != after[key]}
     frozen = [key for key in changed if _frozen(key)]
-    inside_epoch = int((state.get("epoch_progress") or {}).get("steps", 0)) > 0
+    inside_epoch = state.inside_epoch
     if inside_epoch:
         frozen += [key for key in changed if key in FROZEN_INSIDE_EPOCH]
-        saved_world = int(state.get("world_size", 1))
+        saved_world = state.world_size
         if saved.train.batch_size * saved_world != config.train.batch_size * world_size:
             frozen.append("global batch (train.batch_size x processes)")
             changed[frozen[-1]] = (
@@ -187,4 +188,4 @@ def _saved_after(path: Path, epoch: int, step: int) -> bool:
         state = load_checkpoint(path)
     except CheckpointError:
         return False
-    return (int(state["epoch"]), int(state["step"])) > (epoch, step)
+    return (state.epoch, state.step) > (epoch, step)

@@ -14,6 +14,7 @@ import yaml
 from image_autoencoding.atomic_files import atomic_write
 from image_autoencoding.config import Config, ConfigError, build_config, read_yaml
 from image_autoencoding.errors import UserError, quoted
+from image_autoencoding.training.state import TrainingState
 
 
 def create_run_dir(output_dir: str | Path, now: float | None = None) -> Path:
@@ -98,6 +99,6 @@ def load_run_config(run_dir: Path) -> Config:
     return saved_config(read_yaml(path), str(path))
 
 
-def checkpoint_config(state: dict[str, Any], path: str | Path) -> Config:
+def checkpoint_config(state: TrainingState, path: str | Path) -> Config:
     """The config a checkpoint was trained with."""
-    return saved_config(state.get("config"), f"config in '{path}'")
+    return saved_config(state.config, f"config in '{path}'")

@@ -45,8 +45,9 @@ class Callback:
         non-finite. `trainer.progress` holds the epoch's running sums."""
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, values: dict[str, Any]) -> None:
-        """After an epoch was trained and validated; `values` is its metrics.csv row, and
-        `trainer.improved` says whether its validation SSIM is the best so far."""
+        """After an epoch was trained and validated; `values` is its metrics.csv row (also
+        `trainer.metrics`), and `trainer.monitor.improved` says whether its train.monitor metric is
+        the best so far."""
 
     def on_interrupt(self, trainer: Trainer, signum: int) -> None:
         """A stop signal was received (and, under torchrun, agreed by all ranks); `fit` raises

@@ -1,4 +1,4 @@
-"""The optimizers: one per network, of the kind train.optimizer names."""
+"""The optimizers: one per network (each steps on its own objective), of the kind train.optimizer names."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from torch import nn
 from torch.optim import Optimizer
 
 from image_autoencoding.config import TrainConfig
-from image_autoencoding.models.vae import VAE
 
 
 def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, lr: float | None = None) -> Optimizer:
@@ -18,8 +17,3 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, lr: float |
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
     return torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=1e-8, weight_decay=cfg.weight_decay)
-
-
-def build_optimizers(model: VAE, cfg: TrainConfig) -> tuple[Optimizer, Optimizer]:
-    """The encoder's and the decoder's, as in the original (each network steps on its own objective)."""
-    return make_optimizer(model.encoder.parameters(), cfg), make_optimizer(model.decoder.parameters(), cfg)

@@ -122,8 +122,8 @@ def save_training_curves(rows: list[dict[str, str]], path: Path) -> Path:
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
     fig, (losses, quality) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("recon", "train reconstruction"), ("valid_recon", "valid reconstruction"),
-                       ("kl", "train KL"), ("valid_kl", "valid KL")):
+    for key, label in (("train_recon", "train reconstruction"), ("valid_recon", "valid reconstruction"),
+                       ("train_kl", "train KL"), ("valid_kl", "valid KL")):
         epochs, values = series(key)
         if epochs:
             losses.plot(epochs, values, marker="o", markersize=3, label=label)

@@ -1,5 +1,5 @@
 """The VAE-GAN's losses and gradients (Larsen et al. 2016, "Autoencoding beyond pixels using a
-learned similarity metric"), for `Trainer.train_step` when `model.mode` is `vae-gan`.
+learned similarity metric"), the step of `model.mode=vae-gan`.
 
 Per batch x, with z ~ q(z|x), x~ = Dec(z) and, when train.gan_prior_samples is on, x_p = Dec(z_p),
 z_p ~ N(0, I) (Larsen et al. alg. 1):
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,15 +45,16 @@ from image_autoencoding.config import Config, TrainConfig
 from image_autoencoding.models.discriminator import build_discriminator, feature_error
 from image_autoencoding.models.vae import VAE, kl_for_objective, loss_terms
 from image_autoencoding.training.distributed import Distributed, summed_over_ranks
-from image_autoencoding.training.objective import not_finite, share_of_global_noise
 from image_autoencoding.training.optimizers import make_optimizer
+from image_autoencoding.training.steps.base import TrainingStep, not_finite
+from image_autoencoding.training.steps.noise import share_of_global_noise
 from image_autoencoding.training.sync_batchnorm import convert_batchnorm
 
 
 class VaeGanObjective(nn.Module):
     """x, alpha -> (encoder loss, decoder loss, discriminator loss, pixel recon sum, kl sum,
     sum of D(x), sum of D(x~)) over this rank's images. Noise is this rank's share of the global
-    batch's draw (objective.share_of_global_noise), as in the VAE's objective."""
+    batch's draw (steps/noise.py), as in the VAE's objective."""
 
     def __init__(self, vae: VAE, discriminator: nn.Module, cfg: TrainConfig,
                  autocast: Callable[[], AbstractContextManager], rank: int = 0, world_size: int = 1):
@@ -64,15 +64,15 @@ class VaeGanObjective(nn.Module):
 
     def forward(self, x: Tensor, alpha: Tensor) -> tuple[Tensor, ...]:
         n = x.shape[0]
+        shape = (n, self.vae.latent_dim)
+        noise = [share_of_global_noise(shape, x.device, self.rank, self.world_size)]
+        if self.cfg.gan_prior_samples:
+            noise.append(share_of_global_noise(shape, x.device, self.rank, self.world_size))
         with self.autocast():
             posterior = self.vae.encoder(x)
-            latents = [posterior.mean + posterior.std * share_of_global_noise(posterior.mean, self.rank,
-                                                                              self.world_size)]
-            if self.cfg.gan_prior_samples:
-                latents.append(share_of_global_noise(latents[0].float(), self.rank, self.world_size))
             # One decoder pass for both kinds of fake (one batch for BatchNorm), one
             # discriminator pass for real and fake images.
-            decoded = self.vae.decoder(torch.cat(latents))
+            decoded = self.vae.decoder(torch.cat([posterior.sample(noise[0]), *noise[1:]]))
             x_tilde = decoded[:n]
             logits, features = self.discriminator(torch.cat([x, decoded]))
         real_logit, *fake_logits = logits.float().split(n)
@@ -95,48 +95,40 @@ class VaeGanObjective(nn.Module):
                 discriminator_gan, pixel.sum(), kl.sum(), *judged)
 
 
-class VaeGan:
-    """The discriminator, its optimizer, and the gradients of all three networks for one step."""
+class VaeGanStep(TrainingStep):
+    """The VAE's encoder and decoder plus the discriminator, its optimizer, and the gradients of all
+    three networks for one step."""
 
-    def __init__(self, config: Config, model: VAE, device: torch.device, dist: Distributed):
-        self.cfg = config.train
-        self.dist = dist
+    def __init__(self, config: Config, model: VAE, device: torch.device, dist: Distributed,
+                 autocast: Callable[[], AbstractContextManager], precision: str):
+        cfg = config.train
         self.discriminator = build_discriminator(config.model, config.data.image_size).to(device)
-        if dist.enabled and self.cfg.sync_batchnorm:
+        if dist.enabled and cfg.sync_batchnorm:
             self.discriminator = convert_batchnorm(self.discriminator, device)
-        if self.cfg.channels_last:
+        if cfg.channels_last:
             self.discriminator = self.discriminator.to(memory_format=torch.channels_last)
-        # The same kind of optimizer as the encoder's and decoder's (Larsen et al. used RMSprop for all
-        # three), at train.discriminator_lr.
-        self.optimizer = make_optimizer(self.discriminator.parameters(), self.cfg, self.cfg.discriminator_lr)
+        objective: nn.Module = VaeGanObjective(model, self.discriminator, cfg, autocast, dist.rank, dist.world_size)
+        if cfg.compile:
+            objective = torch.compile(objective, dynamic=False)  # static shapes: see steps/vae.py
+        # The same kind of optimizer for all three (Larsen et al. used RMSprop), the discriminator's
+        # at train.discriminator_lr.
+        optimizers = {"encoder": make_optimizer(model.encoder.parameters(), cfg),
+                      "decoder": make_optimizer(model.decoder.parameters(), cfg),
+                      "discriminator": make_optimizer(self.discriminator.parameters(), cfg, cfg.discriminator_lr)}
+        # The gradients come from autograd.grad, unscaled: no loss scaling, whatever the precision.
+        super().__init__(cfg, model, device, dist, {"model": model, "discriminator": self.discriminator},
+                         optimizers, objective, loss_scaling=False)
         self.groups = [list(model.encoder.parameters()), list(model.decoder.parameters()),
                        list(self.discriminator.parameters())]
         # Running sums since the last take_stats(): D(x) near 1 and D(x~) near 0 for long means
         # the discriminator has won (benchmarks/quality.py reports them).
         self.stats = torch.zeros(3, device=device)  # sum of D(x), sum of D(x~), images
-        self._buffers = [b for module in (model, self.discriminator) for b in module.buffers()]
+        self._shared_buffers = [b for module in (model, self.discriminator) for b in module.buffers()]
 
-    def objective(self, model: VAE, autocast) -> VaeGanObjective:
-        return VaeGanObjective(model, self.discriminator, self.cfg, autocast, self.dist.rank, self.dist.world_size)
-
-    # -- checkpoints -----------------------------------------------------------------------------
-
-    def state(self) -> dict[str, Any]:
-        return {"discriminator": self.discriminator.state_dict(),
-                "discriminator_optimizer": self.optimizer.state_dict()}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.discriminator.load_state_dict(state["discriminator"])
-        self.optimizer.load_state_dict(state["discriminator_optimizer"])
-
-    # -- the step --------------------------------------------------------------------------------
-
-    def gradients(self, objective: nn.Module, x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
-        """Fill each network's .grad with the gradient of its own loss; returns the detached batch
-        sums (pixel recon, kl) and a device flag: a loss or gradient not finite."""
+    def gradients(self, x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
         if self.dist.enabled:
-            self.dist.broadcast_from_rank_0_(self._buffers)
-        encoder, decoder, discriminator, pixel, kl, d_real, d_recon = objective(x, alpha)
+            self.dist.broadcast_from_rank_0_(self._shared_buffers)
+        encoder, decoder, discriminator, pixel, kl, d_real, d_recon = self.objective(x, alpha)
         losses = (encoder, decoder, discriminator)
         grads = [torch.autograd.grad(loss, params, retain_graph=index < 2)
                  for index, (loss, params) in enumerate(zip(losses, self.groups, strict=True))]

@@ -1,0 +1,135 @@
+"""What every training step does, whatever its objective: snapshot the buffers, take the gradients,
+agree across ranks, skip a non-finite step, step every optimizer. A step object owns its networks'
+optimizers, its objective module and their state in a checkpoint; the trainer holds one and never
+asks which kind it is."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from image_autoencoding.config import TrainConfig
+from image_autoencoding.models.vae import VAE
+from image_autoencoding.training.buffer_snapshot import BufferSnapshot
+from image_autoencoding.training.distributed import Distributed
+
+
+class TrainingStep:
+    """One optimisation step of every network an objective trains.
+
+    Subclasses build `objective` (the module whose forward computes the step's losses: compiled, and
+    under torchrun the thing DDP wraps; hooks on it see every step) and implement `gradients`.
+    `networks` maps each checkpoint key to a module whose weights are saved ("model": the VAE);
+    `optimizers` maps each network name to its optimizer ("encoder", "decoder" follow train.lr's
+    schedule; any other keeps its own rate)."""
+
+    SCHEDULED = ("encoder", "decoder")
+
+    def __init__(self, cfg: TrainConfig, model: VAE, device: torch.device, dist: Distributed,
+                 networks: dict[str, nn.Module], optimizers: dict[str, Optimizer], objective: nn.Module,
+                 loss_scaling: bool = False):
+        self.cfg, self.model, self.device, self.dist = cfg, model, device, dist
+        self.networks, self.optimizers, self.objective = networks, optimizers, objective
+        # Loss scaling for fp16 only; disabled, it passes the loss and the steps through unchanged,
+        # so bf16 / fp32 and CPU tests run the same code as a GPU fp16 run. Our losses are sums over
+        # pixels and images (the original's), so gradients are already far from fp16's underflow;
+        # the usual initial scale of 2^16 would overflow for dozens of steps.
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=1.0, enabled=loss_scaling)
+        self._buffers = BufferSnapshot(*networks.values())
+        # This step's KL weight, filled in place: torch.tensor(alpha, device=...) would be a copy
+        # from pageable host memory, which on a GPU waits for all queued work before every step.
+        self._alpha = torch.zeros((), device=device)
+
+    # -- the step --------------------------------------------------------------------------------
+
+    def __call__(self, x: Tensor, alpha: float, flags: Tensor | None = None) -> tuple[Tensor | None, list[float]]:
+        """Train every network on batch `x` with KL weight `alpha`. Returns the detached batch sums
+        (recon, kl) over the global batch, or None when a loss or a gradient was not finite: then no
+        optimizer steps, and weights, optimizer state and BatchNorm statistics are exactly as before.
+        Under torchrun `flags` (the trainer's stop requests) travel in the step's one all-reduce and
+        come back summed over the ranks; otherwise they come back empty."""
+        self._buffers.take()
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        sums, bad = self.gradients(x, self._alpha.fill_(alpha))
+        agreed: list[float] = []
+        if self.dist.enabled:
+            bad, sums, agreed = self._agree_across_ranks(bad, sums, flags)
+        # The one host sync per step (under torchrun, inside _agree_across_ranks): skipping an
+        # optimizer step is a host decision, so it waits for the device here (GradScaler does the
+        # same for optimizers without a fused kernel, such as RMSprop). Everything before it only
+        # queues work. On CPU the sync costs nothing.
+        if bool(bad):
+            self._buffers.restore()
+            return None, agreed
+        for optimizer in self.optimizers.values():
+            self.scaler.step(optimizer)
+        self.scaler.update()
+        return sums, agreed
+
+    def gradients(self, x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+        """Fill each network's .grad with the gradient of its own loss; returns the detached batch
+        sums (recon, kl) of this rank and a device flag: a loss or gradient not finite."""
+        raise NotImplementedError
+
+    def _agree_across_ranks(self, bad: Tensor, sums: Tensor, flags: Tensor | None
+                            ) -> tuple[bool, Tensor, list[float]]:
+        """One all-reduce and one host wait per step for everything the ranks must agree on: the
+        loss sums of the global batch, whether any rank saw a non-finite loss (gradients are equal
+        on all ranks after the all-reduce, but losses are per rank; a step skipped on one rank and
+        taken on another would split the replicas for good), and the caller's flags (a second
+        collective for them cost a second host wait per step)."""
+        extra = flags if flags is not None else torch.zeros(0, device=self.device)
+        packet = torch.cat([sums.float(), bad.float().view(1), extra.float()])
+        self.dist.all_reduce_sum(packet)
+        agreed = packet[2:].tolist()
+        return agreed[0] > 0, packet[:2], agreed[1:]
+
+    # -- learning rate and statistics ------------------------------------------------------------
+
+    def set_learning_rate(self, lr: float) -> None:
+        """The encoder's and decoder's rate for the next step; other networks keep their own."""
+        for name in self.SCHEDULED:
+            for group in self.optimizers[name].param_groups:
+                group["lr"] = lr
+
+    @property
+    def learning_rate(self) -> float:
+        return self.optimizers["encoder"].param_groups[0]["lr"]
+
+    def take_stats(self) -> dict[str, float]:
+        """Statistics of this objective since the last call (then reset), for benchmarks."""
+        return {}
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"networks": {key: state_dict}, "optimizers": {name: state_dict}, "scaler": ...}."""
+        return {"networks": {key: module.state_dict() for key, module in self.networks.items()},
+                "optimizers": {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()},
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, networks: dict[str, Any], optimizers: dict[str, Any], scaler: dict | None) -> None:
+        for key, module in self.networks.items():
+            module.load_state_dict(networks[key])
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(optimizers[name])
+        # Optimizer state dicts carry the weight decay they were saved with; a resume that changes it
+        # continues with the new value (the learning rate is set before every step).
+        for name in self.SCHEDULED:
+            for group in self.optimizers[name].param_groups:
+                group["weight_decay"] = self.cfg.weight_decay
+        if scaler:
+            self.scaler.load_state_dict(scaler)
+
+
+def not_finite(losses: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
+    """A device flag: some loss or gradient of a step holds NaN or Inf. Checked after the gradients
+    exist, so a finite loss with an overflowing gradient is caught too; one fused norm over all
+    gradients keeps it to a few kernels."""
+    total_norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
+    return ~(torch.isfinite(torch.stack([loss.detach() for loss in losses])).all() & torch.isfinite(total_norm))
