@@ -12,14 +12,14 @@ $(BIN)/python:
 
 # The demo installs with --no-compile: pip otherwise byte-compiles every module of every package
 # (torch's thousands), most of which the demo never imports; Python compiles what it imports instead.
-# Measured on AMD EPYC AVX2, 2 cores: the torch pins 93 s -> 56 s, the other dependencies 44 s -> 31 s.
+# The install times with and without: docs/performance.md, "Install, demo and test suite".
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --no-compile $(TORCH_PINS) -e .
 	touch $@
 
 # The tests start many Python processes (torchrun, the fault-injection runs): each would compile
 # torch's modules again where no .pyc can be written (PYTHONDONTWRITEBYTECODE, set on this project's
-# machines: the suite took 621 s instead of ~330 s). So everything is compiled once here, also what an
+# machines; the suite's times: docs/performance.md). So everything is compiled once here, also what an
 # earlier `make demo` installed without (compileall skips what is compiled already).
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH_PINS) -e '.[dev]'

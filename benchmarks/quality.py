@@ -58,7 +58,7 @@ from image_autoencoding.evaluation.feature_networks import (
     inception_weights,
 )
 from image_autoencoding.evaluation.sample_metrics import sample_quality
-from image_autoencoding.evaluation.sharpness import laplacian_variance
+from image_autoencoding.evaluation.sharpness import relative_sharpness
 from image_autoencoding.runs.latent_sampler import fit_model_mixture
 from image_autoencoding.runs.report import decoded_images, sample_latents
 from image_autoencoding.training.callbacks import Callback
@@ -253,8 +253,7 @@ def score(trainer: Trainer, data: ImageData, picture_prefix: Path | None,
     sets = {"reconstructions": torch.cat(recon),
             **{name: decoded_images(model, trainer.normalize, latents[key], trainer.device, 256, trainer.autocast)
                for name, key in (("prior", "prior"), ("mixture", "gmm"))}}
-    real_sharpness = float(laplacian_variance(real).mean())
-    row["sets"] = {name: {"sharpness": float(laplacian_variance(images).mean()) / real_sharpness,
+    row["sets"] = {name: {"sharpness": relative_sharpness(images, real),
                           "diversity": relative_diversity(images[:SAMPLES], real[:SAMPLES])}
                    for name, images in sets.items()}
     for network_name, network in feature_networks.items():

@@ -215,9 +215,9 @@ class TrainConfig(_Section):
     epochs: int = Field(100, ge=1, description="passes over the training split")
     # auto: the seed architecture keeps the original's RMSprop, which beat Adam in the search that
     # chose the default recipe (docs/quality.md, "How the default was chosen"); resnet gets Adam: with
-    # RMSprop at lr 1e-3 its validation PSNR was 15.6 dB against 21.1 with Adam in a screen, and 3-5 dB
-    # lower over three seeds (photos, 32 px, 120 s on a CPU; docs/design.md, "The residual
-    # architecture"). Why RMSprop suits one network and not the other was not established.
+    # RMSprop its validation PSNR was several dB lower, in a screen and over three seeds (the figures:
+    # docs/design.md, "The residual architecture"). Why RMSprop suits one network and not the other
+    # was not established.
     optimizer: Literal["auto", "rmsprop", "adam"] = Field(
         "auto",
         description="one per network: rmsprop (alpha 0.9, eps 1e-8, as the original), adam, or auto: rmsprop for "
@@ -226,8 +226,8 @@ class TrainConfig(_Section):
     lr: float = Field(0.001, gt=0.0, description="learning rate")
     weight_decay: float = Field(1e-7, ge=0.0, description="the optimizer's weight decay")
     # training/lr_schedule.py has the formulas and why.
-    # cosine with a 100-step warm-up: 3-seed mean validation SSIM +0.033 [+0.020, +0.046] over the
-    # original's x0.75 per epoch on 40-epoch photo runs (docs/quality.md, "Learning-rate schedules").
+    # cosine with a 100-step warm-up: a higher 3-seed mean validation SSIM than the original's x0.75
+    # per epoch on 40-epoch photo runs (the figures: docs/quality.md, "Learning-rate schedules").
     lr_schedule: Literal["exponential", "cosine", "constant"] = Field(
         "cosine",
         description="exponential: lr x train.decay_lr after every epoch (the original's); cosine: down to 0 over "
@@ -256,7 +256,7 @@ class TrainConfig(_Section):
     # The original's two settings were 1 and 1/batch_size. 0.5 x summed squared error is the
     # likelihood of a decoder with pixel variance 1 on images in [-1, 1], so weak that with alpha 1 the
     # KL wins and the model blurs; 0.1 scored higher validation SSIM and PCC than 1 on both datasets of
-    # benchmarks/quality.py (README "Quality").
+    # benchmarks/quality.py (docs/quality.md, "The recipes").
     alpha: Alpha = Field(
         0.1,
         description="weight of the KL term in the encoder objective: a number >= 0, or 1/batch_size "
@@ -264,9 +264,10 @@ class TrainConfig(_Section):
     )
     seed: int = Field(12345, description="random seed: the same config and seed give the same weights")
     device: str = Field("auto", description="auto (cuda when available, else cpu), or a device such as cpu, cuda:1")
-    # auto: on a CPU with native bf16, bf16 autocast (measured 1.8x fp32 on an AVX-512 BF16 CPU, same
-    # quality); elsewhere fp32, GPUs included: on an H200 this model's fp32 step was 13% faster than
-    # bf16 (kernel launches, not arithmetic, bound it) and validated better (benchmarks/train_throughput.py).
+    # auto: on a CPU with native bf16, bf16 autocast (faster than fp32 there, at the same quality);
+    # elsewhere fp32, GPUs included: on an H200 this model's fp32 step was faster than bf16 (kernel
+    # launches, not arithmetic, bound it) and validated better. The figures: docs/performance.md,
+    # "What made the step fast", "bf16 against fp32" and "On a GPU" (benchmarks/train_throughput.py).
     # fp16 (with loss scaling) is for GPUs without bf16; on CPU it runs, slowly.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
@@ -278,7 +279,8 @@ class TrainConfig(_Section):
     compile: bool = Field(
         False, description="torch.compile the model (needs a C++ compiler on CPU; the first steps take longer)"
     )
-    # +15% images/s measured, ~60 MB more peak memory (runtime.keep_freed_memory).
+    # Faster CPU steps for a little more peak memory (the figures: runtime.keep_freed_memory and
+    # docs/performance.md, "What made the step fast").
     reuse_cpu_memory: bool = Field(
         True, description="on CPU, glibc's malloc keeps freed memory for the next step instead of fresh pages"
     )
@@ -361,15 +363,15 @@ class TrainConfig(_Section):
         1.0, ge=0.0, description="model.mode=vae-gan: weight of the decoder's GAN loss"
     )
     # 1e-4, a tenth of the default train.lr: of the stable variants measured, the best Fashion-MNIST
-    # SSIM and among the sharpest reconstructions (README, Quality).
+    # SSIM and among the sharpest reconstructions (docs/quality.md, "How VAE-GAN was made stable").
     discriminator_lr: float | None = Field(
         1e-4, gt=0.0,
         description="model.mode=vae-gan: the discriminator's learning rate, not decayed by train.decay_lr; "
         "null: train.lr",
     )
     # Off by default: with it, the decoder maps the prior to one or a few patterns (measured on
-    # Fashion-MNIST and photos; README, Quality); without it the GAN sharpens reconstructions only,
-    # as in Esser et al. 2021's autoencoder.
+    # Fashion-MNIST and photos: docs/quality.md, "How VAE-GAN was made stable"); without it the GAN
+    # sharpens reconstructions only, as in Esser et al. 2021's autoencoder.
     gan_prior_samples: bool = Field(
         False,
         description="model.mode=vae-gan: also train the decoder to make prior samples fool the discriminator "

@@ -110,9 +110,10 @@ class ResnetDecoder(nn.Module):
                 layers.append(Upsample(widths[level]))
         # No GroupNorm before the output convolution, unlike the papers' decoders: it takes away each
         # image's mean and scale per group right before the pixels, so colour and brightness can only
-        # reach them through the SiLU. Measured on the photos at 32 px, 200 steps, spatial latent:
-        # validation PSNR 14.6 dB with it, 17.3 dB without (SSIM 0.446 -> 0.483; the seed
-        # architecture: 16.5 dB, 0.277). The encoder keeps its final norm (without: 17.0 dB).
+        # reach them through the SiLU: with it, reconstructions had the right edges and the wrong
+        # colours, and a lower validation PSNR and SSIM (the figures: docs/design.md, "The residual
+        # architecture"). The encoder keeps its final norm: without it, PSNR was lower too (17.0 dB
+        # against 17.3 in that measurement, which docs/design.md does not list yet).
         layers += [nn.SiLU(), nn.Conv2d(widths[0], 3, 3, padding=1), nn.Tanh()]
         self.features = nn.Sequential(*layers)
 

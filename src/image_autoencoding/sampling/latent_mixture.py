@@ -33,9 +33,10 @@ COMPONENT_CHOICES = (1, 2, 5, 10, 20)
 # When the lowest BIC is at the grid's largest choice, the latents support more components than the grid
 # offers (the default recipe's latents chose 20): K keeps doubling while BIC still falls, while each
 # component can own more points than its dimension (with fewer, its covariance is singular but for
-# REG_COVAR), and up to MAX_COMPONENTS. A component costs ~1 s to fit on 20,000 latents of dimension
-# 128 (36.7 s for the grid's 38, benchmarks/results/latent_mixture_fit.json): there the points allow
-# 40 and 80 (20,000 / 129 = 155), at most ~2 minutes more, and only where BIC asks for them.
+# REG_COVAR), and up to MAX_COMPONENTS. A component costs about a second to fit on 20,000 latents of
+# dimension 128 (the measurement and its command: docs/design.md, "Evaluation, samples and pictures"):
+# there the points allow 40 and 80 (20,000 / 129 = 155), a few minutes more at most, and only where
+# BIC asks for them.
 MAX_COMPONENTS = 160
 # sklearn's fit needs two points even for one component: one point has no spread to estimate.
 MIN_POINTS = 2

@@ -81,10 +81,6 @@ class Distributed:
             torch.cuda.set_device(device)
         return device
 
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place (the tensor must live on the process group's device)."""
         if self.enabled:

@@ -35,10 +35,6 @@ class StopRequests:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
     def install(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
             for signum in HANDLED:
