@@ -41,9 +41,13 @@ def legacy(tmp_path, monkeypatch) -> Path:
     return copy
 
 
-def _epochs(run: Path) -> list[str]:
+def _rows(run: Path) -> list[dict[str, str]]:
     with (run / "metrics.csv").open() as handle:
-        return [row["epoch"] for row in csv.DictReader(handle)]
+        return list(csv.DictReader(handle))
+
+
+def _epochs(run: Path) -> list[str]:
+    return [row["epoch"] for row in _rows(run)]
 
 
 def test_the_fixture_records_the_commit_it_was_built_at():
@@ -56,17 +60,24 @@ def test_a_finished_legacy_run_resumes_for_one_more_epoch(legacy):
     assert main(["train", "--quiet", "--resume", str(run), "train.epochs=3"]) == 0
     assert _epochs(run) == ["1", "2", "3"]
     state = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert (state["epoch"], state["step"]) == (3, 9)
+    assert (state.epoch, state.step) == (3, 9)
+    # Checkpoint format 1 kept the best validation SSIM as best_ssim: it is train.monitor's mark now,
+    # so epoch 3 became best.pt only if it beat the best of epochs 1 and 2.
+    ssims = [float(row["valid_ssim"]) for row in _rows(run)]
+    assert state.monitor["name"] == "valid_ssim" and state.monitor["best"] == pytest.approx(max(ssims), rel=1e-5)
+    assert load_checkpoint(run / "checkpoints" / "best.pt").epoch == ssims.index(max(ssims)) + 1
+    # metrics.csv's training columns are read under today's names; the copy of recon is gone.
+    assert all(row["train_recon"] and "decoder_loss" not in row for row in _rows(run))
 
 
 def test_a_legacy_run_stopped_inside_an_epoch_resumes_inside_it(legacy):
     run = legacy / "seed_vae_inside_epoch"
     state = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert (state["epoch"], state["step"], state["epoch_progress"]["steps"]) == (1, 5, 2)
+    assert (state.epoch, state.step, state.epoch_progress["steps"]) == (1, 5, 2)
     assert main(["train", "--quiet", "--resume", str(run)]) == 0
     assert _epochs(run) == ["1", "2"]  # epoch 2 finished with its last step, not trained again
     state = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert (state["epoch"], state["step"]) == (2, 6)
+    assert (state.epoch, state.step) == (2, 6)
 
 
 def test_a_legacy_vae_gan_run_resumes_with_its_discriminator(legacy):
@@ -75,11 +86,10 @@ def test_a_legacy_vae_gan_run_resumes_with_its_discriminator(legacy):
     assert main(["train", "--quiet", "--resume", str(run), "train.epochs=2"]) == 0
     assert _epochs(run) == ["1", "2"]
     after = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert after["epoch"] == 2 and after["discriminator_optimizer"]["state"]
+    assert after.epoch == 2 and after.optimizers["discriminator"]["state"]
     # The discriminator went on training from its saved weights, not from new ones.
-    assert before["discriminator"].keys() == after["discriminator"].keys()
-    assert any(not torch.equal(before["discriminator"][key], after["discriminator"][key])
-               for key in before["discriminator"])
+    saved, trained = before.networks["discriminator"], after.networks["discriminator"]
+    assert saved.keys() == trained.keys() and any(not torch.equal(saved[key], trained[key]) for key in saved)
 
 
 @pytest.mark.parametrize("name", sorted(LOADED))
