@@ -148,6 +148,21 @@ class VAE(nn.Module):
         where = generator.device if generator is not None else device
         return torch.randn(n, self.latent_dim, generator=generator, device=where).to(device) * temperature
 
+    def save_pretrained(self, directory, data, **provenance):
+        """This model and its preprocessing (`data`, the DataConfig it was trained with) as a folder
+        `image_autoencoding.load` and `VAE.from_pretrained` read; see models/pretrained.py."""
+        from image_autoencoding.models.pretrained import save_pretrained
+
+        return save_pretrained(self, directory, data, **provenance)
+
+    @classmethod
+    def from_pretrained(cls, directory) -> VAE:
+        """The model a `save_pretrained` (or `vae export`) folder holds, on the CPU in eval mode; its
+        preprocessing comes with models.pretrained.from_pretrained(directory).config.data."""
+        from image_autoencoding.models.pretrained import from_pretrained
+
+        return from_pretrained(directory).model
+
 
 def loss_terms(x: Tensor, x_hat: Tensor, posterior: DiagonalGaussian) -> tuple[Tensor, Tensor]:
     """Per-image reconstruction 0.5 * sum((x - x_hat)^2) and KL, each of shape (N,), in fp32.
