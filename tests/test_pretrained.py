@@ -66,11 +66,13 @@ def test_ia_load_reads_a_model_saved_without_a_run_folder(tmp_path):
     assert vae.config.data.mean == (0.4, 0.5, 0.6) and vae.epoch == 0 and vae.mixture is None
 
 
-def test_save_pretrained_refuses_a_data_section_of_another_image_size_and_a_folder_of_other_files(tmp_path):
+def test_save_pretrained_refuses_a_wrong_data_section_and_a_folder_of_other_files(tmp_path):
     config, model = _trained_looking([])
     other = load_config(None, [*TINY, "data.image_size=32"]).data
     with pytest.raises(ValueError, match="image_size is 32, the model's is 16"):
         model.save_pretrained(tmp_path / "vae", other)
+    with pytest.raises(TypeError, match=r"config\.data\), got Config"):
+        model.save_pretrained(tmp_path / "vae", config)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(UserError, match="not an export"):

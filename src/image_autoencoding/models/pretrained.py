@@ -43,7 +43,11 @@ NETWORKS = ("encoder", "decoder")
 
 @dataclass
 class TrainedModel:
-    config: Config  # data (the preprocessing) and model sections as trained; train as last run
+    """A model loaded with its config and provenance (from_pretrained; runs/loading.py for checkpoints)."""
+
+    # data (the preprocessing) and model sections as trained; train as last run from a checkpoint,
+    # the defaults from a saved folder (which holds no train section)
+    config: Config
     model: VAE  # on the CPU, in eval mode
     source: Path  # the checkpoint (or saved folder) the weights came from
     epoch: int
@@ -57,6 +61,9 @@ def save_pretrained(model: VAE, directory: str | Path, data: DataConfig, *, sour
     `epoch` and `step` record where the weights came from. `extras(folder)` may write more files
     into the new folder before it replaces `directory`. Returns `directory`."""
     save = _safetensors().save
+    if not isinstance(data, DataConfig):
+        raise TypeError(f"data: expected the data section the model was trained with (config.data), "
+                        f"got {type(data).__name__}")
     if data.image_size != model.image_size:
         raise ValueError(f"data.image_size is {data.image_size}, the model's is {model.image_size}: "
                          "pass the data section the model was trained with")
