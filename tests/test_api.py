@@ -23,12 +23,12 @@ import image_autoencoding as ia
 from conftest import TINY
 from fixtures import odd_but_valid_files, photo, save_jpeg
 from helpers.disks import full_disk
-from image_autoencoding import export as export_module
 from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
 from image_autoencoding.data.cache import open_or_build
 from image_autoencoding.data.sources import FileSplit
 from image_autoencoding.errors import UserError
+from image_autoencoding.models import pretrained as pretrained_module
 from image_autoencoding.models.factory import build_model
 from image_autoencoding.runs.checkpoint import load_checkpoint
 from image_autoencoding.runs.loading import TrainedModel
@@ -317,14 +317,14 @@ def test_an_export_failing_midway_leaves_the_earlier_export_whole(run, exported,
     out = tmp_path / "export"
     shutil.copytree(exported, out)
     before = _files(out)
-    write = export_module.atomic_write
+    write = pretrained_module.atomic_write
 
     def fail_at_the_description(path, *args, **kwargs):
         if Path(path).name == "config.json":
             raise failure
         write(path, *args, **kwargs)
 
-    monkeypatch.setattr(export_module, "atomic_write", fail_at_the_description)
+    monkeypatch.setattr(pretrained_module, "atomic_write", fail_at_the_description)
     args = ["export", str(run), "--checkpoint", _another_checkpoint(run), "--out", str(out)]
     if isinstance(failure, OSError):
         assert main(args) == 2

@@ -29,7 +29,8 @@ from image_autoencoding.config import Config
 from image_autoencoding.data.batches import Normalizer
 from image_autoencoding.data.preprocess import array_to_image, load_image, prepare_image
 from image_autoencoding.errors import UserError, quoted
-from image_autoencoding.export import EXPORT_MIXTURE, is_export, load_export
+from image_autoencoding.export import EXPORT_MIXTURE
+from image_autoencoding.models.pretrained import from_pretrained, is_pretrained
 from image_autoencoding.models.vae import DiagonalGaussian
 from image_autoencoding.runs.latent_sampler import MixtureFile, mixture_path
 from image_autoencoding.runs.loading import DEFAULT_CHECKPOINT, TrainedModel, load_from_checkpoint, load_from_run
@@ -53,8 +54,8 @@ def load(
     `device`: auto (a GPU when there is one), cpu, cuda, cuda:N; `dtype`: the weights' and the
     computation's type (float32, or bfloat16 / float16 for speed)."""
     path = Path(path)
-    if path.is_dir() and is_export(path):
-        trained = load_export(path)
+    if path.is_dir() and is_pretrained(path):
+        trained = from_pretrained(path)
         mixture_file = path / EXPORT_MIXTURE
     elif path.is_dir():
         trained = load_from_run(path, checkpoint)

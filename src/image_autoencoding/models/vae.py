@@ -10,11 +10,12 @@ Shapes for the defaults (image 64, latent 128):
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from image_autoencoding.config import ModelConfig
+from image_autoencoding.config import DataConfig, ModelConfig
 
 
 class DiagonalGaussian:
@@ -151,6 +152,22 @@ class VAE(nn.Module):
         device = next(self.parameters()).device
         where = generator.device if generator is not None else device
         return torch.randn(n, self.latent_dim, generator=generator, device=where).to(device) * temperature
+
+    def save_pretrained(self, directory: str | Path, data: DataConfig, *, source: str | Path | None = None,
+                        epoch: int = 0, step: int = 0) -> Path:
+        """This model and its preprocessing (`data`, the data section it was trained with) as a folder
+        that `image_autoencoding.load` and `VAE.from_pretrained` read: models/pretrained.py."""
+        from image_autoencoding.models.pretrained import save_pretrained
+
+        return save_pretrained(self, directory, data, source=source, epoch=epoch, step=step)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> VAE:
+        """The model a `save_pretrained` (or `vae export`) folder holds, on the CPU in eval mode; its
+        preprocessing comes with models.pretrained.from_pretrained(directory).config.data."""
+        from image_autoencoding.models.pretrained import from_pretrained
+
+        return from_pretrained(directory).model
 
 
 def loss_terms(x: Tensor, x_hat: Tensor, posterior: DiagonalGaussian) -> tuple[Tensor, Tensor]:

@@ -3,28 +3,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from image_autoencoding.config import Config, ConfigError
 from image_autoencoding.models.factory import build_model
+from image_autoencoding.models.pretrained import TrainedModel
 from image_autoencoding.models.shapes import expected_shapes, shape_mismatch, tensor_shapes
-from image_autoencoding.models.vae import VAE
 from image_autoencoding.runs.checkpoint import CheckpointError, load_checkpoint
 from image_autoencoding.runs.resume import checkpoint_path
 from image_autoencoding.runs.run_dir import checkpoint_config, load_run_config
 from image_autoencoding.training.state import TrainingState
 
 DEFAULT_CHECKPOINT = "best"  # every command that reads a run; `best` is `last` for a run without validation
-
-
-@dataclass
-class TrainedModel:
-    config: Config  # data (the preprocessing) and model sections as trained; train as last run
-    model: VAE  # on the CPU, in eval mode
-    source: Path  # the checkpoint (or export folder) the weights came from
-    epoch: int
-    step: int
 
 
 def resolve_checkpoint(run_dir: Path, name: str = DEFAULT_CHECKPOINT) -> Path:
