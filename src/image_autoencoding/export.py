@@ -25,7 +25,7 @@ from image_autoencoding.errors import UserError
 from image_autoencoding.models.shapes import expected_shapes, shape_mismatch
 from image_autoencoding.runs.latent_sampler import load_run_mixture
 from image_autoencoding.runs.loading import DEFAULT_CHECKPOINT, TrainedModel, load_from_checkpoint, load_from_run
-from image_autoencoding.runs.resume import names_a_file
+from image_autoencoding.runs.run_paths import RunPaths, names_a_file
 
 FORMAT = "image-autoencoding-vae"
 FORMAT_VERSION = 2
@@ -64,7 +64,7 @@ def export_run(run_dir: str | Path, checkpoint: str = DEFAULT_CHECKPOINT, out: s
     # A checkpoint given as a file path carries its own config; a name (best, last, epoch_N) is the run's.
     trained = load_from_checkpoint(checkpoint) if names_a_file(checkpoint) else load_from_run(run_dir, checkpoint)
     config = trained.config
-    out = Path(out) if out is not None else run_dir / "export"
+    out = Path(out) if out is not None else RunPaths(run_dir).export
     _check_replaceable(out)
     data = config.data.model_dump(mode="json")
     description = {
