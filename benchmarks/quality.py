@@ -59,8 +59,8 @@ from image_autoencoding.evaluation.feature_networks import (
 )
 from image_autoencoding.evaluation.sample_metrics import sample_quality
 from image_autoencoding.evaluation.sharpness import relative_sharpness
+from image_autoencoding.runs.evaluation_pictures import decoded_images, sample_latents
 from image_autoencoding.runs.latent_sampler import fit_model_mixture
-from image_autoencoding.runs.report import decoded_images, sample_latents
 from image_autoencoding.training.callbacks import Callback
 from image_autoencoding.training.trainer import Trainer
 from image_autoencoding.visualization.grids import save_reconstruction_grid, save_sample_grid

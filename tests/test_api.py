@@ -30,8 +30,9 @@ from image_autoencoding.data.sources import FileSplit
 from image_autoencoding.errors import UserError
 from image_autoencoding.models import pretrained as pretrained_module
 from image_autoencoding.models.factory import build_model
-from image_autoencoding.runs.checkpoint import load_checkpoint
+from image_autoencoding.runs.checkpoint import CheckpointError, load_checkpoint
 from image_autoencoding.runs.loading import TrainedModel
+from image_autoencoding.runs.resume import prepare_resume
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -178,6 +179,27 @@ def test_export_defaults_to_best_like_every_other_command(run, tmp_path):
     description = json.loads((copy / "export" / "config.json").read_text())
     assert description["epoch"] == 1 and description["source_checkpoint"].endswith("best.pt")
     assert description["data"]["image_size"] == 16 and "image_crop" in description["data"]
+
+
+@pytest.mark.parametrize("name", ["last", "last.pt", "epoch_1", "epoch_1.pt", "checkpoints/epoch_1.pt"])
+def test_every_command_takes_the_same_checkpoint_names(run, tmp_path, monkeypatch, name):
+    """--checkpoint NAME|PATH names the same file for the commands that read a run (ia.load, which
+    evaluate, sample, reconstruct and encode go through; export) and for a resume."""
+    monkeypatch.chdir(run)  # checkpoints/epoch_1.pt: a path, relative to the working folder
+    expected = (run / "checkpoints" / Path(name).name.removesuffix(".pt")).with_suffix(".pt").resolve()
+    assert ia.load(run, name, device="cpu").source.resolve() == expected
+    assert main(["export", str(run), "--checkpoint", name, "--out", str(tmp_path / "export")]) == 0
+    description = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert Path(description["source_checkpoint"]).resolve() == expected
+    assert prepare_resume(run, name, []).checkpoint.resolve() == expected
+
+
+def test_best_is_last_for_what_reads_a_run_without_best_pt_but_a_resume_from_best_needs_it(run, tmp_path):
+    copy = shutil.copytree(run, tmp_path / "run")
+    (copy / "checkpoints" / "best.pt").unlink()
+    assert ia.load(copy, device="cpu").source == copy / "checkpoints" / "last.pt"
+    with pytest.raises(CheckpointError, match=r"best\.pt' not found$"):
+        prepare_resume(copy, "best", [])
 
 
 def test_onnx_export_matches_torch_in_onnxruntime(onnx_exported):

@@ -32,8 +32,9 @@ from image_autoencoding.errors import UserError, quoted
 from image_autoencoding.export import EXPORT_MIXTURE
 from image_autoencoding.models.pretrained import from_pretrained, is_pretrained
 from image_autoencoding.models.vae import DiagonalGaussian
-from image_autoencoding.runs.latent_sampler import MixtureFile, mixture_path
+from image_autoencoding.runs.latent_sampler import MixtureFile
 from image_autoencoding.runs.loading import DEFAULT_CHECKPOINT, TrainedModel, load_from_checkpoint, load_from_run
+from image_autoencoding.runs.run_paths import RunPaths
 from image_autoencoding.runtime import resolve_device
 from image_autoencoding.sampling.latent_mixture import LatentMixture
 
@@ -59,10 +60,10 @@ def load(
         mixture_file = path / EXPORT_MIXTURE
     elif path.is_dir():
         trained = load_from_run(path, checkpoint)
-        mixture_file = mixture_path(path, trained.source)
+        mixture_file = RunPaths(path).mixture(trained.source)
     elif path.is_file():
         trained = load_from_checkpoint(path)
-        mixture_file = mixture_path(path.parent.parent, path)  # a run's own checkpoint: its mixture, if fitted to it
+        mixture_file = RunPaths.holding(path).mixture(path)  # a run's own checkpoint: its mixture, if fitted to it
     else:
         raise UserError(f"'{path}' not found (expected a run folder, a .pt checkpoint or an export folder)")
     device = device if isinstance(device, torch.device) else resolve_device(device, "device")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from image_autoencoding.config import ConfigError, load_config
 from image_autoencoding.errors import UserError, quoted
+from image_autoencoding.runs.run_paths import RunPaths
 from image_autoencoding.training.interrupts import TrainingInterrupted, stop_at_once
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
             return 0
         with run_logging(run_dir, config.train.log_dir, console=not args.quiet) as logger:
             if data.bad_files:
-                logger.warning("%d unreadable images skipped: %s", len(data.bad_files), run_dir / "bad_files.csv")
+                logger.warning("%d unreadable images skipped: %s", len(data.bad_files), RunPaths(run_dir).bad_files)
             if resume:
                 for failure in resume.fallbacks:
                     logger.warning("%s; falling back to an older checkpoint", failure)
@@ -83,7 +84,7 @@ def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
             bar = [ProgressBar()] if _bars(config.train.progress) else []
             trainer = Trainer(config, data, resume=state, dist=dist,
                               callbacks=[*run_folder_callbacks(run_dir, config, data), *bar, *callbacks])
-            write_run_config(config, run_dir / "config.yaml", {
+            write_run_config(config, RunPaths(run_dir).config, {
                 "train.device": (config.train.device, str(trainer.device)),
                 "train.precision": (config.train.precision, trainer.precision)})
             # The report is part of the run: a signal from the trainer's last check to the report's
@@ -97,7 +98,7 @@ def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
             except TrainingInterrupted as exc:
                 if not exc.after_callbacks:  # a second signal: stopped at once, nothing written
                     raise
-                message = (f"{exc}; last checkpoint {run_dir / 'checkpoints' / 'last.pt'}; "
+                message = (f"{exc}; last checkpoint {RunPaths(run_dir).last}; "
                            f"continue with: vae train --resume {run_dir}")
                 logger.info(message)
                 raise TrainingInterrupted(exc.signum, message, after_callbacks=True) from None
@@ -143,7 +144,7 @@ def _run_dir_and_data(config, resume, dist, run_folder_held: ExitStack):
         else:
             run_dir = create_run_dir(config.train.output_dir)
             run_folder_held.enter_context(run_folder_lock(run_dir))
-        data.write_bad_files(run_dir / "bad_files.csv")
+        data.write_bad_files(RunPaths(run_dir).bad_files)
     except UserError as exc:
         dist.broadcast_from_main((str(exc), None))
         raise
@@ -235,12 +236,8 @@ def _add_evaluate(subparsers) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from image_autoencoding.api import load
     from image_autoencoding.data.image_data import load_image_data
-    from image_autoencoding.runs.report import (
-        evaluate_and_write,
-        metrics_table,
-        sample_quality_table,
-        write_sample_quality,
-    )
+    from image_autoencoding.runs.report import evaluate_and_write, write_sample_quality
+    from image_autoencoding.runs.report_markdown import metrics_table, sample_quality_table
     from image_autoencoding.runs.run_dir import ensure_writable
 
     if args.limit is not None and args.limit < 1:
@@ -322,7 +319,7 @@ def _sample(args: argparse.Namespace) -> int:
     run_dir = _run_folder(args.run_dir)
     requested = _requested_device(args)
     prefix = "gmm_" if args.sampler == "gmm" else ""
-    out = Path(args.out) if args.out else run_dir / "samples" / f"{prefix}seed_{args.seed}_t{args.temperature:g}"
+    out = Path(args.out) if args.out else RunPaths(run_dir).samples / f"{prefix}seed_{args.seed}_t{args.temperature:g}"
     vae = _load(run_dir, args.checkpoint, requested)
     fit = args.sampler == "gmm" and vae.mixture is None  # a damaged mixture file stops here, nothing made
     ensure_writable(out)  # before any network runs: a read-only run folder or a file named by --out
@@ -357,7 +354,7 @@ def _fit_mixture(run_dir: Path, vae):
     names) and saved beside the run's checkpoints for next time where it can be; where it cannot (a
     checkpoint from outside the run, a read-only run folder, a full disk) it is still sampled from."""
     from image_autoencoding.data.image_data import load_image_data
-    from image_autoencoding.runs.latent_sampler import fit_run_mixture, mixture_path
+    from image_autoencoding.runs.latent_sampler import fit_run_mixture
 
     data = load_image_data(vae.config.data, progress=_bars(True))
     mixture = fit_run_mixture(vae.trained, data.train.images, vae.device, vae.config.train.batch_size,
@@ -365,9 +362,9 @@ def _fit_mixture(run_dir: Path, vae):
     info = mixture.info
     fitted = (f"fitted a {info['components']}-component Gaussian mixture to {info['points']} training latents in "
               f"{info['seconds']} s")
-    path = mixture_path(run_dir, vae.source)
+    path = RunPaths(run_dir).mixture(vae.source)
     if path is None:
-        print(f"{fitted}; not saved, as {vae.source} is not one of {run_dir / 'checkpoints'}", file=sys.stderr)
+        print(f"{fitted}; not saved, as {vae.source} is not one of {RunPaths(run_dir).checkpoints}", file=sys.stderr)
         return mixture
     try:
         mixture.save(path)
@@ -439,7 +436,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
     run_dir = _run_folder(args.run_dir)
     vae = _load(run_dir, args.checkpoint, _requested_device(args))
-    out = Path(args.out) if args.out else run_dir / "reconstructions"
+    out = Path(args.out) if args.out else RunPaths(run_dir).reconstructions
     names = _reconstruction_names(args.images, out)
     pixels = vae.preprocess(args.images)  # every file read (or refused) before anything is written
     ensure_writable(out)  # before encoding and decoding: a read-only run folder or a file named by --out

@@ -18,7 +18,7 @@ from pathlib import Path
 from image_autoencoding.models.pretrained import save_pretrained
 from image_autoencoding.runs.latent_sampler import load_run_mixture
 from image_autoencoding.runs.loading import DEFAULT_CHECKPOINT, load_from_checkpoint, load_from_run
-from image_autoencoding.runs.resume import names_a_file
+from image_autoencoding.runs.run_paths import RunPaths, names_a_file
 
 EXPORT_MIXTURE = "latent_gmm.safetensors"  # the run's latent sampler for the exported weights, when fitted
 
@@ -41,6 +41,6 @@ def export_run(run_dir: str | Path, checkpoint: str = DEFAULT_CHECKPOINT, out: s
         if onnx:
             export_onnx(trained.model, config.data.image_size, folder)
 
-    out = Path(out) if out is not None else run_dir / "export"
+    out = Path(out) if out is not None else RunPaths(run_dir).export
     return save_pretrained(trained.model, out, config.data, source=trained.source, epoch=trained.epoch,
                            step=trained.step, extras=write_extras)

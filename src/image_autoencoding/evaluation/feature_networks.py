@@ -27,6 +27,7 @@ from image_autoencoding.errors import UserError, quoted
 from image_autoencoding.safe_load import load_plain
 
 INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"
+TORCH_HUB_CHECKPOINTS = "checkpoints"  # torch.hub's folder of downloaded weights, under torch.hub.get_dir()
 INCEPTION_URL = f"https://download.pytorch.org/models/{INCEPTION_FILE}"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -87,7 +88,7 @@ def load_weights(module: nn.Module, path: Path) -> nn.Module:
 def inception_weights(explicit: str | Path | None = None) -> Path:
     """The Inception-v3 weights file: `explicit`, else torch's hub cache (where torchvision's own
     download puts it, $TORCH_HOME/hub/checkpoints)."""
-    where = Path(explicit) if explicit else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    where = Path(explicit) if explicit else Path(torch.hub.get_dir()) / TORCH_HUB_CHECKPOINTS / INCEPTION_FILE
     if not where.is_file():
         raise MissingWeights(f"FID / KID need Inception-v3 weights: put {INCEPTION_FILE} (from {INCEPTION_URL}) "
                              f"at {where}, or give its path with --inception-weights")

@@ -7,7 +7,6 @@ crafted file cannot run code.
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 from image_autoencoding.atomic_files import atomic_write, leftover_temporaries
 from image_autoencoding.disk_space import FULL_DISK, free_space, human_size
 from image_autoencoding.errors import UserError
+from image_autoencoding.runs.run_paths import LAST_CHECKPOINT, epoch_checkpoints
 from image_autoencoding.safe_load import load_plain
 from image_autoencoding.training.state import StateProblem, TrainingState
 
@@ -131,19 +131,6 @@ def remove_leftover_temporaries(folder: Path) -> list[Path]:
     return removed
 
 
-_EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
-
-
-def epoch_checkpoints(folder: Path) -> list[Path]:
-    """epoch_N.pt files in the folder, oldest epoch first."""
-    return sorted((p for p in folder.glob("epoch_*.pt") if _EPOCH_FILE.fullmatch(p.name)), key=epoch_of)
-
-
-def epoch_of(path: Path) -> int:
-    """N of an epoch_N.pt file (one `epoch_checkpoints` lists)."""
-    return int(_EPOCH_FILE.fullmatch(path.name).group(1))
-
-
 def prune_epoch_checkpoints(folder: Path, keep: int) -> None:
     """Keep the newest `keep` epoch_N.pt files (0 keeps all): each is model + two optimizer states."""
     if keep > 0:
@@ -153,5 +140,5 @@ def prune_epoch_checkpoints(folder: Path, keep: int) -> None:
 
 def kept_checkpoints(folder: Path) -> list[Path]:
     """Checkpoints to resume from, best first: last.pt, then epoch_N.pt newest first."""
-    candidates = [folder / "last.pt", *reversed(epoch_checkpoints(folder))]
+    candidates = [folder / LAST_CHECKPOINT, *reversed(epoch_checkpoints(folder))]
     return [p for p in candidates if p.is_file()]

@@ -14,6 +14,7 @@ from image_autoencoding.runs.checkpoint import (
     save_checkpoint,
 )
 from image_autoencoding.runs.resume import set_aside_later_checkpoints
+from image_autoencoding.runs.run_paths import RunPaths
 from image_autoencoding.training.callbacks import Callback
 from image_autoencoding.training.trainer import Trainer
 
@@ -29,13 +30,14 @@ class Checkpointing(Callback):
     far. Each is a separate file (a copy), so a damaged one leaves the others to resume from."""
 
     def __init__(self, run_dir: Path, cfg: TrainConfig):
-        self.folder = Path(run_dir) / "checkpoints"
+        self.paths = RunPaths(run_dir)
+        self.folder = self.paths.checkpoints
         self.cfg = cfg
         self._saved_at = time.monotonic()  # when this run last wrote a checkpoint
 
     @property
     def last(self) -> Path:
-        return self.folder / "last.pt"
+        return self.paths.last
 
     def on_fit_start(self, trainer: Trainer) -> None:
         """Before the first checkpoint of this run: delete partial writes a killed run left, and set
@@ -60,7 +62,7 @@ class Checkpointing(Callback):
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, values) -> None:
         if epoch % self.cfg.checkpoint_every == 0 or trainer.is_final_epoch(epoch):
-            saved = self.folder / f"epoch_{epoch}.pt"
+            saved = self.paths.epoch_checkpoint(epoch)
             self._save(trainer, saved)
             publish_as(saved, self.last)
             prune_epoch_checkpoints(self.folder, self.cfg.keep_checkpoints)
@@ -68,7 +70,7 @@ class Checkpointing(Callback):
             saved = self.last
             self._save(trainer, saved)
         if trainer.monitor.improved:
-            publish_as(saved, self.folder / "best.pt")  # a copy: pruning epoch_N.pt keeps it
+            publish_as(saved, self.paths.best)  # a copy: pruning epoch_N.pt keeps it
 
     def on_interrupt(self, trainer: Trainer, signum: int) -> None:
         self._save(trainer, self.last)

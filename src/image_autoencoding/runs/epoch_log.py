@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from image_autoencoding.runs.metrics_log import MetricsLog
+from image_autoencoding.runs.run_paths import RunPaths
 from image_autoencoding.runs.tensorboard import TensorBoard
 from image_autoencoding.training.callbacks import Callback
 from image_autoencoding.training.trainer import Trainer
@@ -17,7 +18,7 @@ logger = logging.getLogger("image_autoencoding")
 
 class EpochLog(Callback):
     def __init__(self, run_dir: Path, tensorboard: TensorBoard | None = None):
-        self.metrics = MetricsLog(Path(run_dir) / "metrics.csv")
+        self.metrics = MetricsLog(RunPaths(run_dir).metrics_csv)
         self.tensorboard = tensorboard
 
     def on_fit_start(self, trainer: Trainer) -> None:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from image_autoencoding.config import Config
 from image_autoencoding.data.image_data import ImageData
+from image_autoencoding.runs.run_paths import RunPaths
 from image_autoencoding.runs.tensorboard import TensorBoard
 from image_autoencoding.training.callbacks import Callback
 from image_autoencoding.training.trainer import Trainer
@@ -25,7 +26,7 @@ class EpochPictures(Callback):
     and the same grids in TensorBoard's images tab when given `tensorboard`."""
 
     def __init__(self, run_dir: Path, config: Config, data: ImageData, tensorboard: TensorBoard | None = None):
-        self.folder = Path(run_dir) / "images"
+        self.paths = RunPaths(run_dir)
         self.tensorboard = tensorboard
         cfg = config.train
         self.fixed = {"train": np.array(data.train.images[: cfg.grid_images]),
@@ -51,12 +52,12 @@ class EpochPictures(Callback):
             x = normalize(torch.from_numpy(pixels).to(trainer.device))
             with trainer.autocast():
                 x_hat = model.reconstruct(x)
-            path = self.folder / split / f"reconstruction_epoch_{epoch:03d}.png"
+            path = self.paths.reconstruction_picture(split, epoch)
             save_reconstruction_grid(normalize.to_unit(x), normalize.to_unit(x_hat), path)
             self._to_tensorboard(f"reconstructions/{split}", path, epoch)
         with trainer.autocast():
             samples = model.decoder(self.latents.to(trainer.device))
-        path = self.folder / "samples" / f"samples_epoch_{epoch:03d}.png"
+        path = self.paths.samples_picture(epoch)
         save_sample_grid(normalize.to_unit(samples), path)
         self._to_tensorboard("samples", path, epoch)
 

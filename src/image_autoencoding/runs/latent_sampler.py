@@ -17,6 +17,7 @@ from image_autoencoding.data.batches import Normalizer, evaluation_batches
 from image_autoencoding.errors import UserError
 from image_autoencoding.models.vae import VAE
 from image_autoencoding.runs.loading import TrainedModel
+from image_autoencoding.runs.run_paths import RunPaths
 from image_autoencoding.sampling.latent_mixture import FIT_POINTS, LatentMixture, MixtureFileError, fit_latent_mixture
 
 logger = logging.getLogger("image_autoencoding")
@@ -34,18 +35,6 @@ def weights_digest(model: nn.Module) -> str:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
-
-
-def mixture_path(run_dir: Path, checkpoint: Path) -> Path | None:
-    """Where a run keeps the mixture of one of its own checkpoints; None for a checkpoint from outside
-    run_dir/checkpoints, whose mixture is not saved in the run: named after the checkpoint's file it
-    would take the place of the run's own (RUN/latent_gmm_best.safetensors for OTHER/checkpoints/best.pt),
-    and a name made unique by the digest would fill the run with files for other runs' weights that
-    nothing lists or removes."""
-    run_dir, checkpoint = Path(run_dir), Path(checkpoint)
-    if checkpoint.resolve().parent != (run_dir / "checkpoints").resolve():
-        return None
-    return run_dir / f"latent_gmm_{checkpoint.stem}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -108,7 +97,7 @@ def fit_and_save(run_dir: Path, trained: TrainedModel, images: np.ndarray, devic
     """The mixture of one of the run's own checkpoints, fitted and saved in the run (a full disk is a
     one-line UserError, and the previous file is left whole)."""
     mixture = fit_run_mixture(trained, images, device, batch_size, seed)
-    path = mixture_path(run_dir, trained.source)
+    path = RunPaths(run_dir).mixture(trained.source)
     if path is None:
         raise ValueError(f"{trained.source} is not one of {run_dir}'s checkpoints")
     try:
@@ -138,4 +127,4 @@ def load_run_mixture(run_dir: Path, trained: TrainedModel) -> LatentMixture | No
     """The run's mixture for exactly this checkpoint's weights, or None (none fitted, fitted to
     other weights, e.g. a best.pt that has changed since, a checkpoint from outside the run, or a
     damaged file: see optional_mixture)."""
-    return optional_mixture(MixtureFile.of(mixture_path(run_dir, trained.source), trained))
+    return optional_mixture(MixtureFile.of(RunPaths(run_dir).mixture(trained.source), trained))

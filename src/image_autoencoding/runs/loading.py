@@ -10,20 +10,24 @@ from image_autoencoding.models.factory import build_model
 from image_autoencoding.models.pretrained import TrainedModel
 from image_autoencoding.models.shapes import expected_shapes, shape_mismatch, tensor_shapes
 from image_autoencoding.runs.checkpoint import CheckpointError, load_checkpoint
-from image_autoencoding.runs.resume import checkpoint_path
 from image_autoencoding.runs.run_dir import checkpoint_config, load_run_config
+from image_autoencoding.runs.run_paths import CHECKPOINT_CHOICES, RunPaths
 from image_autoencoding.training.state import TrainingState
 
 DEFAULT_CHECKPOINT = "best"  # every command that reads a run; `best` is `last` for a run without validation
 
 
 def resolve_checkpoint(run_dir: Path, name: str = DEFAULT_CHECKPOINT) -> Path:
-    """best | last | epoch_N | a path. `best` falls back to `last` for runs without validation metrics."""
-    if name == "best" and not (run_dir / "checkpoints" / "best.pt").is_file():
+    """The checkpoint file a command that reads a run uses (evaluate, sample, reconstruct, encode,
+    export, the Python API): RunPaths.checkpoint's, except that `best` falls back to `last` for runs
+    without validation metrics (a resume takes `best` to mean best.pt: it continues from it). A file
+    that is not there is a CheckpointError."""
+    paths = RunPaths(run_dir)
+    if name == "best" and not paths.best.is_file():
         name = "last"
-    path = checkpoint_path(run_dir, name)
+    path = paths.checkpoint(name)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' not found (expected best, last, epoch_N or a .pt path)")
+        raise CheckpointError(f"checkpoint '{path}' not found (expected {CHECKPOINT_CHOICES})")
     return path
 
 
@@ -36,7 +40,7 @@ def load_from_run(run_dir: str | Path, checkpoint: str = DEFAULT_CHECKPOINT) -> 
         raise ConfigError(f"run folder '{run_dir}' not found")
     config = load_run_config(run_dir)
     path = resolve_checkpoint(run_dir, checkpoint)
-    return _with_weights(config, path, load_checkpoint(path), f"the model in {run_dir / 'config.yaml'}")
+    return _with_weights(config, path, load_checkpoint(path), f"the model in {RunPaths(run_dir).config}")
 
 
 def load_from_checkpoint(path: str | Path) -> TrainedModel:

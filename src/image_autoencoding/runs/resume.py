@@ -15,14 +15,16 @@ from image_autoencoding.models.shapes import (
     shape_mismatch,
     tensor_shapes,
 )
-from image_autoencoding.runs.checkpoint import (
-    CheckpointError,
+from image_autoencoding.runs.checkpoint import CheckpointError, kept_checkpoints, load_checkpoint
+from image_autoencoding.runs.run_dir import checkpoint_config, create_stamped_dir, load_run_config
+from image_autoencoding.runs.run_paths import (
+    ABANDONED_PREFIX,
+    BEST_CHECKPOINT,
+    LAST_CHECKPOINT,
+    RunPaths,
     epoch_checkpoints,
     epoch_of,
-    kept_checkpoints,
-    load_checkpoint,
 )
-from image_autoencoding.runs.run_dir import checkpoint_config, create_stamped_dir, load_run_config
 from image_autoencoding.training.state import TrainingState
 
 # Values that change what the weights mean; a resumed run must keep them.
@@ -67,37 +69,22 @@ def _check_checkpoint_fits_run(run_dir: Path, path: Path, saved: Config) -> None
     """A checkpoint named with --checkpoint may come from another run: continuing this run from it
     would switch the run's dataset or model under its earlier epochs. A folder without config.yaml
     has no earlier epochs to protect."""
-    if not (run_dir / "config.yaml").is_file():
+    config_file = RunPaths(run_dir).config
+    if not config_file.is_file():
         return
     run, checkpoint = _flatten(load_run_config(run_dir).to_dict()), _flatten(saved.to_dict())
     differ = sorted(key for key in checkpoint if _frozen(key) and run.get(key) != checkpoint[key])
     if differ:
         raise ConfigError(
             f"cannot resume '{run_dir}' from '{path}': it was trained with another model or dataset than "
-            f"{run_dir / 'config.yaml'}: "
+            f"{config_file}: "
             + ", ".join(f"{key} {run.get(key)!r} there, {checkpoint[key]!r} in the checkpoint" for key in differ)
         )
 
 
-def names_a_file(checkpoint: str) -> bool:
-    """Whether --checkpoint gives a file path (an existing file, or a path with folders) rather
-    than a name in the run's checkpoints/ (best, last, epoch_N)."""
-    candidate = Path(checkpoint)
-    return candidate.is_file() or candidate.is_absolute() or len(candidate.parts) > 1
-
-
-def checkpoint_path(run_dir: Path, checkpoint: str | None) -> Path:
-    if checkpoint is None:
-        return run_dir / "checkpoints" / "last.pt"
-    if names_a_file(checkpoint):
-        return Path(checkpoint)
-    name = checkpoint if checkpoint.endswith(".pt") else f"{checkpoint}.pt"
-    return run_dir / "checkpoints" / name
-
-
 def load_newest_good(run_dir: Path) -> tuple[Path, TrainingState, list[str]]:
     """last.pt, or when it cannot be read the newest epoch_N.pt that can (with why the others not)."""
-    folder = run_dir / "checkpoints"
+    folder = RunPaths(run_dir).checkpoints
     candidates = kept_checkpoints(folder)
     if not candidates:
         raise CheckpointError(f"nothing to resume from in '{folder}': no last.pt or epoch_N.pt; {_holds(folder)}")
@@ -118,7 +105,7 @@ def _holds(folder: Path) -> str:
     if not names:
         return "the folder is empty (the run stopped before its first epoch ended)"
     held = f"it holds {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
-    return held + ("; continue from best.pt with --checkpoint best" if "best.pt" in names else "")
+    return held + (f"; continue from {BEST_CHECKPOINT} with --checkpoint best" if BEST_CHECKPOINT in names else "")
 
 
 def prepare_resume(
@@ -133,7 +120,7 @@ def prepare_resume(
         path, state, fallbacks = load_newest_good(run_dir)
     else:
         # A checkpoint the user named is the one they want: no silent substitute.
-        path, fallbacks = checkpoint_path(run_dir, checkpoint), []
+        path, fallbacks = RunPaths(run_dir).checkpoint(checkpoint), []
         state = load_checkpoint(path)
     saved = checkpoint_config(state, path)
     problem = shape_mismatch(expected_shapes(saved.model, saved.data.image_size), tensor_shapes(state.model))
@@ -172,10 +159,10 @@ def set_aside_later_checkpoints(folder: Path, epoch: int, step: int) -> Path | N
     epoch_N.pt are again this run's own. Returns the folder they went to, None when none was later.
     Call on the writing rank only, after the resume was accepted."""
     later = [path for path in epoch_checkpoints(folder) if epoch_of(path) > epoch]
-    later += [path for path in (folder / "best.pt", folder / "last.pt") if _saved_after(path, epoch, step)]
+    later += [path for path in (folder / BEST_CHECKPOINT, folder / LAST_CHECKPOINT) if _saved_after(path, epoch, step)]
     if not later:
         return None
-    aside = create_stamped_dir(folder, "abandoned")
+    aside = create_stamped_dir(folder, ABANDONED_PREFIX)
     for path in later:
         os.replace(path, aside / path.name)
     return aside

@@ -14,6 +14,7 @@ import yaml
 from image_autoencoding.atomic_files import atomic_write
 from image_autoencoding.config import Config, ConfigError, build_config, read_yaml
 from image_autoencoding.errors import UserError, quoted
+from image_autoencoding.runs.run_paths import RunPaths
 from image_autoencoding.training.state import TrainingState
 
 
@@ -93,7 +94,7 @@ def saved_config(raw: Any, source: str) -> Config:
 
 def load_run_config(run_dir: Path) -> Config:
     """The run's config.yaml."""
-    path = run_dir / "config.yaml"
+    path = RunPaths(run_dir).config
     if not path.is_file():
         raise ConfigError(f"'{run_dir}' is not a run folder: {path.name} not found")
     return saved_config(read_yaml(path), str(path))

@@ -18,8 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from image_autoencoding.errors import UserError
-
-LOCK_FILE = ".lock"
+from image_autoencoding.runs.run_paths import RunPaths
 
 
 class RunFolderInUse(UserError):
@@ -28,7 +27,7 @@ class RunFolderInUse(UserError):
 
 @contextmanager
 def run_folder_lock(run_dir: Path) -> Iterator[None]:
-    path = Path(run_dir) / LOCK_FILE
+    path = RunPaths(run_dir).lock
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from image_autoencoding.runs.run_paths import RunPaths
+
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
@@ -23,7 +25,7 @@ def run_logging(run_dir: Path, log_dir: str | None = None, console: bool = True)
     logger = logging.getLogger("image_autoencoding")
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    handlers: list[logging.Handler] = [logging.FileHandler(run_dir / "train.log", encoding="utf-8")]
+    handlers: list[logging.Handler] = [logging.FileHandler(RunPaths(run_dir).log, encoding="utf-8")]
     if log_dir is not None:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(Path(log_dir) / f"{run_dir.name}.log", encoding="utf-8"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from image_autoencoding.runs.run_paths import RunPaths
 from image_autoencoding.training.callbacks import Callback
 from image_autoencoding.training.trainer import Trainer
 
@@ -13,7 +14,7 @@ class TensorBoard(Callback):
     `fit` after the callbacks that write to it, so its teardown closes the file last."""
 
     def __init__(self, run_dir: Path):
-        self.folder = Path(run_dir) / "tensorboard"
+        self.folder = RunPaths(run_dir).tensorboard
         self._writer = None
 
     @property
