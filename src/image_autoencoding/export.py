@@ -26,6 +26,7 @@ from image_autoencoding.models.shapes import expected_shapes, shape_mismatch
 from image_autoencoding.runs.latent_sampler import load_run_mixture
 from image_autoencoding.runs.loading import DEFAULT_CHECKPOINT, TrainedModel, load_from_checkpoint, load_from_run
 from image_autoencoding.runs.resume import names_a_file
+from image_autoencoding.runs.run_dir import without_other_archs_keys
 
 FORMAT = "image-autoencoding-vae"
 FORMAT_VERSION = 2
@@ -141,7 +142,8 @@ def load_export(folder: str | Path) -> TrainedModel:
         raise UserError(f"'{path}' is export format version {description.get('format_version')}, this version "
                         f"reads {FORMAT_VERSION}: export the run again with this version (vae export RUN_DIR)")
     try:
-        config = build_config({"model": description["model"], "data": description["data"]}, str(path))
+        config = build_config(without_other_archs_keys({"model": description["model"], "data": description["data"]}),
+                              str(path))
     except KeyError as exc:
         raise ConfigError(f"'{path}': the {exc.args[0]} section is missing") from None
     provenance = {key: description.get(key, 0) for key in ("epoch", "step")}

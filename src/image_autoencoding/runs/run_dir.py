@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from image_autoencoding.atomic_files import atomic_write
-from image_autoencoding.config import Config, ConfigError, build_config, read_yaml
+from image_autoencoding.config import MODEL_CONFIGS, Config, ConfigError, build_config, read_yaml
 from image_autoencoding.errors import UserError, quoted
 
 
@@ -79,12 +79,27 @@ def with_keys_added_since(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def without_other_archs_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """The saved model section without the keys of architectures other than its own. Configs saved
+    before each architecture had its own keys hold every architecture's keys, whatever model.arch;
+    the other architectures' keys never shaped the model, so dropping them changes nothing. A key
+    no architecture has stays, and is refused as unknown."""
+    model = raw.get("model")
+    arch = model.get("arch", "seed") if isinstance(model, dict) else None
+    own = MODEL_CONFIGS.get(arch) if isinstance(arch, str) else None
+    if own is None:
+        return raw
+    others = {key for section in MODEL_CONFIGS.values() for key in section.model_fields} - set(own.model_fields)
+    return {**raw, "model": {key: value for key, value in model.items() if key not in others}}
+
+
 def saved_config(raw: Any, source: str) -> Config:
     """A config a run saved (its config.yaml, or the copy in each checkpoint), read as strictly as a
     config file: a key this version does not know, or a value it does not accept, is an error that
     names it, never silently dropped (it may change what the weights mean)."""
     try:
-        return build_config(with_keys_added_since(raw if isinstance(raw, dict) else {}), source)
+        return build_config(without_other_archs_keys(with_keys_added_since(raw if isinstance(raw, dict) else {})),
+                            source)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (saved by another version of image-autoencoding, or edited since; this "
                           "version cannot read it)") from None
