@@ -8,6 +8,7 @@ status 2.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, get_args
 
@@ -148,21 +149,21 @@ class _ModelSection(_Section):
         return self
 
     @property
+    @abstractmethod
     def downsampling(self) -> int:
         """How many times smaller the encoder's last feature map is than the image, per side."""
-        raise NotImplementedError
 
+    @abstractmethod
     def image_size_rule(self) -> str:
         """Why data.image_size must be a multiple of `downsampling`, in this architecture's words."""
-        raise NotImplementedError
 
     def feature_side(self, image_size: int) -> int:
         """The side of the encoder's last feature map (and of a spatial latent)."""
         return image_size // self.downsampling
 
+    @abstractmethod
     def latent_size(self, image_size: int) -> int:
         """Floats in one image's latent: the length of the vectors the encoder gives and the decoder takes."""
-        raise NotImplementedError
 
 
 def _positive_channels(value: list[int]) -> list[int]:
