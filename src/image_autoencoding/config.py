@@ -558,6 +558,8 @@ def _format_error(error: ValidationError, source: str, arch_source: str = "") ->
     if first["type"] in ("union_tag_invalid", "union_tag_not_found") and isinstance(got, dict):
         message = "Input should be " + " or ".join(repr(arch) for arch in MODEL_CONFIGS)
         got = got.get("arch")
+    elif first["type"] == "union_tag_not_found":
+        message = f"expected a section of {key}.* keys"
     if key and not isinstance(got, dict):
         return f"{where}config key '{key}': {message} (got {got!r})"
     return f"{where}config{(' ' + repr(key)) if key else ''}: {message}"
