@@ -160,7 +160,7 @@ def test_an_unknown_architecture_is_blamed_on_model_arch(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match=re.escape("override 'model.arch=unet': config key 'model.arch'")):
         load_config(None, ["model.arch=unet"])
-    with pytest.raises(ConfigError, match=re.escape("x.pt: config key 'model': expected a section of model.* keys "
+    with pytest.raises(ConfigError, match=re.escape("'x.pt': config key 'model': expected a section of model.* keys "
                                                     "(got 5)")):
         checkpoint_config({"config": {"model": 5}}, "x.pt")
 
