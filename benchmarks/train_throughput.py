@@ -126,7 +126,7 @@ class OriginalRecipe:
         x = x.to(self.device)
         posterior = model.encoder(x)
         x_hat = model.decoder(posterior.sample())
-        x_p = model.decoder(torch.randn(len(x), self.cfg.latent_dim, device=self.device))  # the samples pass
+        x_p = model.decoder(torch.randn(len(x), model.latent_size, device=self.device))  # the samples pass
         recon, kl = loss_terms(x, x_hat, posterior)
         loss_encoder = recon.sum() + kl.sum()
         loss_decoder = recon.sum()

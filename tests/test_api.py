@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import image_autoencoding as ia
@@ -110,7 +111,7 @@ def test_pil_images_and_uint8_arrays_are_inputs_like_files(run, tmp_path):
     assert torch.equal(vae.encode(pixels).mean, from_file)
     assert torch.equal(vae.encode(pixels[None]).mean, from_file)  # a 4-D array is a batch
     grey = np.asarray(Image.open(png).convert("L"))
-    assert vae.encode([grey, pixels, Image.open(png)]).mean.shape == (3, vae.latent_dim)
+    assert vae.encode([grey, pixels, Image.open(png)]).mean.shape == (3, vae.latent_size)
     with pytest.raises(ValueError, match="uint8"):
         vae.encode(pixels.astype(np.float32))
     with pytest.raises(TypeError, match="image path, a PIL image or a uint8 array"):
@@ -122,7 +123,7 @@ def test_many_inputs_go_through_the_network_in_batches_with_the_results_of_one_a
     images = [np.asarray(photo(i, 20, 20)) for i in range(70)]  # more than one batch of 64
     together = vae.encode(images)
     alone = torch.cat([vae.encode(image).mean for image in images[62:66]])
-    assert together.mean.shape == (70, vae.latent_dim)
+    assert together.mean.shape == (70, vae.latent_size)
     torch.testing.assert_close(together.mean[62:66], alone, rtol=1e-5, atol=1e-5)
     decoded = vae.decode(together.mean)
     assert len(decoded) == 70 and decoded[0].size == (16, 16) and decoded[0].mode == "RGB"
@@ -210,7 +211,7 @@ def test_onnx_export_matches_torch_in_onnxruntime(onnx_exported):
     generator = torch.Generator().manual_seed(0)
     for batch in (1, 7):  # a dynamic batch axis
         x = torch.randn(batch, 3, 16, 16, generator=generator)
-        z = torch.randn(batch, vae.latent_dim, generator=generator)
+        z = torch.randn(batch, vae.latent_size, generator=generator)
         encoder = onnxruntime.InferenceSession(str(out / "encoder.onnx"), providers=["CPUExecutionProvider"])
         decoder = onnxruntime.InferenceSession(str(out / "decoder.onnx"), providers=["CPUExecutionProvider"])
         mean, logvar = encoder.run(["mean", "logvar"], {"image": x.numpy()})
@@ -366,6 +367,35 @@ def test_an_export_never_replaces_a_folder_that_is_not_an_export(run, tmp_path, 
     (error,) = capsys.readouterr().err.strip().splitlines()
     assert str(out) in error and "not an export" in error
     assert _files(out) == {"notes.txt": b"keep me"} and list(tmp_path.iterdir()) == [out]
+
+
+# Every architecture's keys as the versions before each had its own wrote them in config.yaml, in
+# checkpoints and in exports (Config().to_dict()), whatever model.arch was.
+EVERY_ARCHS_MODEL_KEYS = {
+    "resnet_channels": [32, 64, 128], "resnet_blocks": 1, "latent_channels": None, "kernel_size": 5, "stride": 2,
+    "padding": 2, "encoder_channels": [64, 128, 256], "decoder_channels": [256, 128, 32, 3], "fc_dim": 1024,
+}
+
+
+def test_a_run_and_an_export_saved_with_every_architectures_keys_load_and_resume(run, exported, photos, tmp_path):
+    """The other architecture's keys never shaped the model: they are dropped, the model is the same."""
+    old_run, old_export = tmp_path / "run", tmp_path / "export"
+    shutil.copytree(run, old_run)
+    shutil.copytree(exported, old_export)
+    config = yaml.safe_load((old_run / "config.yaml").read_text())
+    (old_run / "config.yaml").write_text(yaml.safe_dump({**config, "model": {**EVERY_ARCHS_MODEL_KEYS,
+                                                                             **config["model"]}}))
+    for path in (old_run / "checkpoints").glob("*.pt"):
+        state = torch.load(path, weights_only=True)
+        state["config"]["model"] = {**EVERY_ARCHS_MODEL_KEYS, **state["config"]["model"]}
+        torch.save(state, path)
+    _edit_description(old_export, lambda description: description.update(
+        model={**EVERY_ARCHS_MODEL_KEYS, **description["model"]}))
+    expected = ia.load(run, device="cpu").reconstruct(photos, as_tensor=True)
+    for path in (old_run, old_run / "checkpoints" / "best.pt", old_export):
+        assert torch.equal(ia.load(path, device="cpu").reconstruct(photos, as_tensor=True), expected), path
+    assert main(["train", "--quiet", "--resume", str(old_run), "train.epochs=3"]) == 0
+    assert load_checkpoint(old_run / "checkpoints" / "last.pt").epoch == 3
 
 
 def _edit_description(out: Path, edit) -> Path:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import TINY
+from conftest import TINY, any_arch
 from helpers.faults import ENV as SIGNAL_AT_STEP
 from helpers.faults import SCRIPT as VAE_WITH_FAULTS
 from image_autoencoding.cli import main
@@ -183,7 +183,8 @@ def vae_gan_first_step(rank: int, root: Path, world: int, model: tuple[str, ...]
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world)
     try:
-        config = load_config(None, [*COMMON, "model.mode=vae-gan", "model.discriminator_channels=[8,16,16,16,32]",
+        tiny = any_arch(COMMON) if model else COMMON  # `model` names its own architecture's keys
+        config = load_config(None, [*tiny, "model.mode=vae-gan", "model.discriminator_channels=[8,16,16,16,32]",
                                     "train.gan_prior_samples=true", "train.free_bits=0.05", "train.sync_batchnorm=true",
                                     f"train.batch_size={32 // world}", f"train.output_dir={root}", *model])
         trainer = Trainer(config, load_image_data(config.data, progress=False),

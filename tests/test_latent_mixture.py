@@ -52,7 +52,7 @@ def test_a_mixture_is_saved_as_plain_arrays_and_samples_the_same_after_loading(t
     mixture.save(tmp_path / "gmm.safetensors")
     monkeypatch.setattr(pickle, "loads", lambda *a: pytest.fail("unpickled"))
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load"))
-    loaded = LatentMixture.load(tmp_path / "gmm.safetensors", latent_dim=4)
+    loaded = LatentMixture.load(tmp_path / "gmm.safetensors", latent_size=4)
     assert loaded.info == mixture.info
     a = mixture.sample(50, torch.Generator().manual_seed(1), temperature=0.5)
     b = loaded.sample(50, torch.Generator().manual_seed(1), temperature=0.5)
@@ -69,7 +69,7 @@ def run(tmp_path_factory) -> Path:
 
 def test_training_ends_with_a_mixture_for_best_and_the_report_shows_both_samplers(run):
     assert (run / "latent_gmm_best.safetensors").is_file()
-    mixture = LatentMixture.load(run / "latent_gmm_best.safetensors", latent_dim=8)
+    mixture = LatentMixture.load(run / "latent_gmm_best.safetensors", latent_size=8)
     assert mixture.info["points"] == 1438 and mixture.means.shape[1] == 8  # every training latent, latent_dim 8
     report = (run / "report.md").read_text()
     assert "images/samples/samples_prior.png" in report and "images/samples/samples_gmm.png" in report
@@ -172,7 +172,7 @@ def test_a_mixture_is_never_used_or_overwritten_for_other_weights_of_the_same_ep
 def test_a_mixture_written_before_mixtures_recorded_their_weights_is_not_used(run, tmp_path):
     copy = _copy(run, tmp_path / "run")
     path = copy / "latent_gmm_best.safetensors"
-    old = LatentMixture.load(path, latent_dim=8)
+    old = LatentMixture.load(path, latent_size=8)
     old.info["checkpoint"] = {key: old.info["checkpoint"][key] for key in ("epoch", "step")}
     old.save(path)
     vae = ia.load(copy, device="cpu")
@@ -214,13 +214,13 @@ def _damaged(path: Path, how: str) -> Path:
 def test_a_damaged_mixture_file_is_refused_in_one_line_naming_it(tmp_path, how):
     path = _damaged(tmp_path / "latent_gmm_best.safetensors", how)
     with pytest.raises(UserError, match=f"^latent mixture '{path}' (cannot be read|is not valid): [^\n]+$"):
-        LatentMixture.load(path, latent_dim=8)
+        LatentMixture.load(path, latent_size=8)
 
 
 def test_a_damaged_mixture_stops_only_sampling_from_it(run, tmp_path, capsys, caplog):
     copy = _copy(run, tmp_path / "run")
     path = copy / "latent_gmm_best.safetensors"
-    mixture = LatentMixture.load(path, latent_dim=8)
+    mixture = LatentMixture.load(path, latent_size=8)
     path.write_bytes(mixture.to_bytes()[:200])
     image = tmp_path / "x.png"
     Image.new("RGB", (20, 20), "red").save(image)
@@ -249,7 +249,7 @@ def test_the_mixture_is_written_whole_with_the_usual_file_mode(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "latent_gmm_best.safetensors").stat().st_mode & 0o777 == 0o644  # as the run's other files
-    assert LatentMixture.load(tmp_path / "latent_gmm_best.safetensors", latent_dim=8).components == 2
+    assert LatentMixture.load(tmp_path / "latent_gmm_best.safetensors", latent_size=8).components == 2
 
 
 class _DiskFullAfter:

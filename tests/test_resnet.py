@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import image_autoencoding as ia
-from conftest import TINY
+from conftest import TINY, any_arch
 from helpers.faults import SignalAtStep
 from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
@@ -38,7 +38,7 @@ def test_global_and_spatial_latents_are_flat_vectors_of_their_size():
                               "model.latent_channels=16"], 16 * 4 * 4)):  # 1/8 of the side
         model = _model(overrides, 32)
         x_hat, posterior = model(x)
-        assert model.latent_dim == size and posterior.mean.shape == (3, size)
+        assert model.latent_size == size and posterior.mean.shape == (3, size)
         assert x_hat.shape == x.shape and x_hat.abs().max() <= 1
         assert model.prior_latents(5).shape == (5, size)
         assert model.decoder(posterior.mean).shape == x.shape
@@ -51,7 +51,6 @@ def test_each_architecture_trains_with_the_optimizer_measured_for_it_unless_one_
     for path in (None, configs / "coco.yaml", configs / "food101.yaml", configs / "fashion_mnist.yaml"):
         assert load_config(path, ["model.arch=resnet"]).train.optimizer == "adam"
         assert load_config(path, []).train.optimizer == "rmsprop"
-    assert load_config(configs / "seed.yaml", ["model.arch=resnet"]).train.optimizer == "rmsprop"  # the original's
     assert load_config(None, [*RESNET, "train.optimizer=rmsprop"]).train.optimizer == "rmsprop"
     cfg = load_config(None, ["data.image_size=16", *RESNET])
     model = build_model(cfg.model, 16)
@@ -78,9 +77,11 @@ def test_the_resnet_has_no_transposed_convolution_and_no_batch_statistics():
 def test_a_spatial_latent_needs_the_resnet_and_an_image_side_its_levels_divide(tiny, capsys):
     assert main(["train", *tiny, "model.latent_channels=4"]) == 2
     error = capsys.readouterr().err.strip()
-    assert "model" in error and "arch: resnet" in error and "Traceback" not in error and "\n" not in error
+    assert "'model.latent_channels' belongs to model.arch resnet, not to model.arch seed" in error
+    assert "Traceback" not in error and "\n" not in error
     # Three levels halve the side twice: 18 px is not a multiple of 4.
-    assert main(["train", *tiny, "model.arch=resnet", "model.resnet_channels=[8,8,8]", "data.image_size=18"]) == 2
+    assert main(["train", *any_arch(tiny), "model.arch=resnet", "model.resnet_channels=[8,8,8]",
+                 "data.image_size=18"]) == 2
     assert "data.image_size" in capsys.readouterr().err
 
 
@@ -89,8 +90,8 @@ def resnet_run(tmp_path_factory):
     """A resnet run with a spatial latent, stopped by SIGTERM after step 4 (inside epoch 2) and
     resumed, and the same run uninterrupted."""
     root = tmp_path_factory.mktemp("resnet")
-    common = ["train", "--quiet", "data.dataset=digits", *TINY, *SPATIAL, "train.epochs=2", "train.device=cpu",
-              "train.precision=fp32", "train.eval_images=50",
+    common = ["train", "--quiet", "data.dataset=digits", *any_arch(TINY), *SPATIAL, "train.epochs=2",
+              "train.device=cpu", "train.precision=fp32", "train.eval_images=50",
               "train.checkpoint_every=1", "train.lr_schedule=cosine", "train.warmup_steps=2"]
     assert main([*common, f"train.output_dir={root / 'whole'}"]) == 0
     assert main([*common, f"train.output_dir={root / 'stopped'}"], callbacks=[SignalAtStep("SIGTERM@4")]) != 0
@@ -114,7 +115,10 @@ def test_a_resnet_run_exports_and_loads_through_the_api(resnet_run, tmp_path):
     assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
     pixels = np.random.default_rng(0).integers(0, 256, (2, 20, 20, 3), dtype=np.uint8)
     from_run, from_export = ia.load(run, device="cpu"), ia.load(tmp_path / "export", device="cpu")
-    assert from_run.latent_dim == 64
+    # 64 floats per image (1 x 8 x 8) where model.latent_dim is 8: the spatial latent's size, under its own name
+    assert from_run.latent_size == 64 and from_run.config.model.latent_dim == 8
+    with pytest.warns(DeprecationWarning, match="latent_size"):
+        assert from_run.latent_dim == 64  # the old name still answers, and says which to use
     assert torch.equal(from_run.reconstruct(list(pixels), as_tensor=True),
                        from_export.reconstruct(list(pixels), as_tensor=True))
     z = from_run.encode(list(pixels)).mean
@@ -130,7 +134,7 @@ def test_a_resnet_exports_to_onnx_matching_torch(resnet_run, tmp_path):
     out = tmp_path / "export"
     assert main(["export", str(resnet_run["whole"]), "--out", str(out), "--onnx"]) == 0
     vae = ia.load(out, device="cpu")
-    z = torch.randn(3, vae.latent_dim, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(3, vae.latent_size, generator=torch.Generator().manual_seed(0))
     decoder = onnxruntime.InferenceSession(str(out / "decoder.onnx"), providers=["CPUExecutionProvider"])
     (image,) = decoder.run(["image"], {"z": z.numpy()})
     with torch.no_grad():

@@ -16,6 +16,7 @@ same way (runs/loading.py).
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Union
@@ -114,8 +115,17 @@ class TrainedVAE:
         return self.config.data.image_size
 
     @property
-    def latent_dim(self) -> int:
+    def latent_size(self) -> int:
+        """Floats in one image's latent: model.latent_dim for a latent vector, channels x side x side
+        for a resnet's spatial latent (model.latent_channels)."""
         return self.config.model.latent_size(self.config.data.image_size)
+
+    @property
+    def latent_dim(self) -> int:
+        """The old name of `latent_size` (deprecated): it read as the config's model.latent_dim, which
+        differs from it for a spatial latent."""
+        warnings.warn("TrainedVAE.latent_dim is deprecated: use latent_size", DeprecationWarning, stacklevel=2)
+        return self.latent_size
 
     # -- images in ------------------------------------------------------------------------------------
 
@@ -153,7 +163,7 @@ class TrainedVAE:
 
     @torch.no_grad()
     def encode(self, images: ImageInput | Sequence[ImageInput]) -> DiagonalGaussian:
-        """The posterior q(z|x) of each image: `.mean`, `.logvar`, `.std` (N, latent_dim), in
+        """The posterior q(z|x) of each image: `.mean`, `.logvar`, `.std` (N, latent_size), in
         float32 on the model's device, and `.sample(generator)`."""
         items = _as_list(images)
         if not items:
@@ -185,13 +195,13 @@ class TrainedVAE:
 
     @torch.no_grad()
     def decode(self, z: Tensor | np.ndarray, as_tensor: bool = False) -> list[Image.Image] | Tensor:
-        """Latent vectors (N, latent_dim) -> images: RGB Pillow images, or with `as_tensor` a float32
+        """Latent vectors (N, latent_size) -> images: RGB Pillow images, or with `as_tensor` a float32
         tensor (N, 3, image_size, image_size) in [0, 1] on the CPU."""
         z = torch.as_tensor(z)
         if z.ndim == 1:
             z = z.unsqueeze(0)
-        if z.ndim != 2 or z.shape[1] != self.latent_dim:
-            raise ValueError(f"expected latent vectors of shape (N, {self.latent_dim}), got {tuple(z.shape)}")
+        if z.ndim != 2 or z.shape[1] != self.latent_size:
+            raise ValueError(f"expected latent vectors of shape (N, {self.latent_size}), got {tuple(z.shape)}")
         parts = [self.normalize.to_unit(self.model.decoder(chunk.to(self.device, self.dtype))).cpu()
                  for chunk in z.split(BATCH_SIZE)]
         images = torch.cat(parts)
@@ -223,7 +233,7 @@ class TrainedVAE:
         generator = torch.Generator()
         generator.manual_seed(seed) if seed is not None else generator.seed()
         if sampler == "prior":
-            return torch.randn(n, self.latent_dim, generator=generator) * temperature
+            return torch.randn(n, self.latent_size, generator=generator) * temperature
         if self.mixture is None:
             raise ValueError(f"sampler 'gmm': no latent mixture fitted to these weights ({self.source}); "
                              "`vae sample RUN_DIR --sampler gmm` fits and saves one")

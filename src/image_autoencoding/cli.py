@@ -326,7 +326,7 @@ def _sample(args: argparse.Namespace) -> int:
     if fit:
         vae.mixture = _fit_mixture(run_dir, vae)
     # Every latent is drawn first, in one call: the same seed gives the same images whatever the
-    # batch size. n x latent_dim floats are small; the decoded images are what must not all be in
+    # batch size. n x latent_size floats are small; the decoded images are what must not all be in
     # memory at once.
     z = vae.sample_latents(args.n, args.temperature, args.seed, args.sampler)
     batch_size = vae.config.train.batch_size
@@ -527,7 +527,7 @@ def _add_encode(subparsers) -> None:
         subparsers, "encode", _encode,
         help="latent vectors of a split or of image files, into an .npz file",
         description="Encode images with a run's encoder and save the posterior of each: an .npz with "
-        "`mean` and `logvar` (N x latent_dim, float32), and `labels` and `class_names` for a split, `files` "
+        "`mean` and `logvar` (N x latent_size, float32), and `labels` and `class_names` for a split, `files` "
         "for image files. Files go through the run's preprocessing (crop, resize), as in training.",
     )
     parser.add_argument("images", nargs="*", metavar="IMAGE", help="image files (or --split)")

@@ -8,11 +8,21 @@ status 2.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Self, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from image_autoencoding.errors import UserError
 
@@ -98,27 +108,75 @@ class DataConfig(_Section):
         return value
 
 
-class ModelConfig(_Section):
+class _ModelSection(_Section):
+    """The keys every architecture has. Each architecture's own keys live in its own class below, so a
+    key of one given to another is an error that names both (`_format_error`), and each class
+    states its own image-size rule. Another architecture is one more class here, one more entry in
+    ModelConfig and MODEL_CONFIGS, and its networks in models/factory.ARCHITECTURES."""
+
     # vae-gan: Larsen et al. 2016, the same VAE plus a discriminator whose hidden layer measures the
     # reconstruction error (training/vae_gan.py).
     mode: Literal["vae", "vae-gan"] = Field(
         "vae", description="vae (the original's), or vae-gan: the same VAE plus a discriminator (Larsen et al. 2016)"
     )
-    # resnet: residual blocks with GroupNorm and resize + conv upsampling (Esser et al. 2021, Rombach et
-    # al. 2022; models/resnet.py). The keys from kernel_size to fc_dim shape the seed architecture only.
-    arch: Literal["seed", "resnet"] = Field(
-        "seed", description="seed (the original's DCGAN-style encoder and decoder), or resnet: residual blocks with "
-        "GroupNorm, upsampling by resize + conv (as Stable Diffusion's autoencoder)",
+    arch: str = Field(description="the architecture: the key of MODEL_CONFIGS that picks the class")
+    # The original passed 0.9, TensorFlow's convention for the same setting, so its running statistics
+    # followed the last batch; 0.1 is what it meant. Shared: the discriminator (model.mode=vae-gan)
+    # of every architecture has BatchNorm too.
+    bn_momentum: float = Field(
+        0.1, gt=0.0, le=1.0,
+        description="BatchNorm momentum, PyTorch's convention: the weight of the new batch (the seed encoder and "
+        "decoder, the discriminator)",
     )
-    resnet_channels: list[int] = Field(
-        default_factory=lambda: [32, 64, 128], min_length=1,
-        description="model.arch=resnet: width of each level; every level after the first halves the image side",
+    # exp(logvar) overflows or underflows in fp32 / bf16 outside this range (diffusers clamps the same).
+    logvar_min: float = Field(-30.0, description="the encoder's log-variance is clamped to at least this before exp")
+    logvar_max: float = Field(20.0, description="the encoder's log-variance is clamped to at most this (> logvar_min)")
+    # As the original's models config. Strides adapt to the image size (models/discriminator.py).
+    discriminator_channels: list[int] = Field(
+        default_factory=lambda: [32, 128, 256, 256, 512], min_length=3,
+        description="model.mode=vae-gan: the discriminator's conv widths, then its fully connected width",
     )
-    resnet_blocks: int = Field(1, ge=1, description="model.arch=resnet: residual blocks per level")
-    latent_channels: int | None = Field(
-        None, ge=1, description="model.arch=resnet: a spatial latent of this many channels at the last level's side "
-        "(image_size / 2^(levels - 1)) instead of a vector of latent_dim; null: the vector",
-    )
+
+    @field_validator("discriminator_channels")
+    @classmethod
+    def _discriminator_channels_positive(cls, value: list[int]) -> list[int]:
+        return _positive_channels(value)
+
+    @model_validator(mode="after")
+    def _logvar_range(self) -> Self:
+        if self.logvar_min >= self.logvar_max:
+            raise ValueError("logvar_min must be < logvar_max")
+        return self
+
+    @property
+    @abstractmethod
+    def downsampling(self) -> int:
+        """How many times smaller the encoder's last feature map is than the image, per side."""
+
+    @abstractmethod
+    def image_size_rule(self) -> str:
+        """Why data.image_size must be a multiple of `downsampling`, in this architecture's words."""
+
+    def feature_side(self, image_size: int) -> int:
+        """The side of the encoder's last feature map (and of a spatial latent)."""
+        return image_size // self.downsampling
+
+    @abstractmethod
+    def latent_size(self, image_size: int) -> int:
+        """Floats in one image's latent: the length of the vectors the encoder gives and the decoder takes."""
+
+
+def _positive_channels(value: list[int]) -> list[int]:
+    if min(value) < 1:
+        raise ValueError("every channel count must be >= 1")
+    return value
+
+
+class SeedModelConfig(_ModelSection):
+    """model.arch=seed: the original's DCGAN-style strided convolutions, a fully connected layer and
+    a latent vector (models/vae.py)."""
+
+    arch: Literal["seed"] = Field("seed", description="the original's DCGAN-style encoder and decoder")
     kernel_size: int = Field(5, ge=1, description="kernel side of every conv and transposed-conv block")
     stride: int = Field(2, ge=1, description="stride of every conv block: each divides the image side by it")
     padding: int = Field(2, ge=0, description="padding of every conv block; (kernel_size - 1) // 2 keeps sizes exact")
@@ -132,34 +190,18 @@ class ModelConfig(_Section):
         "channels (3, RGB)",
     )
     fc_dim: int = Field(1024, ge=1, description="width of the encoder's fully connected layer")
-    latent_dim: int = Field(128, ge=1, description="dimension of the latent space")
-    # The original passed 0.9, TensorFlow's convention for the same setting, so its running statistics
-    # followed the last batch; 0.1 is what it meant.
-    bn_momentum: float = Field(
-        0.1, gt=0.0, le=1.0, description="BatchNorm momentum, PyTorch's convention: the weight of the new batch"
-    )
-    # exp(logvar) overflows or underflows in fp32 / bf16 outside this range (diffusers clamps the same).
-    logvar_min: float = Field(-30.0, description="the encoder's log-variance is clamped to at least this before exp")
-    logvar_max: float = Field(20.0, description="the encoder's log-variance is clamped to at most this (> logvar_min)")
-    # As the original's models config. Strides adapt to the image size (models/discriminator.py).
-    discriminator_channels: list[int] = Field(
-        default_factory=lambda: [32, 128, 256, 256, 512], min_length=3,
-        description="model.mode=vae-gan: the discriminator's conv widths, then its fully connected width",
-    )
+    latent_dim: int = Field(128, ge=1, description="dimension of the latent vector")
 
-    @field_validator("encoder_channels", "decoder_channels", "discriminator_channels", "resnet_channels")
+    @field_validator("encoder_channels", "decoder_channels")
     @classmethod
     def _channels_positive(cls, value: list[int]) -> list[int]:
-        if min(value) < 1:
-            raise ValueError("every channel count must be >= 1")
-        return value
+        return _positive_channels(value)
 
     @model_validator(mode="after")
-    def _shapes_fit(self) -> ModelConfig:
+    def _shapes_fit(self) -> SeedModelConfig:
         # A stride-s conv with this kernel and padding must divide the size by s exactly, and the
         # transposed conv must multiply it back (output_padding = s - k + 2p in [0, s)).
-        output_padding = self.stride - self.kernel_size + 2 * self.padding
-        if not 0 <= output_padding < self.stride:
+        if not 0 <= self.output_padding < self.stride:
             raise ValueError(
                 f"kernel_size {self.kernel_size}, stride {self.stride}, padding {self.padding} do not "
                 "halve and restore image sizes exactly; use padding = (kernel_size - 1) // 2"
@@ -169,10 +211,6 @@ class ModelConfig(_Section):
                 "decoder_channels must list one width per encoder block, then the output channels "
                 f"({len(self.encoder_channels) + 1} entries)"
             )
-        if self.logvar_min >= self.logvar_max:
-            raise ValueError("logvar_min must be < logvar_max")
-        if self.latent_channels is not None and self.arch != "resnet":
-            raise ValueError("latent_channels (a spatial latent) needs arch: resnet")
         return self
 
     @property
@@ -181,20 +219,67 @@ class ModelConfig(_Section):
 
     @property
     def downsampling(self) -> int:
-        """How many times smaller the encoder's last feature map is than the image, per side."""
-        if self.arch == "resnet":
-            return 2 ** (len(self.resnet_channels) - 1)
         return self.stride ** len(self.encoder_channels)
 
-    def feature_side(self, image_size: int) -> int:
-        """The side of the encoder's last feature map (and of a spatial latent)."""
-        return image_size // self.downsampling
+    def image_size_rule(self) -> str:
+        return (f"the encoder divides it by model.stride ({self.stride}) {len(self.encoder_channels)} "
+                "times, once per model.encoder_channels entry")
 
     def latent_size(self, image_size: int) -> int:
-        """Floats in one image's latent vector: latent_dim, or a spatial latent's channels x side x side."""
+        return self.latent_dim
+
+
+class ResnetModelConfig(_ModelSection):
+    """model.arch=resnet: residual blocks with GroupNorm, resize + conv upsampling (Esser et al. 2021,
+    Rombach et al. 2022; models/resnet.py), and a latent vector or a spatial latent."""
+
+    arch: Literal["resnet"] = Field(
+        "resnet", description="residual blocks with GroupNorm, upsampling by resize + conv (as Stable Diffusion's "
+        "autoencoder)",
+    )
+    resnet_channels: list[int] = Field(
+        default_factory=lambda: [32, 64, 128], min_length=1,
+        description="width of each level; every level after the first halves the image side",
+    )
+    resnet_blocks: int = Field(1, ge=1, description="residual blocks per level")
+    latent_channels: int | None = Field(
+        None, ge=1, description="a spatial latent of this many channels at the last level's side "
+        "(image_size / 2^(levels - 1)) instead of a vector of latent_dim; null: the vector",
+    )
+    latent_dim: int = Field(128, ge=1, description="dimension of the latent vector")
+
+    @field_validator("resnet_channels")
+    @classmethod
+    def _channels_positive(cls, value: list[int]) -> list[int]:
+        return _positive_channels(value)
+
+    @property
+    def downsampling(self) -> int:
+        return 2 ** (len(self.resnet_channels) - 1)
+
+    def image_size_rule(self) -> str:
+        return (f"the resnet encoder halves it {len(self.resnet_channels) - 1} times, once per "
+                "model.resnet_channels level after the first")
+
+    def latent_size(self, image_size: int) -> int:
+        """latent_dim, or a spatial latent's channels x side x side."""
         if self.latent_channels is None:
             return self.latent_dim
         return self.latent_channels * self.feature_side(image_size) ** 2
+
+
+# model.arch picks the class; a config without it is the original's seed architecture.
+MODEL_CONFIGS: dict[str, type[_ModelSection]] = {"seed": SeedModelConfig, "resnet": ResnetModelConfig}
+
+
+def _arch_of(value: Any) -> Any:
+    return value.get("arch", "seed") if isinstance(value, dict) else getattr(value, "arch", None)
+
+
+ModelConfig = Annotated[
+    Annotated[SeedModelConfig, Tag("seed")] | Annotated[ResnetModelConfig, Tag("resnet")],
+    Discriminator(_arch_of),
+]
 
 
 Alpha = float | Literal["1/batch_size"]
@@ -398,21 +483,15 @@ class TrainConfig(_Section):
 
 class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelConfig = Field(default_factory=SeedModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
     def _image_size_fits_model(self) -> Config:
-        step, model = self.model.downsampling, self.model
+        step = self.model.downsampling
         if self.data.image_size % step:
-            if model.arch == "resnet":
-                levels = len(model.resnet_channels)
-                rule = (f"the resnet encoder halves it {levels - 1} times, once per model.resnet_channels "
-                        "level after the first")
-            else:
-                rule = (f"the encoder divides it by model.stride ({model.stride}) {len(model.encoder_channels)} "
-                        "times, once per model.encoder_channels entry")
-            raise ValueError(f"data.image_size {self.data.image_size} must be a multiple of {step} ({rule})")
+            raise ValueError(f"data.image_size {self.data.image_size} must be a multiple of {step} "
+                             f"({self.model.image_size_rule()})")
         return self
 
     @model_validator(mode="after")
@@ -430,31 +509,71 @@ class Config(_Section):
 def _key_of(location: tuple[Any, ...]) -> str:
     """The config key a pydantic error location points at: field names down the sections, list
     indexes as [i]. Whatever follows the last field name and is not an index is pydantic's own tag
-    for a branch of a union type ('float', "literal['1/batch_size']", 'function-after[...]')."""
+    for a branch of a union type ('float', "literal['1/batch_size']", 'function-after[...]'); the
+    tag of a tagged union of sections (model: 'seed', 'resnet') names no key, the section after it does."""
     names: list[str] = []
     section: Any = Config
     for part in location:
         fields = getattr(section, "model_fields", None)
-        if isinstance(part, int) and names:
+        if isinstance(section, dict) and part in section:
+            section = section[part]
+        elif isinstance(part, int) and names:
             names[-1] += f"[{part}]"
         elif fields is not None and part in fields:
             names.append(str(part))
             annotation = fields[part].annotation
-            section = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+            is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            section = annotation if is_section else _tagged_sections(annotation) or None
         elif fields is not None:
             names.append(str(part))  # an unknown key: name it as written
             section = None
     return ".".join(names)
 
 
-def _format_error(error: ValidationError, source: str) -> str:
+def _tagged_sections(annotation: Any) -> dict[str, type[BaseModel]]:
+    """The sections of a tagged union (ModelConfig) by tag; empty for any other type."""
+    return {meta.tag: get_args(branch)[0] for branch in get_args(annotation)
+            for meta in getattr(branch, "__metadata__", ()) if isinstance(meta, Tag)}
+
+
+def _error_key(error: Any) -> str:
+    """The key a pydantic error is about. An architecture pydantic could not pick is model.arch's fault."""
+    key = _key_of(error["loc"])
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found") and isinstance(error.get("input"), dict):
+        return f"{key}.arch"
+    return key
+
+
+def _other_arch_key(error: Any) -> tuple[str, list[str]] | None:
+    """(the architecture, the architectures the key belongs to) when a model key is given with an
+    architecture that does not have it."""
+    location = error["loc"]
+    if error["type"] != "extra_forbidden" or len(location) != 3 or location[0] != "model":
+        return None
+    owners = [arch for arch, section in MODEL_CONFIGS.items() if location[2] in section.model_fields]
+    return (location[1], owners) if owners else None
+
+
+def _format_error(error: ValidationError, source: str, arch_source: str = "") -> str:
+    """One line naming the key. `arch_source`: the override that set model.arch, if one did."""
     first = error.errors()[0]
-    key = _key_of(first["loc"])
+    key = _error_key(first)
     message = first["msg"].removeprefix("Value error, ")
     where = f"{source}: " if source else ""
+    other_arch = _other_arch_key(first)
+    if other_arch:
+        arch, owners = other_arch
+        by = f" (set by {arch_source})" if arch_source else ""
+        return (f"{where}config key '{key}' belongs to model.arch {' or '.join(owners)}, not to model.arch "
+                f"{arch}{by}")
     if first["type"] == "extra_forbidden":
         return f"{where}unknown config key '{key}'"
     got = first.get("input")
+    if first["type"] in ("union_tag_invalid", "union_tag_not_found") and isinstance(got, dict):
+        message = "Input should be " + " or ".join(repr(arch) for arch in MODEL_CONFIGS)
+        got = got.get("arch")
+    elif first["type"] == "union_tag_not_found":
+        message = f"expected a section of {key}.* keys"
     if key and not isinstance(got, dict):
         return f"{where}config key '{key}': {message} (got {got!r})"
     return f"{where}config{(' ' + repr(key)) if key else ''}: {message}"
@@ -517,9 +636,11 @@ def build_config(raw: dict[str, Any], source: str = "", overrides: list[str] | N
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        key = _key_of(exc.errors()[0]["loc"])
+        key = _error_key(exc.errors()[0])
         blamed = [text for text in overrides or [] if key and _names_key(text.partition("=")[0], key)]
-        raise ConfigError(_format_error(exc, f"override '{blamed[-1]}'" if blamed else source)) from None
+        arch_set = [text for text in overrides or [] if _names_key(text.partition("=")[0], "model.arch")]
+        raise ConfigError(_format_error(exc, f"override '{blamed[-1]}'" if blamed else source,
+                                        f"override '{arch_set[-1]}'" if arch_set else "")) from None
 
 
 def _names_key(override_key: str, key: str) -> bool:
@@ -534,3 +655,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw = apply_overrides(raw, overrides)
     return build_config(raw, str(path) if path is not None else "", overrides)
 
+
+def without_other_archs_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """The saved model section without the keys of architectures other than its own. Configs saved
+    before each architecture had its own keys hold every architecture's keys, whatever model.arch;
+    the other architectures' keys never shaped the model, so dropping them changes nothing. A key
+    no architecture has stays, and is refused as unknown."""
+    model = raw.get("model")
+    arch = model.get("arch", "seed") if isinstance(model, dict) else None
+    own = MODEL_CONFIGS.get(arch) if isinstance(arch, str) else None
+    if own is None:
+        return raw
+    others = {key for section in MODEL_CONFIGS.values() for key in section.model_fields} - set(own.model_fields)
+    return {**raw, "model": {key: value for key, value in model.items() if key not in others}}

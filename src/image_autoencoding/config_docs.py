@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 
-from image_autoencoding.config import Config
+from image_autoencoding.config import MODEL_CONFIGS, Config
 
 
 class KeyRow(NamedTuple):
@@ -44,17 +44,43 @@ def format_default(value: Any) -> str:
     return str(value)
 
 
-def _sections() -> list[tuple[str, type[BaseModel]]]:
-    return [(name, field.annotation) for name, field in Config.model_fields.items()]  # type: ignore[misc]
+def _sections() -> list[tuple[str, list[tuple[str, type[BaseModel]]]]]:
+    """Each section with its classes as (tag, class): one, untagged, but for the model section, whose
+    class model.arch picks ("seed" -> SeedModelConfig, ...)."""
+    return [(name, list(MODEL_CONFIGS.items()) if name == "model" else [("", field.annotation)])  # type: ignore[misc]
+            for name, field in Config.model_fields.items()]
+
+
+def _arch_row(section: str) -> KeyRow:
+    """model.arch: its default is the architecture of a config that names none; each architecture's
+    class describes itself."""
+    default = Config.model_fields[section].get_default(call_default_factory=True).arch
+    choices = "; ".join(f"{arch}: {model.model_fields['arch'].description}" for arch, model in MODEL_CONFIGS.items())
+    return KeyRow(f"{section}.arch", default, f"which encoder and decoder, and so which of the model keys apply: "
+                  f"{choices}")
 
 
 def key_rows() -> list[KeyRow]:
-    """(key, default, description) for every field of every section, in the classes' order."""
+    """(key, default, description) for every field of every section, in the classes' order. A model
+    key that not every architecture has says which have it ("model.arch=resnet: ..."); keys every
+    architecture has come first."""
     rows = []
-    for section, model in _sections():
-        for name, field in model.model_fields.items():
-            default = field.get_default(call_default_factory=True)
-            rows.append(KeyRow(f"{section}.{name}", format_default(default), field.description or ""))
+    for section, classes in _sections():
+        # (name, default, description) -> the architectures whose class has that field so
+        found: dict[tuple[str, str, str], list[str]] = {}
+        for arch, model in classes:
+            for name, field in model.model_fields.items():
+                default = format_default(field.get_default(call_default_factory=True))
+                found.setdefault((name, default, field.description or ""), []).append(arch)
+        shared = [entry for entry, archs in found.items() if len(archs) == len(classes) or entry[0] == "arch"]
+        for name, default, description in [*shared, *(entry for entry in found if entry not in shared)]:
+            archs = found[(name, default, description)]
+            if section == "model" and name == "arch":
+                if archs == [classes[0][0]]:  # one row for the key, where the first architecture has it
+                    rows.append(_arch_row(section))
+                continue
+            only = "" if len(archs) == len(classes) else f"model.arch={' or '.join(archs)}: "
+            rows.append(KeyRow(f"{section}.{name}", default, only + description))
     return rows
 
 

@@ -2,8 +2,8 @@
 files with a dynamic batch axis, for onnxruntime and other runtimes without PyTorch.
 
     encoder.onnx   input "image" (N, 3, S, S) float32, normalised as config.json says;
-                   outputs "mean", "logvar" (N, latent_dim)
-    decoder.onnx   input "z" (N, latent_dim) float32; output "image" (N, 3, S, S) in [-1, 1] (tanh)
+                   outputs "mean", "logvar" (N, latent_size)
+    decoder.onnx   input "z" (N, latent_size) float32; output "image" (N, 3, S, S) in [-1, 1] (tanh)
 
 Written with torch's torch.export-based exporter (the TorchScript one is deprecated since PyTorch
 2.9), then checked: each file is run in onnxruntime on random inputs of a batch size other than
@@ -63,7 +63,7 @@ def export_onnx(vae: VAE, image_size: int, out: Path) -> list[Path]:
     batch = torch.export.Dim("batch", min=1)
     graphs = {
         "encoder": (_EncoderGraph(vae).eval(), torch.randn(2, 3, image_size, image_size), "image", ["mean", "logvar"]),
-        "decoder": (_DecoderGraph(vae).eval(), torch.randn(2, vae.latent_dim), "z", ["image"]),
+        "decoder": (_DecoderGraph(vae).eval(), torch.randn(2, vae.latent_size), "z", ["image"]),
     }
     written = []
     for name, (graph, example, input_name, output_names) in graphs.items():

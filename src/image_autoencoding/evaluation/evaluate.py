@@ -20,8 +20,8 @@ from image_autoencoding.models.vae import VAE, loss_terms
 @dataclass
 class SplitEvaluation:
     per_image: dict[str, Tensor]  # "ssim", "pcc", "mse", "psnr", "recon", "kl" -> (N,)
-    mu: Tensor  # (N, latent_dim) posterior means, for latent plots
-    kl_per_dim: Tensor  # (latent_dim,) mean KL of each latent unit over the split
+    mu: Tensor  # (N, latent_size) posterior means, for latent plots
+    kl_per_dim: Tensor  # (latent_size,) mean KL of each latent unit over the split
     original_batch_pcc: float  # the original's figure: one PCC over its first batch, flattened
 
     @property

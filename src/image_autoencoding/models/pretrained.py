@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from image_autoencoding.atomic_files import atomic_write, replace_folder, temporary_folder_beside
-from image_autoencoding.config import Config, ConfigError, DataConfig, build_config
+from image_autoencoding.config import Config, ConfigError, DataConfig, build_config, without_other_archs_keys
 from image_autoencoding.errors import UserError
 from image_autoencoding.models.factory import build_model
 from image_autoencoding.models.shapes import expected_shapes, shape_mismatch
@@ -157,7 +157,9 @@ def from_pretrained(directory: str | Path) -> TrainedModel:
         raise UserError(f"'{path}' is export format version {description.get('format_version')}, this version "
                         f"reads {FORMAT_VERSION}: export the run again with this version (vae export RUN_DIR)")
     try:
-        config = build_config({"model": description["model"], "data": description["data"]}, str(path))
+        # Exports written before each architecture had its own keys hold every architecture's keys.
+        config = build_config(without_other_archs_keys({"model": description["model"], "data": description["data"]}),
+                              str(path))
     except KeyError as exc:
         raise ConfigError(f"'{path}': the {exc.args[0]} section is missing") from None
     provenance = {key: description.get(key, 0) for key in ("epoch", "step")}

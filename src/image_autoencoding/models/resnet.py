@@ -21,7 +21,7 @@ import math
 
 from torch import Tensor, nn
 
-from image_autoencoding.config import ModelConfig
+from image_autoencoding.config import ResnetModelConfig
 from image_autoencoding.models.vae import DiagonalGaussian
 
 
@@ -64,7 +64,7 @@ def _level(c_in: int, c_out: int, blocks: int) -> list[nn.Module]:
 class ResnetEncoder(nn.Module):
     """Image -> the posterior q(z|x) over (N, latent floats)."""
 
-    def __init__(self, cfg: ModelConfig, image_size: int):
+    def __init__(self, cfg: ResnetModelConfig, image_size: int):
         super().__init__()
         widths = cfg.resnet_channels
         layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, padding=1)]
@@ -92,7 +92,7 @@ class ResnetEncoder(nn.Module):
 class ResnetDecoder(nn.Module):
     """(N, latent floats) -> image in [-1, 1]."""
 
-    def __init__(self, cfg: ModelConfig, image_size: int):
+    def __init__(self, cfg: ResnetModelConfig, image_size: int):
         super().__init__()
         widths = cfg.resnet_channels
         self.side = cfg.feature_side(image_size)

@@ -44,7 +44,7 @@ class DiagonalGaussian:
         return self.mean
 
     def kl_per_dim(self) -> Tensor:
-        """KL(q || N(0, I)) for each image and latent unit, shape (N, latent_dim)."""
+        """KL(q || N(0, I)) for each image and latent unit, shape (N, latent_size)."""
         return -0.5 * (1 + self.logvar - self.mean.pow(2) - self.logvar.exp())
 
     def kl(self) -> Tensor:
@@ -123,7 +123,7 @@ class VAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.image_size = image_size
-        self.latent_dim = cfg.latent_size(image_size)  # floats per image, a spatial latent's too
+        self.latent_size = cfg.latent_size(image_size)  # floats per image, a spatial latent's too
         self.encoder = encoder
         self.decoder = decoder
 
@@ -151,7 +151,7 @@ class VAE(nn.Module):
         a CUDA tensor, and the same seed then gives the same latents on every device."""
         device = next(self.parameters()).device
         where = generator.device if generator is not None else device
-        return torch.randn(n, self.latent_dim, generator=generator, device=where).to(device) * temperature
+        return torch.randn(n, self.latent_size, generator=generator, device=where).to(device) * temperature
 
     def save_pretrained(self, directory: str | Path, data: DataConfig, *, source: str | Path | None = None,
                         epoch: int = 0, step: int = 0) -> Path:

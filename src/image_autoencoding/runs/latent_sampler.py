@@ -44,7 +44,7 @@ class MixtureFile:
 
     path: Path
     weights: str  # weights_digest of the model it is for
-    latent_dim: int
+    latent_size: int
 
     @classmethod
     def of(cls, path: Path | None, trained: TrainedModel) -> MixtureFile | None:
@@ -52,13 +52,13 @@ class MixtureFile:
         to another dtype."""
         if path is None or not path.is_file():
             return None
-        return cls(path, weights_digest(trained.model), trained.model.latent_dim)
+        return cls(path, weights_digest(trained.model), trained.model.latent_size)
 
     def read(self) -> LatentMixture | None:
         """The mixture, or None where it was fitted to other weights or records none (written before
         mixtures recorded their weights: refitted by the next `vae sample --sampler gmm`). A damaged
         file raises MixtureFileError."""
-        mixture = LatentMixture.load(self.path, self.latent_dim)
+        mixture = LatentMixture.load(self.path, self.latent_size)
         fitted = mixture.info.get("checkpoint")
         return mixture if isinstance(fitted, dict) and fitted.get("weights") == self.weights else None
 
@@ -77,7 +77,7 @@ def fit_model_mixture(model: VAE, normalize: Normalizer, images: np.ndarray, dev
         chosen = np.sort(np.random.default_rng(seed).choice(len(images), FIT_POINTS, replace=False))
     model = model.to(device).eval()
     means = [model.encoder(x).mean.cpu() for x in evaluation_batches(images[chosen], batch_size, device, normalize)]
-    mixture = fit_latent_mixture(torch.cat(means) if means else torch.zeros(0, model.latent_dim), seed=seed)
+    mixture = fit_latent_mixture(torch.cat(means) if means else torch.zeros(0, model.latent_size), seed=seed)
     mixture.info.update(training_images=len(images))
     return mixture
 

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from image_autoencoding.atomic_files import atomic_write
-from image_autoencoding.config import Config, ConfigError, build_config, read_yaml
+from image_autoencoding.config import Config, ConfigError, build_config, read_yaml, without_other_archs_keys
 from image_autoencoding.errors import UserError, quoted
 from image_autoencoding.runs.run_paths import RunPaths
 from image_autoencoding.training.state import TrainingState
@@ -86,7 +86,8 @@ def saved_config(raw: Any, source: str) -> Config:
     config file: a key this version does not know, or a value it does not accept, is an error that
     names it, never silently dropped (it may change what the weights mean)."""
     try:
-        return build_config(with_keys_added_since(raw if isinstance(raw, dict) else {}), source)
+        return build_config(without_other_archs_keys(with_keys_added_since(raw if isinstance(raw, dict) else {})),
+                            source)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (saved by another version of image-autoencoding, or edited since; this "
                           "version cannot read it)") from None

@@ -93,8 +93,8 @@ class LatentMixture:
         atomic_write(path, lambda handle: handle.write(blob))
 
     @classmethod
-    def load(cls, path: Path, latent_dim: int) -> LatentMixture:
-        """The mixture in `path`, checked to be one for latent vectors of `latent_dim` floats:
+    def load(cls, path: Path, latent_size: int) -> LatentMixture:
+        """The mixture in `path`, checked to be one for latent vectors of `latent_size` floats:
         MixtureFileError (naming the file) for a file that cannot be read or holds anything else,
         so that a damaged file never samples NaN (black images) or crashes inside torch."""
         from safetensors import SafetensorError, safe_open
@@ -102,7 +102,7 @@ class LatentMixture:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-                problem = _shape_problem(shapes, latent_dim)
+                problem = _shape_problem(shapes, latent_size)
                 if problem:
                     raise MixtureFileError(f"latent mixture '{path}' is not valid: {problem}")
                 tensors = {key: handle.get_tensor(key) for key in ("weights", "means", "cholesky")}
@@ -120,16 +120,16 @@ class LatentMixture:
         return cls(tensors["weights"].float(), tensors["means"].float(), tensors["cholesky"].float(), info)
 
 
-def _shape_problem(shapes: dict[str, tuple[int, ...]], latent_dim: int) -> str | None:
+def _shape_problem(shapes: dict[str, tuple[int, ...]], latent_size: int) -> str | None:
     missing = [key for key in ("weights", "means", "cholesky") if key not in shapes]
     if missing:
         return f"no {', '.join(missing)} array"
     k = shapes["weights"][0] if len(shapes["weights"]) == 1 else None
-    expected = {"weights": (k,), "means": (k, latent_dim), "cholesky": (k, latent_dim, latent_dim)}
+    expected = {"weights": (k,), "means": (k, latent_size), "cholesky": (k, latent_size, latent_size)}
     if not k or any(shapes[key] != shape for key, shape in expected.items()):
         found = ", ".join(f"{key} {shapes[key]}" for key in expected)
-        return (f"expected weights (K,), means (K, {latent_dim}), cholesky (K, {latent_dim}, {latent_dim}) with "
-                f"K >= 1 for this model's {latent_dim}-float latents, found {found}")
+        return (f"expected weights (K,), means (K, {latent_size}), cholesky (K, {latent_size}, {latent_size}) with "
+                f"K >= 1 for this model's {latent_size}-float latents, found {found}")
     return None
 
 

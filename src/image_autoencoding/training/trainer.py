@@ -50,11 +50,12 @@ class Trainer:
     checkpoint's state to continue from; `callbacks` run at the named points of `fit`
     (callbacks.py): runs/run_callbacks.py has those that write a run folder.
 
-    What callbacks may read: `config`, `cfg` (its train section), `data`, `dist`, `device`, `model`
-    (the VAE whose weights are saved), `training_step` (its optimizers and objective module),
-    `epoch` (epochs done), `step` (steps done), `progress` and `epoch_steps` (the epoch under way),
-    `metrics` (the last epoch's metrics.csv row), `monitor` (train.monitor's marks; `monitor.improved`:
-    the last epoch is the best so far), `state()`, `request_stop()` and `is_final_epoch()`."""
+    What callbacks may read: `config`, `cfg` (its train section), `data`, `dist`, `device`,
+    `autocast`, `normalize`, `alpha` (the KL weight after warm-up), `model` (the VAE whose weights
+    are saved), `training_step` (its networks, optimizers and objective module), `epoch` (epochs
+    done), `step` (steps done), `progress` and `epoch_steps` (the epoch under way), `metrics` (the
+    last epoch's metrics.csv row), `monitor` (train.monitor's marks; `monitor.improved`: the last
+    epoch is the best so far), `state()`, `request_stop()`, `plan()` and `is_final_epoch()`."""
 
     def __init__(
         self, config: Config, data: ImageData, resume: TrainingState | None = None,

@@ -38,7 +38,7 @@ class VAEObjective(nn.Module):
     def forward(self, x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """`alpha`: this step's KL weight (TrainConfig.kl_weight, warm-up included); a tensor, so
         torch.compile does not recompile for every new value."""
-        noise = share_of_global_noise((x.shape[0], self.vae.latent_dim), x.device, self.rank, self.world_size)
+        noise = share_of_global_noise((x.shape[0], self.vae.latent_size), x.device, self.rank, self.world_size)
         with self.autocast():
             x_hat, posterior = self.vae(x, noise)
         # The loss in fp32 outside autocast: loss_terms casts its inputs itself.

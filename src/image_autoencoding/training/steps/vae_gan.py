@@ -64,7 +64,7 @@ class VaeGanObjective(nn.Module):
 
     def forward(self, x: Tensor, alpha: Tensor) -> tuple[Tensor, ...]:
         n = x.shape[0]
-        shape = (n, self.vae.latent_dim)
+        shape = (n, self.vae.latent_size)
         noise = [share_of_global_noise(shape, x.device, self.rank, self.world_size)]
         if self.cfg.gan_prior_samples:
             noise.append(share_of_global_noise(shape, x.device, self.rank, self.world_size))
