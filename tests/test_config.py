@@ -302,3 +302,13 @@ def test_the_help_text_names_every_key():
     assert max(len(line) for line in text.splitlines()) <= 80
     assert len(re.findall(r"^  \S", text, re.MULTILINE)) == len(key_rows())  # one entry per key
     assert "`" not in text
+
+
+def test_an_image_size_too_small_to_score_is_refused_before_training(tmp_path, capsys):
+    """8 px divides by the seed network's 8 but is smaller than SSIM's 11x11 window: it trained an
+    epoch and then failed with a traceback when validation scored it."""
+    assert main(["train", "data.dataset=digits", "data.image_size=8", "model.encoder_channels=[8]",
+                 "model.decoder_channels=[8,3]", f"train.output_dir={tmp_path}"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "data.image_size" in error and "11" in error
+    assert not (tmp_path / "results").exists()

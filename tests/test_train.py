@@ -20,6 +20,7 @@ from image_autoencoding.config import load_config
 from image_autoencoding.data.batches import training_batches
 from image_autoencoding.data.image_data import load_image_data
 from image_autoencoding.runs.checkpoint import load_checkpoint
+from image_autoencoding.training.lr_schedule import learning_rate
 from image_autoencoding.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -321,3 +322,16 @@ def test_a_training_step_waits_for_the_device_once(tiny, tmp_path, precision):
             assert trainer.train_step(x) is not None
     assert syncs.reads == 3  # the guard, once per step
     assert syncs.host_tensors == 3  # the batch's pixels, once per step (pinned, copied without waiting)
+
+
+def test_fit_with_max_steps_ends_the_run_there_and_plans_the_schedule_for_it(tiny):
+    """Benchmarks train a fixed number of images through the public fit: the epoch under way is cut
+    short at the last step, validated and ended as the run's last."""
+    config = load_config(None, [*tiny, "train.epochs=4", "train.max_steps_per_epoch=3", "train.eval_images=32",
+                                "train.lr_schedule=cosine", "train.warmup_steps=0"])
+    trainer = Trainer(config, load_image_data(config.data))
+    trainer.fit(max_steps=5)
+    assert (trainer.step, trainer.epoch, trainer.planned_steps) == (5, 2, 5)
+    assert trainer.finished and "valid_ssim" in trainer.metrics
+    # The cosine schedule ran out exactly at step 5, not at train.epochs' 12 steps.
+    assert trainer.training_step.learning_rate == pytest.approx(learning_rate(config.train, 4, 2, 5))

@@ -37,6 +37,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+# SSIM's Gaussian window side (Wang et al. 2004; evaluation/metrics.py): every validation scores
+# SSIM, so a smaller image could train an epoch and then fail to be scored.
+SSIM_WINDOW = 11
+
 DatasetName = Literal["digits", "fashion-mnist", "coco", "food-101", "folder"]
 
 
@@ -50,8 +54,9 @@ class DataConfig(_Section):
         375, ge=1, description="side in pixels of the centre crop (at most the image's short side), before resizing"
     )
     image_size: int = Field(
-        64, ge=8,
-        description="side in pixels images are resized to; a multiple of the encoder's downsampling, 8 by default",
+        64, ge=SSIM_WINDOW,
+        description="side in pixels images are resized to, at least 11 (SSIM's window); a multiple of the encoder's "
+        "downsampling, 8 by default",
     )
     mean: tuple[float, float, float] = Field(
         (0.5, 0.5, 0.5),

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SSIM_WINDOW = 11
+from image_autoencoding.config import SSIM_WINDOW
+
 SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 PSNR_CAP = 100.0  # dB; what identical images get (MSE 1e-10)
