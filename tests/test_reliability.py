@@ -862,3 +862,13 @@ def test_runs_started_at_once_get_different_folders(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         folders = list(pool.map(start, range(8)))
     assert len(set(folders)) == 8 and all(folder.is_dir() for folder in folders)
+
+
+def test_a_bad_resume_override_is_blamed_by_name(tiny, tmp_path, capsys, no_final_report):
+    assert main(["train", *tiny, "train.epochs=1", "train.max_steps_per_epoch=1"]) == 0
+    run = _run_dir(tmp_path)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "train.epochs=2", "train.lr=-1"]) == 2
+    error = _one_line(capsys.readouterr().err)
+    assert "override 'train.lr=-1'" in error and "train.lr" in error
+    assert [r["epoch"] for r in _metrics(run)] == ["1"]

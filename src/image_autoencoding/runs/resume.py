@@ -131,7 +131,7 @@ def prepare_resume(
         if problem:
             raise CheckpointError(f"checkpoint '{path}': {network}_optimizer does not fit the {network}: {problem}")
     _check_checkpoint_fits_run(run_dir, path, saved)
-    config = build_config(apply_overrides(saved.to_dict(), overrides), "resume overrides")
+    config = build_config(apply_overrides(saved.to_dict(), overrides), "resume overrides", overrides)
     before, after = _flatten(saved.to_dict()), _flatten(config.to_dict())
     changed = {key: (before.get(key), after[key]) for key in after if before.get(key) != after[key]}
     frozen = [key for key in changed if _frozen(key)]
