@@ -182,3 +182,11 @@ def test_a_checkpoint_whose_average_does_not_fit_the_model_is_refused_in_one_lin
     assert len(error.splitlines()) == 1 and "weight average" in error and name in error
     with pytest.raises(CheckpointError, match=name):
         ia.load(run, checkpoint="last")
+
+    raw["ema"][name] = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["ema"][name]
+    for count in (-1, None):
+        raw.pop("ema_updates") if count is None else raw.update(ema_updates=count)
+        torch.save(raw, run / "checkpoints" / "last.pt")
+        assert main(["train", "--resume", str(run), "--checkpoint", "last", "train.epochs=2"]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and "ema_updates" in error and "last.pt" in error
