@@ -79,6 +79,8 @@ class TrainingStep:
         for optimizer in self.optimizers.values():
             self.scaler.step(optimizer)
         self.scaler.update()
+        # Under fp16, GradScaler may have skipped an optimizer for an overflowing gradient: the
+        # average then moves towards unchanged weights; knowing it would cost a host wait per step.
         if self.ema is not None:
             self.ema.update()
         return sums, agreed
