@@ -440,6 +440,13 @@ class TrainConfig(_Section):
         0.0, ge=0.0,
         description="in the objective, each latent unit's KL (batch mean) counts as at least this many nats; 0: off",
     )
+    # The autoencoders of latent diffusion keep one (Rombach et al. 2022, ldm/modules/ema.py); the
+    # average, its warm-up and why: training/ema.py.
+    ema_decay: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="keep an exponential moving average of the VAE's weights with this decay (e.g. 0.999): "
+        "validation, best.pt and every reader of a checkpoint use it; null: off",
+    )
     # --- VAE-GAN (model.mode=vae-gan; Larsen et al. 2016) ---
     # Decoder and encoder reconstruction error: feature_weight * (discriminator-layer error) +
     # pixel_weight * (pixel error, the VAE's recon). Decoder: + adversarial_weight * GAN loss.

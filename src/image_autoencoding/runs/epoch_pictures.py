@@ -46,7 +46,7 @@ class EpochPictures(Callback):
 
     @torch.no_grad()
     def write(self, trainer: Trainer, epoch: int) -> None:
-        model, normalize = trainer.model, trainer.normalize
+        model, normalize = trainer.training_step.inference_model, trainer.normalize
         model.eval()
         for split, pixels in self.fixed.items():
             x = normalize(torch.from_numpy(pixels).to(trainer.device))

@@ -51,13 +51,15 @@ def load_from_checkpoint(path: str | Path) -> TrainedModel:
 
 
 def _with_weights(config: Config, path: Path, state: TrainingState, described: str) -> TrainedModel:
+    # The one place a reader picks the checkpoint's weights: the run's model (TrainingState.inference_weights).
+    weights = state.inference_weights
     # Checked before the model is built (models/shapes.py): a config describing a huge model is refused.
-    problem = shape_mismatch(expected_shapes(config.model, config.data.image_size), tensor_shapes(state.model))
+    problem = shape_mismatch(expected_shapes(config.model, config.data.image_size), tensor_shapes(weights))
     if problem:
         raise CheckpointError(f"checkpoint '{path}' does not fit {described}: {problem}")
     model = build_model(config.model, config.data.image_size)
     try:
-        model.load_state_dict(state.model)
+        model.load_state_dict(weights)
     except (RuntimeError, KeyError):
         raise CheckpointError(f"checkpoint '{path}' does not fit {described}") from None
     return TrainedModel(config, model.eval(), path, state.epoch, state.step)

@@ -123,9 +123,12 @@ def prepare_resume(
         path, fallbacks = RunPaths(run_dir).checkpoint(checkpoint), []
         state = load_checkpoint(path)
     saved = checkpoint_config(state, path)
-    problem = shape_mismatch(expected_shapes(saved.model, saved.data.image_size), tensor_shapes(state.model))
-    if problem:
-        raise CheckpointError(f"checkpoint '{path}' does not fit the model its config describes: {problem}")
+    expected = expected_shapes(saved.model, saved.data.image_size)
+    for network in ("model", "ema"):  # the trained weights and their average (train.ema_decay) are one VAE's
+        problem = network in state.networks and shape_mismatch(expected, tensor_shapes(state.networks[network]))
+        if problem:
+            raise CheckpointError(f"checkpoint '{path}' does not fit the model its config describes: "
+                                  f"{'' if network == 'model' else 'its weight average: '}{problem}")
     for network, shapes in parameter_shapes(saved.model, saved.data.image_size).items():
         problem = optimizer_mismatch(shapes, state.optimizers[network])
         if problem:

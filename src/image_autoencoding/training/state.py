@@ -2,7 +2,8 @@
 (resume, loading, export, the VAE-GAN's discriminator) reads, through `to_dict` / `from_dict`.
 
 On disk it is a flat dict of tensors and plain values (so `torch.load(weights_only=True)` reads it):
-each network's state dict under its own key ("model", "discriminator"), each optimizer's under
+each network's state dict under its own key ("model", "discriminator"; "ema", the average of the
+VAE's weights, with its "ema_updates", only from runs with train.ema_decay), each optimizer's under
 "<network>_optimizer", then the counters, the RNG states, the monitor's marks, the callbacks' state
 and the config. Format 1 (before train.monitor) kept the best validation SSIM as "best_ssim" and
 early stopping's mark among the callbacks; it is read as a monitor of valid_ssim.
@@ -18,7 +19,7 @@ import torch
 from image_autoencoding.training.rng import rng_state_problem
 
 FORMAT_VERSION = 2
-NETWORKS = ("model", "discriminator")  # keys of networks' state dicts, in every format
+NETWORKS = ("model", "discriminator", "ema")  # keys of networks' state dicts, in every format
 OPTIMIZERS = ("encoder", "decoder", "discriminator")  # "<name>_optimizer" keys
 # What every checkpoint holds; a file without these is not ours, whatever else it has.
 REQUIRED_KEYS = ("format_version", "model", "encoder_optimizer", "decoder_optimizer", "epoch", "step", "rng",
@@ -32,7 +33,7 @@ class StateProblem(ValueError):
 
 @dataclass
 class TrainingState:
-    networks: dict[str, dict[str, torch.Tensor]]  # "model" (the VAE), "discriminator" (vae-gan)
+    networks: dict[str, dict[str, torch.Tensor]]  # "model" (the VAE), "discriminator" (vae-gan), "ema"
     optimizers: dict[str, dict[str, Any]]  # "encoder", "decoder", "discriminator"
     epoch: int  # epochs completed
     step: int  # training steps done, skipped ones included
@@ -44,12 +45,20 @@ class TrainingState:
     world_size: int = 1  # processes of the run that saved it
     monitor: dict[str, Any] = field(default_factory=dict)  # Monitor.state_dict()
     callbacks: dict[str, Any] = field(default_factory=dict)  # Callbacks.state_dict()
+    ema_updates: int | None = None  # the optimizer steps in networks["ema"] (training/ema.py); None: no average
     format_version: int = FORMAT_VERSION
 
     @property
     def model(self) -> dict[str, torch.Tensor]:
-        """The VAE's weights."""
+        """The VAE's weights as trained (what a resume continues)."""
         return self.networks["model"]
+
+    @property
+    def inference_weights(self) -> dict[str, torch.Tensor]:
+        """The VAE's weights that are the run's model for everything that uses it (evaluate, sample,
+        report, export, the Python API): the average of train.ema_decay when the run kept one, as
+        validation scored it; else the trained weights."""
+        return self.networks.get("ema", self.model)
 
     @property
     def inside_epoch(self) -> bool:
@@ -65,6 +74,8 @@ class TrainingState:
             "bad_steps_in_a_row": self.bad_steps_in_a_row, "scaler": self.scaler, "rng": self.rng,
             "world_size": self.world_size, "monitor": self.monitor, "callbacks": self.callbacks,
             "config": self.config,
+            # Only with an average: a run without one writes what it always wrote.
+            **({"ema_updates": self.ema_updates} if self.ema_updates is not None else {}),
         }
 
     @classmethod
@@ -85,6 +96,7 @@ class TrainingState:
             epoch=raw["epoch"], step=raw["step"], rng=raw["rng"], config=raw["config"], scaler=raw.get("scaler"),
             epoch_progress=raw.get("epoch_progress") or {}, bad_steps_in_a_row=raw.get("bad_steps_in_a_row", 0),
             world_size=raw.get("world_size", 1), monitor=monitor or {}, callbacks=callbacks,
+            ema_updates=raw.get("ema_updates"),
             format_version=raw["format_version"],
         )
 
@@ -120,9 +132,11 @@ def _value_problem(state: dict[str, Any]) -> str | None:
     for key in (f"{name}_optimizer" for name in OPTIMIZERS):
         if key in state and (problem := _optimizer_problem(key, state[key])):
             return problem
-    for key, least in (("epoch", 0), ("step", 0), ("bad_steps_in_a_row", 0), ("world_size", 1)):
+    for key, least in (("epoch", 0), ("step", 0), ("bad_steps_in_a_row", 0), ("world_size", 1), ("ema_updates", 0)):
         if key in state and not _is_whole(state[key], least):
             return _wrong(key, state[key], f"a whole number >= {least}")
+    if "ema" in state and "ema_updates" not in state:
+        return _wrong("ema_updates", None, "a whole number >= 0 (the steps in the weight average 'ema')")
     for key in ("config", "callbacks", "scaler", "monitor"):
         if key in state and not isinstance(state[key], dict) and not (key == "scaler" and state[key] is None):
             return _wrong(key, state[key], "a dict")

@@ -51,8 +51,9 @@ class Trainer:
     (callbacks.py): runs/run_callbacks.py has those that write a run folder.
 
     What callbacks may read: `config`, `cfg` (its train section), `data`, `dist`, `device`,
-    `autocast`, `normalize`, `alpha` (the KL weight after warm-up), `model` (the VAE whose weights
-    are saved), `training_step` (its networks, optimizers and objective module), `epoch` (epochs
+    `autocast`, `normalize`, `alpha` (the KL weight after warm-up), `model` (the VAE being trained),
+    `training_step` (its networks, optimizers and objective module; `inference_model`: the VAE
+    validation scores, the weights' average with train.ema_decay), `epoch` (epochs
     done), `step` (steps done), `progress` and `epoch_steps` (the epoch under way), `metrics` (the
     last epoch's metrics.csv row), `monitor` (train.monitor's marks; `monitor.improved`: the last
     epoch is the best so far), `state()`, `request_stop()`, `plan()` and `is_final_epoch()`."""
@@ -110,6 +111,7 @@ class Trainer:
         step = self.training_step.state_dict()
         return TrainingState(
             networks=step["networks"], optimizers=step["optimizers"], scaler=step["scaler"],
+            ema_updates=step.get("ema_updates"),
             epoch=self.epoch, step=self.step, epoch_progress=self.progress.state(),
             bad_steps_in_a_row=self.bad_steps_in_a_row,
             # Every rank's RNG state is rank 0's (see steps/noise.py), so one state resumes them all.
@@ -118,7 +120,7 @@ class Trainer:
         )
 
     def _restore(self, state: TrainingState) -> None:
-        self.training_step.load_state_dict(state.networks, state.optimizers, state.scaler)
+        self.training_step.load_state_dict(state.networks, state.optimizers, state.scaler, state.ema_updates)
         self.epoch = state.epoch
         self.step = state.step
         self.progress = EpochProgress.from_state(state.epoch_progress, self.device)
@@ -199,15 +201,17 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Losses and per-image metrics on the validation split (the first train.eval_images); under
         torchrun each rank scores a contiguous share and the per-image values are gathered, so the
-        means are those of one process scoring every image."""
+        means are those of one process scoring every image. With train.ema_decay it scores the
+        weights' average, the model that best.pt and every reader of a checkpoint take."""
+        model = self.training_step.inference_model
         if self.dist.enabled:
             per_image = evaluate_split_across_ranks(
-                self.model, self.data.valid.images, self.normalize, self.device, self.cfg.batch_size,
+                model, self.data.valid.images, self.normalize, self.device, self.cfg.batch_size,
                 self.autocast, self.cfg.eval_images, self.dist,
             )
             return {f"valid_{name}": float(values.mean()) for name, values in per_image.items()}
         evaluation = evaluate_split(
-            self.model, self.data.valid.images, self.normalize, self.device, self.cfg.batch_size, self.autocast,
+            model, self.data.valid.images, self.normalize, self.device, self.cfg.batch_size, self.autocast,
             self.cfg.eval_images,
         )
         return evaluation.means(prefix="valid_")

@@ -5,6 +5,7 @@ asks which kind it is."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,9 @@ from image_autoencoding.config import TrainConfig
 from image_autoencoding.models.vae import VAE
 from image_autoencoding.training.buffer_snapshot import BufferSnapshot
 from image_autoencoding.training.distributed import Distributed
+from image_autoencoding.training.ema import WeightAverage
+
+logger = logging.getLogger("image_autoencoding")
 
 
 class TrainingStep:
@@ -25,7 +29,9 @@ class TrainingStep:
     under torchrun the thing DDP wraps; hooks on it see every step) and implement `gradients`.
     `networks` maps each checkpoint key to a module whose weights are saved ("model": the VAE);
     `optimizers` maps each network name to its optimizer ("encoder", "decoder" follow train.lr's
-    schedule; any other keeps its own rate)."""
+    schedule; any other keeps its own rate). With train.ema_decay the step also keeps `ema`, the
+    average of the VAE's weights (training/ema.py), saved as the network "ema"; `inference_model`
+    is the VAE that validation scores."""
 
     SCHEDULED = ("encoder", "decoder")
 
@@ -43,6 +49,10 @@ class TrainingStep:
         # This step's KL weight, filled in place: torch.tensor(alpha, device=...) would be a copy
         # from pageable host memory, which on a GPU waits for all queued work before every step.
         self._alpha = torch.zeros((), device=device)
+        # Owned here, not by a callback: only the step knows that its optimizers stepped, and its
+        # state is a network of the checkpoint. Under torchrun every rank holds the same weights
+        # after a step, so each rank's average is the same without a collective.
+        self.ema = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay is not None else None
 
     # -- the step --------------------------------------------------------------------------------
 
@@ -69,6 +79,10 @@ class TrainingStep:
         for optimizer in self.optimizers.values():
             self.scaler.step(optimizer)
         self.scaler.update()
+        # Under fp16, GradScaler may have skipped an optimizer for an overflowing gradient: the
+        # average then moves towards unchanged weights; knowing it would cost a host wait per step.
+        if self.ema is not None:
+            self.ema.update()
         return sums, agreed
 
     def gradients(self, x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
@@ -89,6 +103,11 @@ class TrainingStep:
         agreed = packet[2:].tolist()
         return agreed[0] > 0, packet[:2], agreed[1:]
 
+    @property
+    def inference_model(self) -> VAE:
+        """The VAE that is the model for validation and pictures: the average when there is one."""
+        return self.ema.average if self.ema is not None else self.model
+
     # -- learning rate and statistics ------------------------------------------------------------
 
     def set_learning_rate(self, lr: float) -> None:
@@ -108,14 +127,21 @@ class TrainingStep:
     # -- checkpoints -----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """{"networks": {key: state_dict}, "optimizers": {name: state_dict}, "scaler": ...}."""
-        return {"networks": {key: module.state_dict() for key, module in self.networks.items()},
-                "optimizers": {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()},
-                "scaler": self.scaler.state_dict()}
+        """{"networks": {key: state_dict}, "optimizers": {name: state_dict}, "scaler": ...}; with
+        train.ema_decay, the average as the network "ema" and its "ema_updates"."""
+        state = {"networks": {key: module.state_dict() for key, module in self.networks.items()},
+                 "optimizers": {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()},
+                 "scaler": self.scaler.state_dict()}
+        if self.ema is not None:
+            state["networks"]["ema"] = self.ema.state_dict()
+            state["ema_updates"] = self.ema.updates
+        return state
 
-    def load_state_dict(self, networks: dict[str, Any], optimizers: dict[str, Any], scaler: dict | None) -> None:
+    def load_state_dict(self, networks: dict[str, Any], optimizers: dict[str, Any], scaler: dict | None,
+                        ema_updates: int | None = None) -> None:
         for key, module in self.networks.items():
             module.load_state_dict(networks[key])
+        self._load_average(networks.get("ema"), ema_updates)
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(optimizers[name])
         # Optimizer state dicts carry the weight decay they were saved with; a resume that changes it
@@ -125,6 +151,19 @@ class TrainingStep:
                 group["weight_decay"] = self.cfg.weight_decay
         if scaler:
             self.scaler.load_state_dict(scaler)
+
+    def _load_average(self, weights: dict[str, Any] | None, updates: int | None) -> None:
+        """train.ema_decay may change on resume: a new decay continues the saved average; turned on,
+        the average starts from the checkpoint's weights; turned off, the saved one is dropped."""
+        if self.ema is not None and weights is not None:
+            self.ema.load_state_dict(weights, updates or 0)
+        elif self.ema is not None:
+            self.ema.restart()
+            logger.info("train.ema_decay is on and the checkpoint has no weight average: it starts from the "
+                        "checkpoint's weights; validation and best.pt now score the average")
+        elif weights is not None:
+            logger.info("train.ema_decay is null: the checkpoint's weight average is dropped; validation and "
+                        "checkpoints now hold the trained weights")
 
 
 def not_finite(losses: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
