@@ -42,6 +42,7 @@ def _add_train(subparsers) -> None:
 
 
 def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
+    from image_autoencoding.models.factory import check_model_sources
     from image_autoencoding.runs import report
     from image_autoencoding.runs.resume import prepare_resume
     from image_autoencoding.runs.run_callbacks import run_folder_callbacks
@@ -61,6 +62,7 @@ def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
         if args.checkpoint:
             raise ConfigError("--checkpoint needs --resume RUN_DIR")
         config, state, resume = load_config(args.config, args.overrides), None, None
+        check_model_sources(config.model)
     if args.quiet:
         config.train.progress = False
 

@@ -55,7 +55,7 @@ def _with_weights(config: Config, path: Path, state: TrainingState, described: s
     problem = shape_mismatch(expected_shapes(config.model, config.data.image_size), tensor_shapes(state.model))
     if problem:
         raise CheckpointError(f"checkpoint '{path}' does not fit {described}: {problem}")
-    model = build_model(config.model, config.data.image_size)
+    model = build_model(config.model, config.data.image_size, init_weights=False)
     try:
         model.load_state_dict(state.model)
     except (RuntimeError, KeyError):

@@ -1,0 +1,128 @@
+"""model.arch=autoencoder-kl: diffusers' AutoencoderKL as the encoder and decoder, started from a
+diffusers folder (model.init_from), trained, resumed, loaded, and written back as a diffusers folder."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import image_autoencoding as ia
+from conftest import TINY, any_arch
+from image_autoencoding.cli import main
+from image_autoencoding.config import load_config
+from image_autoencoding.models.factory import build_model
+from image_autoencoding.models.shapes import expected_shapes
+
+diffusers = pytest.importorskip("diffusers")
+
+# 16 px, two levels: a 2 x 8 x 8 latent.
+TINY_KL = {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4, "latent_channels": 2}
+KL = ["model.arch=autoencoder-kl", *(f"model.{key}={json.dumps(value).replace(' ', '')}"
+                                     for key, value in TINY_KL.items())]
+# TINY without the seed network's keys (latent_dim included: the latent is latent_channels x side x side).
+TINY_RUN = [text for text in any_arch(TINY) if not text.startswith("model.")]
+
+
+def _diffusers_folder(path, seed: int = 0):
+    """A tiny AutoencoderKL with random weights, saved by diffusers itself."""
+    torch.manual_seed(seed)
+    levels = len(TINY_KL["block_out_channels"])
+    model = diffusers.AutoencoderKL(**TINY_KL, down_block_types=["DownEncoderBlock2D"] * levels,
+                                    up_block_types=["UpDecoderBlock2D"] * levels, sample_size=16)
+    with torch.no_grad():  # diffusers zero-initialises nothing here, but make the moments matter
+        for parameter in model.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    model.save_pretrained(path)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def saved_kl(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("kl") / "tiny_vae"
+    return folder, _diffusers_folder(folder)
+
+
+def test_a_model_started_from_a_diffusers_folder_encodes_and_decodes_as_diffusers_does(saved_kl):
+    folder, reference = saved_kl
+    cfg = load_config(None, ["data.image_size=16", *KL, f"model.init_from={folder}"])
+    model = build_model(cfg.model, 16).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        posterior = model.encoder(x)
+        expected = reference.encode(x).latent_dist
+        assert posterior.mean.shape == (2, 2 * 8 * 8) == (2, model.latent_size)
+        torch.testing.assert_close(posterior.mean, expected.mean.flatten(1), atol=1e-6, rtol=0)
+        torch.testing.assert_close(posterior.logvar, expected.logvar.flatten(1), atol=1e-6, rtol=0)
+        z = torch.randn(2, 2, 8, 8)
+        torch.testing.assert_close(model.decoder(z.flatten(1)), reference.decode(z).sample, atol=1e-6, rtol=0)
+    assert model.decoder.last_layer is model.decoder.decoder.conv_out.weight
+    # The shapes loaders check files against, on the meta device: the folder is not read for them.
+    assert expected_shapes(cfg.model, 16) == {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def test_a_folder_holding_another_autoencoder_is_refused_naming_the_keys_that_would_fit(saved_kl, tiny, capsys):
+    folder, _ = saved_kl
+    overrides = [*tiny[:1], *TINY_RUN, tiny[-1], *KL, "model.latent_channels=4", f"model.init_from={folder}"]
+    assert main(["train", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.latent_channels=2" in err and str(folder) in err
+    assert not (Path(tiny[-1].partition("=")[2]) / "results").exists()  # refused before any run folder
+    assert main(["train", *overrides[:-2], f"model.init_from={folder.parent / 'nowhere'}"]) == 2
+    assert "no config.json there" in capsys.readouterr().err
+
+
+def test_the_architecture_takes_images_in_minus_one_to_one_and_trains_with_adam(capsys):
+    assert load_config(None, ["data.image_size=16", *KL]).train.optimizer == "adam"
+    assert main(["config", "data.image_size=16", *KL, "data.mean=[0.4,0.5,0.5]"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data.mean and data.std" in err
+
+
+def test_without_diffusers_one_line_names_the_extra(tiny, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers raises ImportError
+    assert main(["train", *tiny[:1], *TINY_RUN, tiny[-1], *KL]) == 2
+    err = capsys.readouterr().err
+    assert err == ("vae: error: model.arch autoencoder-kl needs diffusers: "
+                   "pip install 'image-autoencoding[diffusers]'\n")
+
+
+@pytest.fixture(scope="module")
+def kl_run(tmp_path_factory):
+    """A run started from a diffusers folder: one epoch, then resumed for a second after the folder
+    moved away."""
+    root = tmp_path_factory.mktemp("kl_run")
+    start = root / "start"
+    _diffusers_folder(start, seed=1)
+    common = ["train", "--quiet", "data.dataset=digits", *TINY_RUN, *KL, "train.device=cpu", "train.eval_images=50"]
+    assert main([*common, f"model.init_from={start}", "train.epochs=1", f"train.output_dir={root}"]) == 0
+    (run,) = (root / "results" / "vae").iterdir()
+    start.rename(root / "moved")
+    return run
+
+
+def test_a_run_trains_resumes_after_its_start_folder_moved_and_loads(kl_run, tmp_path, capsys):
+    from image_autoencoding.runs.checkpoint import load_checkpoint
+
+    assert load_checkpoint(kl_run / "checkpoints" / "last.pt").step == 3
+    capsys.readouterr()
+    assert main(["train", "--quiet", "--resume", str(kl_run), "train.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "add model.init_from=null" in err
+    assert main(["train", "--quiet", "--resume", str(kl_run), "train.epochs=2", "model.init_from=null"]) == 0
+    assert load_checkpoint(kl_run / "checkpoints" / "last.pt").step == 6
+    assert "valid" in (kl_run / "report.md").read_text()
+
+    vae = ia.load(kl_run, device="cpu")
+    pixels = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8).numpy()
+    images = vae.reconstruct(list(pixels), as_tensor=True)
+    assert images.shape == (2, 3, 16, 16) and vae.latent_size == 128
+    assert main(["export", str(kl_run), "--out", str(tmp_path / "export")]) == 0
+    assert torch.equal(ia.load(tmp_path / "export", device="cpu").reconstruct(list(pixels), as_tensor=True), images)
+    assert main(["encode", str(kl_run), "--split", "valid", "-o", str(tmp_path / "z.npz")]) == 0
+    import numpy as np
+
+    assert np.load(tmp_path / "z.npz")["mean"].shape[1] == 128
