@@ -7,11 +7,13 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import image_autoencoding as ia
 from conftest import TINY, any_arch
+from helpers.faults import SignalAtStep
 from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
 from image_autoencoding.models.factory import build_model
@@ -27,11 +29,11 @@ KL = ["model.arch=autoencoder-kl", *(f"model.{key}={json.dumps(value).replace(' 
 TINY_RUN = [text for text in any_arch(TINY) if not text.startswith("model.")]
 
 
-def _diffusers_folder(path, seed: int = 0):
+def _diffusers_folder(path, keys: dict = TINY_KL):
     """A tiny AutoencoderKL with random weights, saved by diffusers itself."""
-    torch.manual_seed(seed)
-    levels = len(TINY_KL["block_out_channels"])
-    model = diffusers.AutoencoderKL(**TINY_KL, down_block_types=["DownEncoderBlock2D"] * levels,
+    torch.manual_seed(0)
+    levels = len(keys["block_out_channels"])
+    model = diffusers.AutoencoderKL(**keys, down_block_types=["DownEncoderBlock2D"] * levels,
                                     up_block_types=["UpDecoderBlock2D"] * levels, sample_size=16)
     with torch.no_grad():  # diffusers zero-initialises nothing here, but make the moments matter
         for parameter in model.parameters():
@@ -90,39 +92,47 @@ def test_without_diffusers_one_line_names_the_extra(tiny, monkeypatch, capsys):
                    "pip install 'image-autoencoding[diffusers]'\n")
 
 
+def _overrides(keys: dict) -> list[str]:
+    return [f"model.{key}={json.dumps(value).replace(' ', '')}" for key, value in keys.items()]
+
+
+# Three levels for the runs: a 2 x 4 x 4 latent, so that the final report's latent mixture (full
+# covariances) takes a second, not the half minute of 128 floats.
+RUN_KL = {**TINY_KL, "block_out_channels": [8, 8, 16]}
+
+
 @pytest.fixture(scope="module")
 def kl_run(tmp_path_factory):
-    """A run started from a diffusers folder: one epoch, then resumed for a second after the folder
+    """A run started from a diffusers folder, stopped by SIGTERM inside its first epoch, its folder
     moved away."""
     root = tmp_path_factory.mktemp("kl_run")
     start = root / "start"
-    _diffusers_folder(start, seed=1)
-    common = ["train", "--quiet", "data.dataset=digits", *TINY_RUN, *KL, "train.device=cpu", "train.eval_images=50"]
-    assert main([*common, f"model.init_from={start}", "train.epochs=1", f"train.output_dir={root}"]) == 0
+    _diffusers_folder(start, RUN_KL)
+    assert main(["train", "--quiet", "data.dataset=digits", *TINY_RUN, "model.arch=autoencoder-kl", *_overrides(RUN_KL),
+                 "train.device=cpu", "train.eval_images=50", "train.epochs=2", f"model.init_from={start}",
+                 f"train.output_dir={root}"], callbacks=[SignalAtStep("SIGTERM@2")]) != 0
     (run,) = (root / "results" / "vae").iterdir()
     start.rename(root / "moved")
     return run
 
 
-def test_a_run_trains_resumes_after_its_start_folder_moved_and_loads(kl_run, tmp_path, capsys):
+def test_a_run_stopped_resumes_after_its_start_folder_moved_and_loads(kl_run, tmp_path, capsys):
     from image_autoencoding.runs.checkpoint import load_checkpoint
 
-    assert load_checkpoint(kl_run / "checkpoints" / "last.pt").step == 3
+    assert load_checkpoint(kl_run / "checkpoints" / "last.pt").step == 2
     capsys.readouterr()
-    assert main(["train", "--quiet", "--resume", str(kl_run), "train.epochs=2"]) == 2
+    assert main(["train", "--quiet", "--resume", str(kl_run)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "add model.init_from=null" in err
-    assert main(["train", "--quiet", "--resume", str(kl_run), "train.epochs=2", "model.init_from=null"]) == 0
+    assert main(["train", "--quiet", "--resume", str(kl_run), "model.init_from=null"]) == 0
     assert load_checkpoint(kl_run / "checkpoints" / "last.pt").step == 6
-    assert "valid" in (kl_run / "report.md").read_text()
+    assert "spatial latent 2x4x4" in (kl_run / "report.md").read_text()
 
     vae = ia.load(kl_run, device="cpu")
     pixels = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8).numpy()
     images = vae.reconstruct(list(pixels), as_tensor=True)
-    assert images.shape == (2, 3, 16, 16) and vae.latent_size == 128
+    assert images.shape == (2, 3, 16, 16) and vae.latent_size == 32
     assert main(["export", str(kl_run), "--out", str(tmp_path / "export")]) == 0
     assert torch.equal(ia.load(tmp_path / "export", device="cpu").reconstruct(list(pixels), as_tensor=True), images)
     assert main(["encode", str(kl_run), "--split", "valid", "-o", str(tmp_path / "z.npz")]) == 0
-    import numpy as np
-
-    assert np.load(tmp_path / "z.npz")["mean"].shape[1] == 128
+    assert np.load(tmp_path / "z.npz")["mean"].shape[1] == 32

@@ -40,7 +40,8 @@ def diffusers_autoencoder_kl() -> type:
     try:
         from diffusers import AutoencoderKL
     except ImportError:
-        raise UserError("model.arch autoencoder-kl needs diffusers: pip install 'image-autoencoding[diffusers]'") from None
+        raise UserError("model.arch autoencoder-kl needs diffusers: "
+                        "pip install 'image-autoencoding[diffusers]'") from None
     return AutoencoderKL
 
 
@@ -121,7 +122,8 @@ def model_keys_of_folder(folder: str | Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         # A resumed run reads model.init_from too (the trainer builds the model before the checkpoint's
         # weights replace its own), so the way on for a folder that has moved is said here.
-        resumed = " (resuming a run whose folder has moved: add model.init_from=null)" if what == "model.init_from" else ""
+        moved = " (resuming a run whose folder has moved: add model.init_from=null)"
+        resumed = moved if what == "model.init_from" else ""
         raise UserError(f"{what} '{folder}': no {DIFFUSERS_CONFIG} there (expected a diffusers AutoencoderKL folder: "
                         f"{DIFFUSERS_CONFIG} and diffusion_pytorch_model.safetensors, as save_pretrained writes it)"
                         + resumed)
