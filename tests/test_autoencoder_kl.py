@@ -16,6 +16,7 @@ from conftest import TINY, any_arch
 from helpers.faults import SignalAtStep
 from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
+from image_autoencoding.errors import UserError
 from image_autoencoding.models.factory import build_model
 from image_autoencoding.models.shapes import expected_shapes
 
@@ -136,3 +137,37 @@ def test_a_run_stopped_resumes_after_its_start_folder_moved_and_loads(kl_run, tm
     assert torch.equal(ia.load(tmp_path / "export", device="cpu").reconstruct(list(pixels), as_tensor=True), images)
     assert main(["encode", str(kl_run), "--split", "valid", "-o", str(tmp_path / "z.npz")]) == 0
     assert np.load(tmp_path / "z.npz")["mean"].shape[1] == 32
+
+
+def test_a_run_exports_to_a_folder_plain_diffusers_opens_with_unit_variance_latents(kl_run, tmp_path, capsys):
+    out = tmp_path / "diffusers_vae"
+    assert main(["export", str(kl_run), "--checkpoint", "last", "--diffusers", str(out)]) == 0
+    exported = diffusers.AutoencoderKL.from_pretrained(out).eval()
+    vae = ia.load(kl_run, "last", device="cpu")
+    z = torch.randn(3, vae.latent_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.decode(z.view(3, 2, 4, 4)).sample, vae.model.decoder(z), atol=1e-5, rtol=0)
+    # What a diffusion model trained on the training images' latents sees: (z - shift) * scale.
+    from image_autoencoding.data.image_data import load_image_data
+
+    images = load_image_data(vae.config.data, progress=False).train.images
+    seen = (vae.encode_pixels(images).sample(torch.Generator().manual_seed(1)) - exported.config.shift_factor)
+    seen = seen * exported.config.scaling_factor
+    assert abs(seen.mean().item()) < 0.02 and abs(seen.std().item() - 1) < 0.02
+    provenance = json.loads((out / "image_autoencoding_export.json").read_text())
+    assert provenance["latent_statistics"]["images"] == len(images)
+    # Again into the same folder: an earlier export is replaced; any other folder is not.
+    assert main(["export", str(kl_run), "--checkpoint", "last", "--diffusers", str(out)]) == 0
+    assert main(["export", str(kl_run), "--diffusers", str(tmp_path)]) == 2
+    assert "choose another folder" in capsys.readouterr().err
+
+
+def test_only_autoencoder_kl_runs_export_to_diffusers(tmp_path, capsys):
+    from image_autoencoding.export_diffusers import export_diffusers
+    from image_autoencoding.models.pretrained import TrainedModel
+
+    config = load_config(None, ["data.image_size=16", *any_arch(TINY)])
+    trained = TrainedModel(config, build_model(config.model, 16), tmp_path, 0, 0)
+    with pytest.raises(UserError, match="only model.arch autoencoder-kl exports to diffusers"):
+        export_diffusers(trained, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -514,12 +514,30 @@ def _add_export(subparsers) -> None:
                         help="best (default), last, epoch_N or a .pt path")
     parser.add_argument("--out", metavar="DIR", help="folder to write (default RUN_DIR/export)")
     parser.add_argument("--onnx", action="store_true", help="also write encoder.onnx and decoder.onnx")
+    parser.add_argument(
+        "--diffusers", metavar="DIR",
+        help="instead, write a folder diffusers opens with AutoencoderKL.from_pretrained(DIR) (model.arch "
+        "autoencoder-kl runs), with scaling_factor and shift_factor measured on posterior samples of up to 4096 "
+        "training images so that a diffusion model sees zero-mean, unit-variance latents",
+    )
     parser.set_defaults(handler=_export)
 
 
 def _export(args: argparse.Namespace) -> int:
     from image_autoencoding.export import export_run
 
+    if args.diffusers is not None:
+        from image_autoencoding.export_diffusers import export_diffusers
+        from image_autoencoding.runs.loading import load_from_checkpoint, load_from_run
+        from image_autoencoding.runs.run_paths import names_a_file
+
+        if args.out is not None or args.onnx:
+            raise ConfigError("--diffusers DIR writes a diffusers folder only: give it without --out and --onnx")
+        run_dir = _run_folder(args.run_dir)
+        trained = (load_from_checkpoint(args.checkpoint) if names_a_file(args.checkpoint)
+                   else load_from_run(run_dir, args.checkpoint))
+        print(export_diffusers(trained, args.diffusers))
+        return 0
     print(export_run(_run_folder(args.run_dir), args.checkpoint, args.out, onnx=args.onnx))
     return 0
 
