@@ -171,3 +171,40 @@ def test_only_autoencoder_kl_runs_export_to_diffusers(tmp_path, capsys):
     with pytest.raises(UserError, match="only model.arch autoencoder-kl exports to diffusers"):
         export_diffusers(trained, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_scores_a_diffusers_folder_on_a_dataset_as_it_scores_a_run(saved_kl, tmp_path, monkeypatch):
+    folder, reference = saved_kl
+    out = tmp_path / "scores"
+    assert main(["evaluate", "--model", str(folder), "data.dataset=digits", "data.image_size=16",
+                 "train.tsne_points=0", "train.precision=fp32", "--limit", "20", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    document = json.loads((out / "metrics_tiny_vae_limit_20.json").read_text())
+    assert document["images"] == 20 and "started from" in (out / "report_tiny_vae_limit_20.md").read_text()
+    # The scores are those of diffusers' own reconstructions (the posterior mean) of those images.
+    from image_autoencoding.data.image_data import load_image_data
+
+    config = load_config(None, ["data.dataset=digits", "data.image_size=16"])
+    pixels = torch.from_numpy(load_image_data(config.data, progress=False).valid.images[:20]).permute(0, 3, 1, 2)
+    x = pixels.float() / 127.5 - 1
+    with torch.no_grad():
+        output = reference(x).sample
+    mse = ((output.clamp(-1, 1) - x) / 2).square().flatten(1).mean(1)
+    assert document["metrics"]["mse"]["mean"] == pytest.approx(mse.mean().item(), abs=1e-6)
+    # Without a folder to write into, a new one in the current directory.
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "--model", str(folder), "data.dataset=digits", "data.image_size=16",
+                 "train.tsne_points=0", "--limit", "12", "--device", "cpu"]) == 0
+    (made,) = tmp_path.glob("evaluation_tiny_vae_*")
+    assert (made / "report_tiny_vae_limit_12.md").is_file()
+
+
+def test_evaluate_model_refuses_model_keys_and_a_folder_that_is_not_diffusers(saved_kl, tmp_path, capsys):
+    folder, _ = saved_kl
+    assert main(["evaluate", "--model", str(folder), "model.latent_channels=4", "--out", str(tmp_path)]) == 2
+    assert "with --model the model is the folder's" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(tmp_path), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--model" in err and "no config.json there" in err
+    assert main(["evaluate", str(tmp_path), "data.image_size=16"]) == 2
+    assert "go with --model DIR" in capsys.readouterr().err
