@@ -130,8 +130,8 @@ def test_an_image_size_the_model_cannot_divide_is_told_that_models_rule(override
      "belongs to model.arch seed, not to model.arch resnet (set by override 'model.arch=resnet')"),
     (["model.encoder_channels=[8,16]", "model.arch=resnet"], "config key 'model.encoder_channels' belongs to "
      "model.arch seed, not to model.arch resnet (set by override 'model.arch=resnet')"),
-    (["model.latent_channels=4"], "config key 'model.latent_channels' belongs to model.arch resnet, not to model.arch "
-     "seed"),
+    (["model.latent_channels=4"], "config key 'model.latent_channels' belongs to model.arch resnet or autoencoder-kl, "
+     "not to model.arch seed"),
     (["model.arch=resnet", "model.padding=1", "model.kernel_size=3"], "'model.padding' belongs to model.arch seed"),
 ])
 def test_a_key_of_another_architecture_is_told_whose_key_it_is(overrides, rule):
@@ -156,7 +156,7 @@ def test_an_unknown_architecture_is_blamed_on_model_arch(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  arch: unet\n  latent_dim: 8\n")
     with pytest.raises(ConfigError, match=re.escape("c.yaml: config key 'model.arch': Input should be 'seed' or "
-                                                    "'resnet' (got 'unet')")):
+                                                    "'resnet' or 'autoencoder-kl' (got 'unet')")):
         load_config(path)
     with pytest.raises(ConfigError, match=re.escape("override 'model.arch=unet': config key 'model.arch'")):
         load_config(None, ["model.arch=unet"])
@@ -255,12 +255,15 @@ def test_key_rows_list_every_field_with_its_default():
             defaults = model().model_dump(mode="json")
             for name, field in model.model_fields.items():
                 default, description = rows[f"{section}.{name}"]
-                assert default == format_default(defaults[name]) or name == "arch", (section, name)
+                # A key whose default differs by architecture lists each: "null (resnet), 4 (autoencoder-kl)".
+                assert default == format_default(defaults[name]) or name == "arch" or (
+                    f"{format_default(defaults[name])} ({model().arch})" in default), (section, name)
                 assert field.description in description, (section, name)
     assert rows["model.arch"][0] == "seed" and format_default(Config().model.arch) == "seed"
     assert rows["model.kernel_size"][1].startswith("model.arch=seed: ")
     assert rows["model.latent_channels"][1].startswith("model.arch=resnet: ")
-    assert rows["model.latent_dim"][1] == "dimension of the latent vector"  # every architecture has it
+    # the architectures with a latent vector have it (autoencoder-kl's latent is spatial)
+    assert rows["model.latent_dim"][1] == "model.arch=seed or resnet: dimension of the latent vector"
     assert format_default(1e-7) == "1e-7" and format_default(None) == "null" and format_default(True) == "true"
 
 

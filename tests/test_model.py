@@ -64,3 +64,16 @@ def test_posterior_from_fp16_activations_keeps_a_finite_kl():
                                  torch.full((2, 4), 15.0, dtype=torch.float16))
     assert posterior.mean.dtype == torch.float32
     assert torch.isfinite(posterior.kl()).all() and torch.isfinite(posterior.sample()).all()
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.arch=resnet", "model.resnet_channels=[8,16]"]])
+def test_every_decoders_last_layer_is_the_weight_that_makes_the_pixels(overrides):
+    """The adaptive GAN weight (Esser et al. 2021) compares gradients at this weight: it must be the
+    last layer's, whose gradient a change of the output pixels reaches first."""
+    cfg = load_config(None, ["data.image_size=16", *overrides])
+    model = build_model(cfg.model, 16)
+    weight = model.decoder.last_layer
+    assert isinstance(weight, torch.nn.Parameter) and weight.shape[0] == 3
+    model.decoder(torch.randn(2, model.latent_size)).sum().backward()
+    last_conv = [m for m in model.decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    assert weight is last_conv.weight and weight.grad is not None

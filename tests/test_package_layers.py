@@ -16,7 +16,7 @@ LAYERS = [
     {"evaluation", "sampling"},
     {"training"},
     {"runs"},
-    {"export", "export_onnx"},
+    {"export", "export_onnx", "export_diffusers"},
     {"api"},
     {"cli", "__main__", "__init__"},
 ]

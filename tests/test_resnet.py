@@ -77,7 +77,7 @@ def test_the_resnet_has_no_transposed_convolution_and_no_batch_statistics():
 def test_a_spatial_latent_needs_the_resnet_and_an_image_side_its_levels_divide(tiny, capsys):
     assert main(["train", *tiny, "model.latent_channels=4"]) == 2
     error = capsys.readouterr().err.strip()
-    assert "'model.latent_channels' belongs to model.arch resnet, not to model.arch seed" in error
+    assert "'model.latent_channels' belongs to model.arch resnet or autoencoder-kl, not to model.arch seed" in error
     assert "Traceback" not in error and "\n" not in error
     # Three levels halve the side twice: 18 px is not a multiple of 4.
     assert main(["train", *any_arch(tiny), "model.arch=resnet", "model.resnet_channels=[8,8,8]",

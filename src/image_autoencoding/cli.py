@@ -42,6 +42,7 @@ def _add_train(subparsers) -> None:
 
 
 def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
+    from image_autoencoding.models.factory import check_model_sources
     from image_autoencoding.runs import report
     from image_autoencoding.runs.resume import prepare_resume
     from image_autoencoding.runs.run_callbacks import run_folder_callbacks
@@ -61,6 +62,7 @@ def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
         if args.checkpoint:
             raise ConfigError("--checkpoint needs --resume RUN_DIR")
         config, state, resume = load_config(args.config, args.overrides), None, None
+        check_model_sources(config.model)
     if args.quiet:
         config.train.progress = False
 
@@ -201,11 +203,12 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_run_command(subparsers, name: str, handler, help: str, description: str) -> argparse.ArgumentParser:
+def _add_run_command(subparsers, name: str, handler, help: str, description: str,
+                     run_dir_nargs: str | None = None) -> argparse.ArgumentParser:
     """A command that reads a run folder and one of its checkpoints and runs its networks (evaluate,
     sample, reconstruct, encode)."""
     parser = subparsers.add_parser(name, help=help, description=description)
-    parser.add_argument("run_dir", metavar="RUN_DIR")
+    parser.add_argument("run_dir", metavar="RUN_DIR", nargs=run_dir_nargs)
     parser.add_argument("--checkpoint", default="best", help="best (default), last, epoch_N or a .pt path")
     parser.add_argument("--device", help="auto, cpu, cuda[:N] (default: the run's)")
     parser.set_defaults(handler=handler)
@@ -222,8 +225,21 @@ def _add_evaluate(subparsers) -> None:
         "The valid split scored by the best checkpoint, as at the end of training, writes the run's own "
         "metrics.json, report.md and images/latent/*.png; any other split, checkpoint or --limit adds them "
         "to the names (metrics_train_epoch_3_limit_100.json, report_train_epoch_3_limit_100.md, ...) and "
-        "leaves the run's own files alone.",
+        "leaves the run's own files alone. With --model DIR instead of RUN_DIR: a diffusers AutoencoderKL folder "
+        "(a downloaded Stable Diffusion VAE) scored the same way on the data of --config and data.* overrides "
+        "(the config's model section is left out), written into --out.",
+        run_dir_nargs="?",
     )
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="with --model: data.* and train.* overrides")
+    parser.add_argument("--model", metavar="DIR",
+                        help="score this diffusers AutoencoderKL folder instead of a run (e.g. the VAE a run was "
+                        "fine-tuned from, to compare)")
+    parser.add_argument("--config", "-c", help="with --model: YAML file whose data and train sections to use")
+    parser.add_argument("--out", metavar="DIR",
+                        help="with --model: the folder for metrics_<DIR name>.json, report_<DIR name>.md and "
+                        "the pictures (_train, _limit_N added to the names as for a run); default: a new folder "
+                        "evaluation_<DIR name>_<YYYYmmdd-HHMMSS> in the current directory")
     parser.add_argument("--split", choices=["valid", "train"], default="valid")
     parser.add_argument("--limit", type=int, metavar="N", help="score only the first N images")
     parser.add_argument("--fid", action="store_true",
@@ -242,14 +258,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit: expected a number of images >= 1 (got {args.limit})")
+    if args.model is not None:
+        return _evaluate_model(args)
+    if args.overrides or args.config or args.out:
+        raise ConfigError("overrides, --config and --out go with --model DIR; a run is scored with its own config")
+    if args.run_dir is None:
+        raise ConfigError("vae evaluate: give RUN_DIR, or --model DIR")
     run_dir = _run_folder(args.run_dir)
     requested = _requested_device(args)
     ensure_writable(run_dir, "run folder")  # every evaluation writes its figures there
-    network = None
-    if args.fid:  # before any work: missing weights are a one-line error, exit 2
-        from image_autoencoding.evaluation.feature_networks import inception_network, inception_weights
-
-        network = inception_network(inception_weights(args.inception_weights))
+    network = _inception(args)
     vae = load(run_dir, args.checkpoint, device="cpu")
     device = str(requested or _run_device(vae.config))
     data = load_image_data(vae.config.data, progress=False)  # read once for the metrics and --fid
@@ -269,6 +287,50 @@ def _evaluate(args: argparse.Namespace) -> int:
     for path in written:
         print(path)
     return 0
+
+
+def _evaluate_model(args: argparse.Namespace) -> int:
+    """vae evaluate --model DIR: a diffusers folder scored as a run's checkpoint is, into --out."""
+    from image_autoencoding.data.image_data import load_image_data
+    from image_autoencoding.runs.loading import load_from_diffusers
+    from image_autoencoding.runs.report import evaluate_and_write, write_sample_quality
+    from image_autoencoding.runs.report_markdown import metrics_table, sample_quality_table
+    from image_autoencoding.runs.run_dir import create_stamped_dir, ensure_writable
+
+    # The positional RUN_DIR takes the first override when --model is given.
+    overrides = [*([args.run_dir] if args.run_dir is not None else []), *args.overrides]
+    requested = _requested_device(args)
+    model_dir = Path(args.model)
+    trained = load_from_diffusers(model_dir, args.config, overrides)
+    if args.out is not None:
+        out = ensure_writable(args.out)
+    else:
+        out = create_stamped_dir(ensure_writable(Path.cwd(), "current directory"), f"evaluation_{model_dir.name}")
+    network = _inception(args)
+    data = load_image_data(trained.config.data, progress=False)
+    device = str(requested or _run_device(trained.config))
+    quality, written = None, []
+    if network is not None:
+        quality, path = write_sample_quality(out, trained, network, args.split, args.limit, data, device)
+        written.append(path)
+    document, files = evaluate_and_write(out, trained, args.split, args.limit, data, device, quality)
+    print(f"{document['split']} split, {document['images']} images, {model_dir}")
+    print(metrics_table(document))
+    if quality is not None:
+        print(sample_quality_table(quality["scores"]))
+    print("written:")
+    for path in files + written:
+        print(path)
+    return 0
+
+
+def _inception(args: argparse.Namespace):
+    """--fid's feature network, loaded before any work: missing weights are a one-line error, exit 2."""
+    if not args.fid:
+        return None
+    from image_autoencoding.evaluation.feature_networks import inception_network, inception_weights
+
+    return inception_network(inception_weights(args.inception_weights))
 
 
 # samples_grid.png shows the first this many samples: a grid of all of 100000 would be a picture too
@@ -512,12 +574,30 @@ def _add_export(subparsers) -> None:
                         help="best (default), last, epoch_N or a .pt path")
     parser.add_argument("--out", metavar="DIR", help="folder to write (default RUN_DIR/export)")
     parser.add_argument("--onnx", action="store_true", help="also write encoder.onnx and decoder.onnx")
+    parser.add_argument(
+        "--diffusers", metavar="DIR",
+        help="instead, write a folder diffusers opens with AutoencoderKL.from_pretrained(DIR) (model.arch "
+        "autoencoder-kl runs), with scaling_factor and shift_factor measured on posterior samples of up to 4096 "
+        "training images so that a diffusion model sees zero-mean, unit-variance latents",
+    )
     parser.set_defaults(handler=_export)
 
 
 def _export(args: argparse.Namespace) -> int:
     from image_autoencoding.export import export_run
 
+    if args.diffusers is not None:
+        from image_autoencoding.export_diffusers import export_diffusers
+        from image_autoencoding.runs.loading import load_from_checkpoint, load_from_run
+        from image_autoencoding.runs.run_paths import names_a_file
+
+        if args.out is not None or args.onnx:
+            raise ConfigError("--diffusers DIR writes a diffusers folder only: give it without --out and --onnx")
+        run_dir = _run_folder(args.run_dir)
+        trained = (load_from_checkpoint(args.checkpoint) if names_a_file(args.checkpoint)
+                   else load_from_run(run_dir, args.checkpoint))
+        print(export_diffusers(trained, args.diffusers))
+        return 0
     print(export_run(_run_folder(args.run_dir), args.checkpoint, args.out, onnx=args.onnx))
     return 0
 

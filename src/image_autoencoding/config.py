@@ -41,6 +41,9 @@ class _Section(BaseModel):
 # SSIM, so a smaller image could train an epoch and then fail to be scored.
 SSIM_WINDOW = 11
 
+# data.mean = data.std = this maps pixels in [0, 1] to [-1, 1].
+UNIT_RANGE = (0.5, 0.5, 0.5)
+
 DatasetName = Literal["digits", "fashion-mnist", "coco", "food-101", "folder"]
 
 
@@ -170,6 +173,10 @@ class _ModelSection(_Section):
     def latent_size(self, image_size: int) -> int:
         """Floats in one image's latent: the length of the vectors the encoder gives and the decoder takes."""
 
+    def data_problem(self, data: DataConfig) -> str | None:
+        """Why this architecture cannot take images normalised as `data` says, in one line; None when it can."""
+        return None
+
 
 def _positive_channels(value: list[int]) -> list[int]:
     if min(value) < 1:
@@ -273,8 +280,74 @@ class ResnetModelConfig(_ModelSection):
         return self.latent_channels * self.feature_side(image_size) ** 2
 
 
+class AutoencoderKLModelConfig(_ModelSection):
+    """model.arch=autoencoder-kl: diffusers' AutoencoderKL, the autoencoder of latent diffusion (Rombach
+    et al. 2022; models/autoencoder_kl.py), with its keys under diffusers' names. The defaults are
+    Stable Diffusion's VAE (stabilityai/sd-vae-ft-mse), so model.init_from such a folder needs no
+    other key; images go in and come out in [-1, 1] (data.mean = data.std = 0.5)."""
+
+    arch: Literal["autoencoder-kl"] = Field(
+        "autoencoder-kl", description="diffusers' AutoencoderKL (Stable Diffusion's VAE), pip install "
+        "'image-autoencoding[diffusers]'",
+    )
+    block_out_channels: list[int] = Field(
+        default_factory=lambda: [128, 256, 512, 512], min_length=1,
+        description="width of each level of the encoder (the decoder mirrors it); every level after the first "
+        "halves the image side",
+    )
+    layers_per_block: int = Field(2, ge=1, description="residual blocks per encoder level (the decoder has one more)")
+    latent_channels: int = Field(4, ge=1, description="channels of the spatial latent, at image_size / "
+                                 "2^(levels - 1) per side")
+    norm_num_groups: int = Field(32, ge=1, description="GroupNorm groups; divides every block_out_channels entry")
+    mid_block_add_attention: bool = Field(
+        True, description="a self-attention layer in the middle block of the encoder and of the decoder"
+    )
+    use_quant_conv: bool = Field(
+        True, description="a 1x1 convolution on the encoder's mean and log-variance (false in SD3's and FLUX's VAE)"
+    )
+    use_post_quant_conv: bool = Field(
+        True, description="a 1x1 convolution on the latent before the decoder (false in SD3's and FLUX's VAE)"
+    )
+    init_from: str | None = Field(
+        None,
+        description="a diffusers AutoencoderKL folder (config.json and weights, read with local files only) whose "
+        "weights a new run starts from; its config.json must agree with these keys; null: random weights",
+    )
+
+    @field_validator("block_out_channels")
+    @classmethod
+    def _channels_positive(cls, value: list[int]) -> list[int]:
+        return _positive_channels(value)
+
+    @model_validator(mode="after")
+    def _groups_divide_channels(self) -> AutoencoderKLModelConfig:
+        if any(width % self.norm_num_groups for width in self.block_out_channels):
+            raise ValueError(f"model.norm_num_groups {self.norm_num_groups} must divide every "
+                             f"model.block_out_channels entry {self.block_out_channels} (GroupNorm)")
+        return self
+
+    @property
+    def downsampling(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def image_size_rule(self) -> str:
+        return (f"the encoder halves it {len(self.block_out_channels) - 1} times, once per "
+                "model.block_out_channels level after the first")
+
+    def latent_size(self, image_size: int) -> int:
+        return self.latent_channels * self.feature_side(image_size) ** 2
+
+    def data_problem(self, data: DataConfig) -> str | None:
+        if data.mean != UNIT_RANGE or data.std != UNIT_RANGE:
+            return (f"model.arch autoencoder-kl takes images in [-1, 1], as diffusers' autoencoders do: "
+                    f"data.mean and data.std must be {list(UNIT_RANGE)} (got {list(data.mean)} and {list(data.std)})")
+        return None
+
+
 # model.arch picks the class; a config without it is the original's seed architecture.
-MODEL_CONFIGS: dict[str, type[_ModelSection]] = {"seed": SeedModelConfig, "resnet": ResnetModelConfig}
+MODEL_CONFIGS: dict[str, type[_ModelSection]] = {
+    "seed": SeedModelConfig, "resnet": ResnetModelConfig, "autoencoder-kl": AutoencoderKLModelConfig,
+}
 
 
 def _arch_of(value: Any) -> Any:
@@ -282,7 +355,8 @@ def _arch_of(value: Any) -> Any:
 
 
 ModelConfig = Annotated[
-    Annotated[SeedModelConfig, Tag("seed")] | Annotated[ResnetModelConfig, Tag("resnet")],
+    Annotated[SeedModelConfig, Tag("seed")] | Annotated[ResnetModelConfig, Tag("resnet")]
+    | Annotated[AutoencoderKLModelConfig, Tag("autoencoder-kl")],
     Discriminator(_arch_of),
 ]
 
@@ -307,11 +381,11 @@ class TrainConfig(_Section):
     # chose the default recipe (docs/quality.md, "How the default was chosen"); resnet gets Adam: with
     # RMSprop its validation PSNR was several dB lower, in a screen and over three seeds (the figures:
     # docs/design.md, "The residual architecture"). Why RMSprop suits one network and not the other
-    # was not established.
+    # was not established. autoencoder-kl gets Adam, as latent diffusion trains it (Rombach et al. 2022).
     optimizer: Literal["auto", "rmsprop", "adam"] = Field(
         "auto",
         description="one per network: rmsprop (alpha 0.9, eps 1e-8, as the original), adam, or auto: rmsprop for "
-        "model.arch=seed, adam for resnet",
+        "model.arch=seed, adam for resnet and autoencoder-kl",
     )
     lr: float = Field(0.001, gt=0.0, description="learning rate")
     weight_decay: float = Field(1e-7, ge=0.0, description="the optimizer's weight decay")
@@ -507,11 +581,18 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
+    def _normalisation_fits_model(self) -> Config:
+        problem = self.model.data_problem(self.data)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
     def _resolve_optimizer(self) -> Config:
         # Resolved here, the one place, so that the saved config, the report and a resume all name
         # the optimizer that trained.
         if self.train.optimizer == "auto":
-            self.train.optimizer = "adam" if self.model.arch == "resnet" else "rmsprop"
+            self.train.optimizer = "adam" if self.model.arch in ("resnet", "autoencoder-kl") else "rmsprop"
         return self
 
     def to_dict(self) -> dict[str, Any]:

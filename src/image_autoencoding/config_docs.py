@@ -81,7 +81,25 @@ def key_rows() -> list[KeyRow]:
                 continue
             only = "" if len(archs) == len(classes) else f"model.arch={' or '.join(archs)}: "
             rows.append(KeyRow(f"{section}.{name}", default, only + description))
-    return rows
+    return _one_row_per_key(rows)
+
+
+def _one_row_per_key(rows: list[KeyRow]) -> list[KeyRow]:
+    """A key that architectures have with different defaults or meanings (model.latent_channels: a
+    resnet's optional spatial latent, an AutoencoderKL's latent) as one row, at its first place:
+    each default with its architectures, the descriptions joined."""
+    merged: dict[str, list[KeyRow]] = {}
+    for row in rows:
+        merged.setdefault(row[0], []).append(row)
+    result = []
+    for key, same in merged.items():
+        if len(same) == 1:
+            result.append(same[0])
+            continue
+        archs = [description.partition(": ")[0].removeprefix("model.arch=") for _, _, description in same]
+        default = ", ".join(f"{value} ({arch})" for (_, value, _), arch in zip(same, archs, strict=True))
+        result.append(KeyRow(key, default, "; ".join(description for _, _, description in same)))
+    return result
 
 
 def key_table_markdown() -> str:

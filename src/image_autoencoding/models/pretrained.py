@@ -176,7 +176,7 @@ def from_pretrained(directory: str | Path) -> TrainedModel:
         if problem:
             raise UserError(f"'{weights}' does not hold the {network} '{path}' describes: {problem}")
     load_file = _safetensors().load_file
-    model = build_model(config.model, config.data.image_size)
+    model = build_model(config.model, config.data.image_size, init_weights=False)
     for network in NETWORKS:
         weights = folder / f"{network}.safetensors"
         try:

@@ -123,3 +123,8 @@ class ResnetDecoder(nn.Module):
         else:
             h = self.from_latent(z.view(-1, self.latent_channels, self.side, self.side))
         return self.features(h)
+
+    @property
+    def last_layer(self) -> Tensor:
+        """The weight of the layer that makes the pixels (the adaptive GAN weight's reference)."""
+        return self.features[-2].weight

@@ -19,7 +19,7 @@ def expected_shapes(cfg: ModelConfig, image_size: int) -> Shapes:
     """name -> shape of every tensor in the model's state dict. Built on the meta device, which
     allocates no memory for tensors."""
     with torch.device("meta"):
-        model = build_model(cfg, image_size)
+        model = build_model(cfg, image_size, init_weights=False)
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
@@ -27,7 +27,7 @@ def parameter_shapes(cfg: ModelConfig, image_size: int) -> dict[str, list[tuple[
     """Each network's ("encoder", "decoder") parameter shapes in the order its optimizer numbers
     them (training/optimizers.py builds one optimizer per network)."""
     with torch.device("meta"):
-        model = build_model(cfg, image_size)
+        model = build_model(cfg, image_size, init_weights=False)
     return {name: [tuple(p.shape) for p in getattr(model, name).parameters()] for name in ("encoder", "decoder")}
 
 

@@ -114,6 +114,11 @@ class Decoder(nn.Module):
         h = self.fc(z).view(-1, self.first_channels, self.side, self.side)
         return self.to_image(self.features(h))
 
+    @property
+    def last_layer(self) -> Tensor:
+        """The weight of the layer that makes the pixels (the adaptive GAN weight's reference)."""
+        return self.to_image[0].weight
+
 
 class VAE(nn.Module):
     """An encoder (image -> DiagonalGaussian over flat latent vectors) and a decoder (latent vectors

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from image_autoencoding.config import Config, ConfigError
+from image_autoencoding.config import Config, ConfigError, apply_overrides, build_config, read_yaml
+from image_autoencoding.models.autoencoder_kl import model_keys_of_folder
 from image_autoencoding.models.factory import build_model
 from image_autoencoding.models.pretrained import TrainedModel
 from image_autoencoding.models.shapes import expected_shapes, shape_mismatch, tensor_shapes
@@ -57,10 +58,29 @@ def _with_weights(config: Config, path: Path, state: TrainingState, described: s
     problem = shape_mismatch(expected_shapes(config.model, config.data.image_size), tensor_shapes(weights))
     if problem:
         raise CheckpointError(f"checkpoint '{path}' does not fit {described}: {problem}")
-    model = build_model(config.model, config.data.image_size)
+    model = build_model(config.model, config.data.image_size, init_weights=False)
     try:
         model.load_state_dict(weights)
     except (RuntimeError, KeyError):
         raise CheckpointError(f"checkpoint '{path}' does not fit {described}") from None
     return TrainedModel(config, model.eval(), path, state.epoch, state.step)
 
+
+def load_from_diffusers(folder: str | Path, config_file: str | Path | None = None,
+                        overrides: list[str] | None = None) -> TrainedModel:
+    """A diffusers AutoencoderKL folder (a downloaded Stable Diffusion VAE, or `vae export
+    --diffusers`'s) as a model to score: its config.json gives the model section (model.arch
+    autoencoder-kl, model.init_from the folder), `config_file` and `overrides` the data and train
+    sections. The file's model section is left out: it describes another model (a run's config
+    names the folder its run started from); an override of a model key is refused."""
+    overrides = list(overrides or [])
+    for text in overrides:
+        if text.partition("=")[0].split(".")[0] == "model":
+            raise ConfigError(f"override '{text}': with --model the model is the folder's; give data.* or "
+                              "train.* overrides")
+    raw = read_yaml(config_file) if config_file is not None else {}
+    raw = apply_overrides({name: section for name, section in raw.items() if name != "model"}, overrides)
+    raw["model"] = model_keys_of_folder(folder, "--model")
+    config = build_config(raw, str(config_file) if config_file is not None else "", overrides)
+    model = build_model(config.model, config.data.image_size)  # the folder's weights (model.init_from)
+    return TrainedModel(config, model.eval(), Path(folder), 0, 0)

@@ -54,6 +54,12 @@ def describe_model(model: ModelConfig, image_size: int) -> str:
         latent = (f"spatial latent {model.latent_channels}x{side}x{side}" if model.latent_channels is not None
                   else f"latent {model.latent_dim}")
         return f"resnet, levels {model.resnet_channels}, {model.resnet_blocks} residual block(s) each, {latent}"
+    if model.arch == "autoencoder-kl":
+        side = model.feature_side(image_size)
+        start = f", started from {model.init_from}" if model.init_from else ""
+        return (f"autoencoder-kl (diffusers' AutoencoderKL), levels {model.block_out_channels}, "
+                f"{model.layers_per_block} residual block(s) each, spatial latent {model.latent_channels}x{side}x{side}"
+                f"{start}")
     return (f"seed (the original's), latent {model.latent_dim}, encoder {model.encoder_channels}, "
             f"decoder {model.decoder_channels}, FC {model.fc_dim}")
 
