@@ -120,13 +120,8 @@ def model_keys_of_folder(folder: str | Path, what: str) -> dict[str, Any]:
     activation, channel counts) is refused in one line naming the config.json key."""
     path = Path(folder) / DIFFUSERS_CONFIG
     if not path.is_file():
-        # A resumed run reads model.init_from too (the trainer builds the model before the checkpoint's
-        # weights replace its own), so the way on for a folder that has moved is said here.
-        moved = " (resuming a run whose folder has moved: add model.init_from=null)"
-        resumed = moved if what == "model.init_from" else ""
         raise UserError(f"{what} '{folder}': no {DIFFUSERS_CONFIG} there (expected a diffusers AutoencoderKL folder: "
-                        f"{DIFFUSERS_CONFIG} and diffusion_pytorch_model.safetensors, as save_pretrained writes it)"
-                        + resumed)
+                        f"{DIFFUSERS_CONFIG} and diffusion_pytorch_model.safetensors, as save_pretrained writes it)")
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

@@ -75,7 +75,9 @@ class Trainer:
         self.alpha = self.cfg.kl_weight(dist.world_size)
 
         seed_everything(self.cfg.seed)
-        self.model = build_model(config.model, config.data.image_size).to(self.device)
+        # A resumed run's weights come from its checkpoint: the folder model.init_from names (a
+        # diffusers autoencoder a run started from) is not read again, and may have moved.
+        self.model = build_model(config.model, config.data.image_size, init_weights=resume is None).to(self.device)
         if dist.enabled and self.cfg.sync_batchnorm:
             self.model = convert_batchnorm(self.model, self.device)
         if self.cfg.channels_last:
