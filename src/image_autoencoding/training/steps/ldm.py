@@ -230,7 +230,7 @@ class LdmStep(TrainingStep):
         self.stats.zero_()
         images, steps, adversarial = values["images"], values["steps"], values["adversarial_steps"]
         out = {"pixel": values["pixel"] / max(images, 1), "lpips": values["lpips"] / max(images, 1),
-               "nll": values["nll"] / max(images, 1), "logvar": float(self.loss.logvar),
+               "nll": values["nll"] / max(images, 1), "logvar": float(self.loss.logvar.detach()),
                "disc_factor": adversarial / max(steps, 1)}
         if adversarial:
             out.update({key: values[key] / adversarial
