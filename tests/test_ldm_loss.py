@@ -12,9 +12,11 @@ from image_autoencoding.cli import main
 from image_autoencoding.config import ConfigError, load_config
 from image_autoencoding.data.batches import training_batches
 from image_autoencoding.data.image_data import load_image_data
-from image_autoencoding.evaluation.lpips import perceptual_distance
+from image_autoencoding.evaluation.evaluate import evaluate_split
+from image_autoencoding.evaluation.lpips import lpips_metric, perceptual_distance
 from image_autoencoding.runs.checkpoint import load_checkpoint, save_checkpoint
 from image_autoencoding.runs.metrics_log import MetricsLog
+from image_autoencoding.runs.report_markdown import lpips_note
 from image_autoencoding.runs.resume import prepare_resume
 from image_autoencoding.runs.run_paths import RunPaths
 from image_autoencoding.training.steps.ldm import decoder_last_layer
@@ -173,6 +175,23 @@ def test_vae_train_ldm_end_to_end_then_its_checkpoint_resumes(tiny, vgg_weights,
     # The discriminator joined at the second of the epoch's two steps.
     assert float(row["disc_factor"]) == 0.5 and float(row["d_weight"]) > 0 and float(row["lpips"]) > 0
     assert float(row["train_recon"]) > 0 and float(row["valid_recon"]) > 0
+    assert "LPIPS (VGG16)" in RunPaths(run_dir).report().read_text()
     # The decoder's optimizer steps the logvar too: the resume's check of optimizer shapes knows it.
     resume = prepare_resume(run_dir, None, ["train.epochs=2"])
     assert resume.config.model.mode == "ldm" and resume.config.train.alpha == 1e-6
+
+
+def test_the_report_scores_lpips_where_the_vgg_weights_are_and_says_why_not_elsewhere(tiny, vgg_weights, tmp_path):
+    config = load_config(None, [*tiny, *TINY_LDM, "train.perceptual_weight=0"])
+    data = load_image_data(config.data)
+    trainer = Trainer(config, data)
+    with_weights = evaluate_split(trainer.model, data.valid.images, trainer.normalize, trainer.device, 32,
+                                  limit=8, lpips=lpips_metric(16, vgg_weights))
+    assert with_weights.per_image["lpips"].shape == (8,) and (with_weights.per_image["lpips"] > 0).all()
+    absent = tmp_path / "absent.pth"
+    assert "lpips" not in evaluate_split(trainer.model, data.valid.images, trainer.normalize, trainer.device, 32,
+                                         limit=8, lpips=lpips_metric(16, absent)).per_image
+    document = {"metrics": {}}
+    config.train.lpips_vgg_weights = str(absent)
+    (note, _) = lpips_note(document, config)
+    assert "not computed" in note and str(absent) in note and "vgg16-397923af.pth" in note

@@ -97,3 +97,21 @@ def perceptual_distance(vgg_weights: Path) -> PerceptualDistance:
     load_weights(VGG16(network.net), vgg_weights, unused=("classifier.",))
     load_weights(LpipsHeads(network.lins), Path(str(resources.files("lpips") / HEADS_FILE)))
     return PerceptualDistance(network)
+
+
+def lpips_unavailable(image_size: int, explicit: str | Path | None = None) -> str | None:
+    """Why LPIPS cannot score images of `image_size` here (too small, no lpips package, no VGG16
+    weights: which file goes where), or None when it can."""
+    if image_size < LPIPS_MIN_SIZE:
+        return f"images of {image_size} px are smaller than the {LPIPS_MIN_SIZE} px LPIPS's VGG16 needs"
+    try:
+        _lpips_package()
+        vgg16_weights(explicit, "train.lpips_vgg_weights when training")
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
+def lpips_metric(image_size: int, explicit: str | Path | None = None) -> PerceptualDistance | None:
+    """LPIPS for scoring a split where it can run (lpips_unavailable says why not), else None."""
+    return None if lpips_unavailable(image_size, explicit) else perceptual_distance(vgg16_weights(explicit))
