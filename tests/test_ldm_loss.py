@@ -195,3 +195,17 @@ def test_the_report_scores_lpips_where_the_vgg_weights_are_and_says_why_not_else
     config.train.lpips_vgg_weights = str(absent)
     (note, _) = lpips_note(document, config)
     assert "not computed" in note and str(absent) in note and "vgg16-397923af.pth" in note
+
+
+def test_ldm_trains_the_resnet_architecture_with_its_spatial_latent(tmp_path):
+    config = load_config(None, ["data.dataset=digits", "data.image_size=16", "model.arch=resnet",
+                                "model.resnet_channels=[8,16]", "model.latent_channels=2",
+                                f"train.output_dir={tmp_path}", *TINY_LDM, "train.perceptual_weight=0",
+                                "train.disc_start=1"])
+    trainer = Trainer(config, load_image_data(config.data))
+    assert decoder_last_layer(trainer.model.decoder) is trainer.model.decoder.features[-2].weight
+    discriminator = _weights(trainer.training_step.discriminator)
+    for x in _batches(trainer, 2):
+        assert trainer.train_step(x) is not None
+    assert not _equal(discriminator, _weights(trainer.training_step.discriminator))
+    assert trainer.training_step.take_stats()["d_weight"] > 0
