@@ -131,6 +131,8 @@ def dataset(name: str, args, work: Path) -> tuple[ImageData, list[str]]:
 
 
 BATCH = 64
+# The VAE-GAN step's mean D(x) and D(x~) (steps/vae_gan.take_stats, in each epoch's metrics row).
+STEP_STATS = ("d_real", "d_recon")
 PROBE_STEPS = (3, 10)  # --train-seconds: untimed steps, then timed ones, of a throwaway trainer
 
 
@@ -179,6 +181,14 @@ class EpochRows(Callback):
     def train_seconds(self) -> float:
         return sum(row["seconds"] for row in self.rows)
 
+    def run_means(self, keys: tuple[str, ...]) -> dict[str, float]:
+        """The whole run's means of the per-image statistics each epoch's row holds (the training
+        step's, which the trainer takes each epoch), each epoch weighted by its images."""
+        rows = [row for row in self.rows if all(key in row for key in keys)]
+        images = [row["images_per_s"] * row["seconds"] for row in rows]
+        return {key: sum(row[key] * n for row, n in zip(rows, images, strict=True)) / sum(images)
+                for key in keys} if rows and sum(images) else {}
+
 
 class WallTimeBudget(Callback):
     """--train-seconds: the probe's few steps misjudged the pace by up to 40% on a 2-core CPU (rows
@@ -210,7 +220,7 @@ def train_recipe(
     info = {"config": path or "configs/coco.yaml (train section)", "overrides": overrides, "steps": trainer.step,
             "images_seen": trainer.step * BATCH, "epochs": trainer.epoch, "train_seconds": round(seconds, 1),
             "train_img_s": round(trainer.step * BATCH / seconds, 1), "final_lr": trainer.training_step.learning_rate,
-            **trainer.training_step.take_stats()}
+            **epochs.run_means(STEP_STATS)}
     if args.curve:
         info["valid_by_epoch"] = [{key.removeprefix("valid_"): round(v, 5) for key, v in row.items()
                                    if key.startswith("valid_")} for row in epochs.rows]

@@ -216,6 +216,48 @@ def test_vae_gan_on_two_processes_takes_the_step_of_one_process_with_the_global_
         torch.testing.assert_close(two["grads"][key], grad, rtol=0, atol=1e-2 * float(grad.abs().max()), msg=key)
 
 
+def ldm_first_step(rank: int, root: Path, world: int) -> None:
+    """The first model.mode=ldm step with the discriminator on (its hinge loss, the GAN term and the
+    adaptive weight; free bits on) on one of `world` gloo ranks, or in the one process; rank 0 saves
+    the gradients each optimizer stepped with (the logvar's too) to ldm{world}.pt."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world)
+    try:
+        # KL: ldm's default KL weight, 1e-6, leaves the encoder's mean bias a gradient of rounding
+        # size only (the seed decoder's BatchNorm cancels a shift of every latent).
+        config = load_config(None, [*COMMON, *KL, "model.mode=ldm", "model.patch_discriminator_width=4",
+                                    "model.patch_discriminator_layers=2", "train.disc_start=0",
+                                    "train.perceptual_weight=0", "train.free_bits=0.05", "train.sync_batchnorm=true",
+                                    f"train.batch_size={32 // world}", f"train.output_dir={root}"])
+        trainer = Trainer(config, load_image_data(config.data, progress=False), dist=Distributed(rank, rank, world))
+        values = trainer.train_epoch(1, max_steps=1)
+        step = trainer.training_step
+        networks = {"encoder": trainer.model.encoder, "decoder": trainer.model.decoder,
+                    "discriminator": step.discriminator, "ldm_loss": step.loss}
+        grads = {f"{name}.{key}": p.grad for name, net in networks.items() for key, p in net.named_parameters()}
+        if rank == 0:
+            torch.save({"grads": grads, "values": values}, root / f"ldm{world}.pt")
+    finally:
+        torch.set_num_threads(threads)
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def test_ldm_on_two_processes_takes_the_step_of_one_process_with_the_global_batch(tmp_path):
+    """The adaptive weight is a ratio of gradient norms: computed from each rank's own gradients it
+    would differ per rank and from one process's."""
+    mp.spawn(ldm_first_step, args=(tmp_path, 2), nprocs=2)
+    ldm_first_step(0, tmp_path, 1)
+    two, one = torch.load(tmp_path / "ldm2.pt"), torch.load(tmp_path / "ldm1.pt")
+    for key in ("train_recon", "train_kl"):
+        assert two["values"][key] == pytest.approx(one["values"][key], rel=1e-5), key
+    for key, grad in one["grads"].items():
+        # Within 1% of the largest element, as the VAE-GAN's above (BatchNorm's backward).
+        torch.testing.assert_close(two["grads"][key], grad, rtol=0, atol=1e-2 * float(grad.abs().max()), msg=key)
+
+
 def test_alpha_one_over_batch_size_is_over_the_global_batch():
     cfg = load_config(None, ["train.batch_size=16", "train.alpha=1/batch_size"]).train
     assert cfg.kl_weight(world_size=2) == cfg.kl_weight(1) / 2 == 1 / 32

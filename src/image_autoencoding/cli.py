@@ -50,6 +50,7 @@ def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
     from image_autoencoding.runs.run_log import run_logging
     from image_autoencoding.training.distributed import from_environment, process_group
     from image_autoencoding.training.progress_bar import ProgressBar
+    from image_autoencoding.training.steps.ldm import check_lpips_weights
     from image_autoencoding.training.trainer import Trainer
 
     if args.resume:
@@ -65,6 +66,7 @@ def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
         check_model_sources(config.model)
     if args.quiet:
         config.train.progress = False
+    check_lpips_weights(config)  # before a run folder is made
 
     with process_group(config.train.device) as dist, ExitStack() as run_folder_held:
         run_dir, data = _run_dir_and_data(config, resume, dist, run_folder_held)

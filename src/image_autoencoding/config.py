@@ -40,6 +40,13 @@ class _Section(BaseModel):
 # SSIM's Gaussian window side (Wang et al. 2004; evaluation/metrics.py): every validation scores
 # SSIM, so a smaller image could train an epoch and then fail to be scored.
 SSIM_WINDOW = 11
+# LPIPS's VGG16 halves the image four times before its last layer (evaluation/lpips.py): a smaller
+# image leaves that layer no pixel.
+LPIPS_MIN_SIZE = 16
+# model.mode=ldm's KL weight when train.alpha is not given: Stable Diffusion's autoencoders'
+# (Rombach et al. 2022, kl_weight 1e-6 in their configs): a KL-regularised autoencoder whose latent
+# a diffusion model learns, not a sampler of the prior.
+LDM_KL_WEIGHT = 1e-6
 
 # data.mean = data.std = this maps pixels in [0, 1] to [-1, 1].
 UNIT_RANGE = (0.5, 0.5, 0.5)
@@ -123,9 +130,11 @@ class _ModelSection(_Section):
     ModelConfig and MODEL_CONFIGS, and its networks in models/factory.ARCHITECTURES."""
 
     # vae-gan: Larsen et al. 2016, the same VAE plus a discriminator whose hidden layer measures the
-    # reconstruction error (training/vae_gan.py).
-    mode: Literal["vae", "vae-gan"] = Field(
-        "vae", description="vae (the original's), or vae-gan: the same VAE plus a discriminator (Larsen et al. 2016)"
+    # reconstruction error (training/steps/vae_gan.py). ldm: the objective of latent diffusion's
+    # autoencoders (Esser et al. 2021, Rombach et al. 2022; training/steps/ldm.py).
+    mode: Literal["vae", "vae-gan", "ldm"] = Field(
+        "vae", description="vae (the original's); vae-gan: the same VAE plus a discriminator (Larsen et al. 2016); "
+        "ldm: latent diffusion's autoencoder loss, pixel + LPIPS + a small KL + a PatchGAN (Rombach et al. 2022)"
     )
     arch: str = Field(description="the architecture: the key of MODEL_CONFIGS that picks the class")
     # The original passed 0.9, TensorFlow's convention for the same setting, so its running statistics
@@ -143,6 +152,16 @@ class _ModelSection(_Section):
     discriminator_channels: list[int] = Field(
         default_factory=lambda: [32, 128, 256, 256, 512], min_length=3,
         description="model.mode=vae-gan: the discriminator's conv widths, then its fully connected width",
+    )
+
+    # Taming Transformers' NLayerDiscriminator defaults (Esser et al. 2021): 64 wide, 3 halvings.
+    patch_discriminator_width: int = Field(
+        64, ge=1, description="model.mode=ldm: the PatchGAN discriminator's first conv width (doubling per layer, "
+        "at most x8)",
+    )
+    patch_discriminator_layers: int = Field(
+        3, ge=1, description="model.mode=ldm: the PatchGAN discriminator's downsampling convs (each halves the "
+        "image while it stays at least 4 px)",
     )
 
     @field_validator("discriminator_channels")
@@ -421,10 +440,14 @@ class TrainConfig(_Section):
     # likelihood of a decoder with pixel variance 1 on images in [-1, 1], so weak that with alpha 1 the
     # KL wins and the model blurs; 0.1 scored higher validation SSIM and PCC than 1 on both datasets of
     # benchmarks/quality.py (docs/quality.md, "The recipes").
+    # One key for the KL weight of every objective: in each it weighs the KL summed over the latent
+    # against the reconstruction summed over the pixels, per image. model.mode=ldm's own default
+    # (LDM_KL_WEIGHT) applies where it is not given (Config._resolve_ldm_kl_weight).
     alpha: Alpha = Field(
         0.1,
         description="weight of the KL term in the encoder objective: a number >= 0, or 1/batch_size "
-        "(1 / the global batch under torchrun); the original used 1",
+        "(1 / the global batch under torchrun); the original used 1; not given, model.mode=ldm uses 1e-6 "
+        "(Stable Diffusion's)",
     )
     seed: int = Field(12345, description="random seed: the same config and seed give the same weights")
     device: str = Field("auto", description="auto (cuda when available, else cpu), or a device such as cpu, cuda:1")
@@ -549,6 +572,36 @@ class TrainConfig(_Section):
         "(Larsen et al.'s third GAN term)",
     )
 
+    # --- latent diffusion's autoencoder loss (model.mode=ldm; Rombach et al. 2022, Esser et al. 2021) ---
+    pixel_loss: Literal["l1", "l2"] = Field(
+        "l1", description="model.mode=ldm: the per-pixel reconstruction error, |x - x~| (as Stable Diffusion's) or "
+        "(x - x~)^2",
+    )
+    perceptual_weight: float = Field(
+        1.0, ge=0.0,
+        description="model.mode=ldm: weight of LPIPS (Zhang et al. 2018, VGG16) added to every pixel's error; 0: "
+        "no LPIPS (no VGG16 weights needed)",
+    )
+    lpips_vgg_weights: str | None = Field(
+        None,
+        description="model.mode=ldm: torchvision's VGG16 ImageNet weights file for LPIPS; null: vgg16-397923af.pth "
+        "in torch's hub cache (`$TORCH_HOME/hub/checkpoints`); never downloaded",
+    )
+    # Stable Diffusion's configs start the discriminator at step 50001 of runs of hundreds of
+    # thousands of steps at 256 px; our runs are a few thousand steps (100 epochs of digits at batch
+    # 64 are ~2,300), so the same share of a run, the autoencoder settling before the GAN joins, is
+    # about a thousand steps.
+    disc_start: int = Field(
+        1000, ge=0,
+        description="model.mode=ldm: optimizer steps before the PatchGAN discriminator and its adversarial loss "
+        "start (before: neither runs)",
+    )
+    disc_weight: float = Field(
+        0.5, ge=0.0,
+        description="model.mode=ldm: factor on the adaptive adversarial weight |grad nll| / |grad GAN| at the "
+        "decoder's last layer (Esser et al. 2021; 0.5 as Stable Diffusion's)",
+    )
+
     @field_validator("alpha")
     @classmethod
     def _alpha_not_negative(cls, value: Alpha) -> Alpha:
@@ -593,6 +646,21 @@ class Config(_Section):
         # the optimizer that trained.
         if self.train.optimizer == "auto":
             self.train.optimizer = "adam" if self.model.arch in ("resnet", "autoencoder-kl") else "rmsprop"
+        return self
+
+    @model_validator(mode="after")
+    def _resolve_ldm_kl_weight(self) -> Config:
+        # Resolved here, as train.optimizer is, so that the saved config and a resume name the weight
+        # that trained; a train.alpha given in a file or an override is kept.
+        if self.model.mode == "ldm" and "alpha" not in self.train.model_fields_set:
+            self.train.alpha = LDM_KL_WEIGHT
+        return self
+
+    @model_validator(mode="after")
+    def _image_size_fits_lpips(self) -> Config:
+        if self.model.mode == "ldm" and self.train.perceptual_weight > 0 and self.data.image_size < LPIPS_MIN_SIZE:
+            raise ValueError(f"data.image_size {self.data.image_size} must be at least {LPIPS_MIN_SIZE} for "
+                             "model.mode=ldm's LPIPS (VGG16 halves it 4 times); or set train.perceptual_weight=0")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,13 +13,14 @@ import torch
 from torch import Tensor
 
 from image_autoencoding.data.batches import Normalizer, evaluation_batches
+from image_autoencoding.evaluation.lpips import PerceptualDistance
 from image_autoencoding.evaluation.metrics import BOUNDS, METRICS, Summary, batch_pcc, summarize
 from image_autoencoding.models.vae import VAE, loss_terms
 
 
 @dataclass
 class SplitEvaluation:
-    per_image: dict[str, Tensor]  # "ssim", "pcc", "mse", "psnr", "recon", "kl" -> (N,)
+    per_image: dict[str, Tensor]  # "ssim", "pcc", "mse", "psnr", "recon", "kl" [, "lpips"] -> (N,)
     mu: Tensor  # (N, latent_size) posterior means, for latent plots
     kl_per_dim: Tensor  # (latent_size,) mean KL of each latent unit over the split
     original_batch_pcc: float  # the original's figure: one PCC over its first batch, flattened
@@ -44,12 +45,14 @@ def evaluate_split(
     batch_size: int,
     autocast: Callable[[], AbstractContextManager] | None = None,
     limit: int | None = None,
+    lpips: PerceptualDistance | None = None,
 ) -> SplitEvaluation:
-    """Reconstruct each image through the posterior mean (no sampling noise), in order, no flip."""
+    """Reconstruct each image through the posterior mean (no sampling noise), in order, no flip.
+    With `lpips` (on `device`), each image's LPIPS too."""
     was_training = model.training
     model.eval()
     images = images[:limit] if limit is not None else images
-    values: dict[str, list[Tensor]] = {name: [] for name in (*METRICS, "recon", "kl")}
+    values: dict[str, list[Tensor]] = {name: [] for name in (*METRICS, "recon", "kl", *(["lpips"] if lpips else []))}
     mus, kl_dims = [], []
     first_batch_pcc = float("nan")
     for x in evaluation_batches(images, batch_size, device, normalize):
@@ -62,6 +65,8 @@ def evaluate_split(
             values[name].append(metric(truth, output))
         values["recon"].append(recon.double().cpu())
         values["kl"].append(kl.double().cpu())
+        if lpips is not None:  # LPIPS takes images in [-1, 1]
+            values["lpips"].append(lpips(truth * 2 - 1, output * 2 - 1).double().cpu())
         mus.append(posterior.mean.float().cpu())
         kl_dims.append(posterior.kl_per_dim().float().sum(dim=0).cpu())
         if not mus[1:]:

@@ -59,13 +59,15 @@ class FeatureNetwork:
         return torch.cat(out)
 
 
-def load_weights(module: nn.Module, path: Path) -> nn.Module:
-    """A state dict read with weights_only=True (plain tensors, no code), strictly matched."""
+def load_weights(module: nn.Module, path: Path, unused: tuple[str, ...] = ()) -> nn.Module:
+    """A state dict read with weights_only=True (plain tensors, no code), strictly matched. `unused`:
+    prefixes of the file's tensors the module does not need (a classifier a feature network drops)."""
     state = load_plain(path, "weights file")
     name = type(module).__name__
     if not isinstance(state, dict) or not all(isinstance(key, str) for key in state):
         raise UserError(f"{quoted(path)} is not usable weights for {name}: it holds a {type(state).__name__}, "
                         "expected a state dict (parameter name -> tensor)")
+    state = {key: value for key, value in state.items() if not key.startswith(unused)} if unused else state
     expected = module.state_dict()
     missing, unknown = [key for key in expected if key not in state], [key for key in state if key not in expected]
     if missing or unknown:

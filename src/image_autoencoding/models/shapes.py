@@ -25,10 +25,14 @@ def expected_shapes(cfg: ModelConfig, image_size: int) -> Shapes:
 
 def parameter_shapes(cfg: ModelConfig, image_size: int) -> dict[str, list[tuple[int, ...]]]:
     """Each network's ("encoder", "decoder") parameter shapes in the order its optimizer numbers
-    them (training/optimizers.py builds one optimizer per network)."""
+    them (training/optimizers.py builds one optimizer per network; model.mode=ldm's decoder
+    optimizer also steps a scalar)."""
     with torch.device("meta"):
         model = build_model(cfg, image_size, init_weights=False)
-    return {name: [tuple(p.shape) for p in getattr(model, name).parameters()] for name in ("encoder", "decoder")}
+    shapes = {name: [tuple(p.shape) for p in getattr(model, name).parameters()] for name in ("encoder", "decoder")}
+    if cfg.mode == "ldm":  # the decoder's optimizer also steps the loss's log-variance (training/steps/ldm.py)
+        shapes["decoder"].append(())
+    return shapes
 
 
 def optimizer_mismatch(shapes: list[tuple[int, ...]], state: Mapping) -> str | None:

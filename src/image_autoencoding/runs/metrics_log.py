@@ -3,8 +3,10 @@
 Columns: epoch, step (steps done at its end), train_loss (the encoder's objective per image,
 train_recon + alpha x train_kl, over the epoch's steps), train_recon (0.5 x summed squared error
 per image), train_kl (nats per image), images_per_s, seconds, lr (the encoder's and decoder's at the
-epoch's end), skipped_steps (non-finite), then valid_<metric> (means over the validation images:
-ssim, pcc, mse, psnr, recon, kl).
+epoch's end), skipped_steps (non-finite), the objective's own terms over the epoch
+(TrainingStep.take_stats: vae-gan d_real, d_recon; ldm pixel, lpips, nll, logvar, disc_factor and,
+once the discriminator runs, g_loss, d_weight, disc_loss, logits_real, logits_fake), then
+valid_<metric> (means over the validation images: ssim, pcc, mse, psnr, recon, kl).
 
 Every change rewrites the whole file atomically (see atomic_files): a crash or a full disk
 mid-write leaves the previous file as it was. With one row per epoch the rewrite

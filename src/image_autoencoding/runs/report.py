@@ -22,6 +22,7 @@ from image_autoencoding.data.image_data import ImageData, load_image_data
 from image_autoencoding.errors import UserError
 from image_autoencoding.evaluation.evaluate import evaluate_split
 from image_autoencoding.evaluation.feature_networks import FeatureNetwork
+from image_autoencoding.evaluation.lpips import lpips_metric
 from image_autoencoding.evaluation.sample_metrics import K_NEIGHBOURS, MIN_IMAGES, sample_quality
 from image_autoencoding.runs.checkpoint import CheckpointError
 from image_autoencoding.runs.evaluation_pictures import (
@@ -88,7 +89,9 @@ def evaluate_and_write(
     model = trained.model.to(torch_device)
     normalize = Normalizer(config.data, torch_device)
     autocast = autocast_factory(torch_device, resolve_precision(config.train.precision, torch_device))
-    evaluation = evaluate_split(model, chosen.images, normalize, torch_device, config.train.batch_size, autocast, limit)
+    lpips = lpips_metric(config.data.image_size, config.train.lpips_vgg_weights)  # where the VGG16 weights are
+    evaluation = evaluate_split(model, chosen.images, normalize, torch_device, config.train.batch_size, autocast, limit,
+                                lpips.to(torch_device) if lpips is not None else None)
     suffix = output_suffix(run_dir, trained.source, split, limit)
     mixture = load_run_mixture(run_dir, trained)
     document = metrics_document(evaluation, split, trained.source, trained.epoch, limit, mixture)

@@ -8,12 +8,13 @@ from typing import Any
 
 from image_autoencoding.config import Config, ModelConfig
 from image_autoencoding.evaluation.feature_networks import MissingWeights, inception_weights
+from image_autoencoding.evaluation.lpips import lpips_unavailable
 from image_autoencoding.runs.run_paths import RunPaths
 from image_autoencoding.training import lr_schedule
 from image_autoencoding.visualization.plots import ACTIVE_UNIT_KL
 
 METRIC_LABELS = {"ssim": "SSIM", "pcc": "PCC", "mse": "MSE", "psnr": "PSNR (dB)", "recon": "reconstruction loss",
-                 "kl": "KL (nats)"}
+                 "kl": "KL (nats)", "lpips": "LPIPS (VGG16)"}
 
 
 def metrics_table(document: dict[str, Any]) -> str:
@@ -29,6 +30,14 @@ def sample_quality_table(scores: dict[str, dict[str, float]]) -> str:
     lines += [f"| {name} | {s['fid']:.2f} | {s['kid']:.4f} | {s['precision']:.3f} | {s['recall']:.3f} |"
               for name, s in scores.items()]
     return "\n".join(lines)
+
+
+def lpips_note(document: dict[str, Any], config: Config) -> list[str]:
+    """Why the metrics have no LPIPS row, when they have none."""
+    if "lpips" in document["metrics"]:
+        return []
+    why = lpips_unavailable(config.data.image_size, config.train.lpips_vgg_weights)
+    return [f"LPIPS (VGG16, Zhang et al. 2018): not computed: {why}", ""] if why else []
 
 
 def sample_quality_section(run_dir: Path, quality: dict[str, Any] | None) -> list[str]:
@@ -91,6 +100,7 @@ def report_markdown(
         "",
         metrics_table(document),
         "",
+        *lpips_note(document, config),
         f"The original project's figure, one PCC over its first batch flattened together: "
         f"{document['original_first_batch_pcc']:.4f} (not comparable with the per-image PCC above).",
         f"Active latent units (mean KL > {ACTIVE_UNIT_KL} nats): {document['active_latent_units']} of "

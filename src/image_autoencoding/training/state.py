@@ -19,7 +19,9 @@ import torch
 from image_autoencoding.training.rng import rng_state_problem
 
 FORMAT_VERSION = 2
-NETWORKS = ("model", "discriminator", "ema")  # keys of networks' state dicts, in every format
+# Keys of networks' state dicts, in every format; "ema": the weight average (training/ema.py);
+# "ldm_loss": model.mode=ldm's logvar and step count.
+NETWORKS = ("model", "discriminator", "ema", "ldm_loss")
 OPTIMIZERS = ("encoder", "decoder", "discriminator")  # "<name>_optimizer" keys
 # What every checkpoint holds; a file without these is not ours, whatever else it has.
 REQUIRED_KEYS = ("format_version", "model", "encoder_optimizer", "decoder_optimizer", "epoch", "step", "rng",
@@ -33,7 +35,7 @@ class StateProblem(ValueError):
 
 @dataclass
 class TrainingState:
-    networks: dict[str, dict[str, torch.Tensor]]  # "model" (the VAE), "discriminator" (vae-gan), "ema"
+    networks: dict[str, dict[str, torch.Tensor]]  # "model" (the VAE), "discriminator" (vae-gan, ldm), "ema", "ldm_loss"
     optimizers: dict[str, dict[str, Any]]  # "encoder", "decoder", "discriminator"
     epoch: int  # epochs completed
     step: int  # training steps done, skipped ones included

@@ -193,6 +193,7 @@ class Trainer:
             "seconds": seconds,
             "lr": self.training_step.learning_rate,
             "skipped_steps": progress.skipped,
+            **self.training_step.take_stats(),  # the objective's own terms (training/steps/)
         }
 
     def set_learning_rate(self, epoch: int) -> None:

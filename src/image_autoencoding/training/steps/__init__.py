@@ -13,6 +13,7 @@ from image_autoencoding.config import Config
 from image_autoencoding.models.vae import VAE
 from image_autoencoding.training.distributed import Distributed
 from image_autoencoding.training.steps.base import TrainingStep
+from image_autoencoding.training.steps.ldm import LdmStep
 from image_autoencoding.training.steps.vae import VAEStep
 from image_autoencoding.training.steps.vae_gan import VaeGanStep
 
@@ -23,4 +24,6 @@ def build_training_step(config: Config, model: VAE, device: torch.device, dist: 
                         autocast: Callable[[], AbstractContextManager], precision: str) -> TrainingStep:
     if config.model.mode == "vae-gan":
         return VaeGanStep(config, model, device, dist, autocast, precision)
+    if config.model.mode == "ldm":
+        return LdmStep(config, model, device, dist, autocast, precision)
     return VAEStep(config.train, model, device, dist, autocast, precision)
