@@ -203,3 +203,43 @@ def test_evaluate_model_refuses_model_keys_and_a_folder_that_is_not_diffusers(sa
     assert err.count("\n") == 1 and "--model" in err and "no config.json there" in err
     assert main(["evaluate", str(tmp_path), "data.image_size=16"]) == 2
     assert "go with --model DIR" in capsys.readouterr().err
+
+
+def _same(a, b, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_kl_small_with_the_discriminator_on_resumes_bit_identically(tmp_path):
+    """configs/kl_small.yaml's recipe (autoencoder-kl, the ldm loss, the weight average) shrunk:
+    stopped inside epoch 2 after the discriminator started, then resumed, it ends as an uninterrupted
+    run does, to the bit (weights, the average, the discriminator, every optimizer, the logvar)."""
+    from image_autoencoding.runs.checkpoint import load_checkpoint
+
+    common = ["--config", "configs/kl_small.yaml", "data.dataset=digits", *TINY_RUN, *_overrides(TINY_KL),
+              "model.patch_discriminator_width=8", "model.patch_discriminator_layers=1",
+              "train.perceptual_weight=0", "train.disc_start=2", "train.ema_decay=0.9", "train.epochs=2",
+              "train.max_steps_per_epoch=3", "train.eval_images=32", "train.device=cpu", "train.precision=fp32"]
+    repo = Path(__file__).resolve().parents[1]
+    common[1] = str(repo / common[1])
+    assert main(["train", "--quiet", *common, f"train.output_dir={tmp_path / 'whole'}"]) == 0
+    assert main(["train", "--quiet", *common, f"train.output_dir={tmp_path / 'stopped'}"],
+                callbacks=[SignalAtStep("SIGTERM@4")]) != 0
+    (stopped,) = (tmp_path / "stopped" / "results" / "vae").iterdir()
+    assert main(["train", "--quiet", "--resume", str(stopped)]) == 0
+    (whole,) = (tmp_path / "whole" / "results" / "vae").iterdir()
+    resumed, uninterrupted = (load_checkpoint(run / "checkpoints" / "last.pt") for run in (stopped, whole))
+    assert resumed.step == 6 and {"discriminator", "ema", "ldm_loss"} <= resumed.networks.keys()
+    assert resumed.optimizers["discriminator"]["state"]  # it has stepped
+    for state in (resumed, uninterrupted):
+        state.config["train"].pop("output_dir")
+    _same(resumed.to_dict(), uninterrupted.to_dict())

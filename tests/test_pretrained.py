@@ -90,10 +90,12 @@ def test_an_export_of_format_version_2_loads_and_saves_again_with_the_same_weigh
     for name in ("encoder.safetensors", "decoder.safetensors"):
         assert (tmp_path / "again" / name).read_bytes() == (EXPORT_V2 / name).read_bytes(), name
     # The same description, but for the keys of the other architecture, which that version wrote
-    # into every model section and which never shaped the model.
+    # into every model section and which never shaped the model, and keys added since (at their
+    # defaults).
     again = json.loads((tmp_path / "again" / "config.json").read_text())
-    own = again["model"].keys()
-    assert {key: value for key, value in description["model"].items() if key in own} == again["model"]
+    shared = description["model"].keys() & again["model"].keys()
+    assert {key: description["model"][key] for key in shared} == {key: again["model"][key] for key in shared}
+    assert shared == {key for key in description["model"] if key in again["model"]} and "arch" in shared
     assert {**description, "model": again["model"]} == again
     vae = ia.load(EXPORT_V2, device="cpu")
     assert vae.mixture is not None  # the export's latent sampler, fitted to these weights
