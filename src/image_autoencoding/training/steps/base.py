@@ -18,6 +18,7 @@ from image_autoencoding.models.vae import VAE
 from image_autoencoding.training.buffer_snapshot import BufferSnapshot
 from image_autoencoding.training.distributed import Distributed
 from image_autoencoding.training.ema import WeightAverage
+from image_autoencoding.training.sync_batchnorm import convert_batchnorm
 
 logger = logging.getLogger("image_autoencoding")
 
@@ -164,6 +165,18 @@ class TrainingStep:
         elif weights is not None:
             logger.info("train.ema_decay is null: the checkpoint's weight average is dropped; validation and "
                         "checkpoints now hold the trained weights")
+
+
+def placed_discriminator(discriminator: nn.Module, cfg: TrainConfig, device: torch.device,
+                         dist: Distributed) -> nn.Module:
+    """A discriminator on the training device, with synchronised BatchNorm under torchrun when
+    train.sync_batchnorm asks for it, and channels_last when the VAE is."""
+    discriminator = discriminator.to(device)
+    if dist.enabled and cfg.sync_batchnorm:
+        discriminator = convert_batchnorm(discriminator, device)
+    if cfg.channels_last:
+        discriminator = discriminator.to(memory_format=torch.channels_last)
+    return discriminator
 
 
 def not_finite(losses: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:

@@ -44,9 +44,8 @@ from image_autoencoding.models.patch_discriminator import PatchDiscriminator
 from image_autoencoding.models.vae import VAE, kl_for_objective, loss_terms
 from image_autoencoding.training.distributed import Distributed, summed_over_ranks
 from image_autoencoding.training.optimizers import make_optimizer
-from image_autoencoding.training.steps.base import TrainingStep, not_finite
+from image_autoencoding.training.steps.base import TrainingStep, not_finite, placed_discriminator
 from image_autoencoding.training.steps.noise import share_of_global_noise
-from image_autoencoding.training.sync_batchnorm import convert_batchnorm
 
 VGG_WEIGHTS_KEY = "train.lpips_vgg_weights"
 # Running statistics since the last take_stats(), summed on the device (no host wait per step).
@@ -148,11 +147,8 @@ class LdmStep(TrainingStep):
     def __init__(self, config: Config, model: VAE, device: torch.device, dist: Distributed,
                  autocast: Callable[[], AbstractContextManager], precision: str):
         cfg = config.train
-        self.discriminator = PatchDiscriminator(config.model, config.data.image_size).to(device)
-        if dist.enabled and cfg.sync_batchnorm:
-            self.discriminator = convert_batchnorm(self.discriminator, device)
-        if cfg.channels_last:
-            self.discriminator = self.discriminator.to(memory_format=torch.channels_last)
+        self.discriminator = placed_discriminator(PatchDiscriminator(config.model, config.data.image_size), cfg,
+                                                  device, dist)
         self.loss = LdmLoss().to(device)
         lpips = lpips_for(cfg)
         objective: nn.Module = LdmObjective(model, self.discriminator, lpips.to(device) if lpips else None,

@@ -46,9 +46,8 @@ from image_autoencoding.models.discriminator import build_discriminator, feature
 from image_autoencoding.models.vae import VAE, kl_for_objective, loss_terms
 from image_autoencoding.training.distributed import Distributed, summed_over_ranks
 from image_autoencoding.training.optimizers import make_optimizer
-from image_autoencoding.training.steps.base import TrainingStep, not_finite
+from image_autoencoding.training.steps.base import TrainingStep, not_finite, placed_discriminator
 from image_autoencoding.training.steps.noise import share_of_global_noise
-from image_autoencoding.training.sync_batchnorm import convert_batchnorm
 
 
 class VaeGanObjective(nn.Module):
@@ -102,11 +101,8 @@ class VaeGanStep(TrainingStep):
     def __init__(self, config: Config, model: VAE, device: torch.device, dist: Distributed,
                  autocast: Callable[[], AbstractContextManager], precision: str):
         cfg = config.train
-        self.discriminator = build_discriminator(config.model, config.data.image_size).to(device)
-        if dist.enabled and cfg.sync_batchnorm:
-            self.discriminator = convert_batchnorm(self.discriminator, device)
-        if cfg.channels_last:
-            self.discriminator = self.discriminator.to(memory_format=torch.channels_last)
+        self.discriminator = placed_discriminator(build_discriminator(config.model, config.data.image_size), cfg,
+                                                  device, dist)
         objective: nn.Module = VaeGanObjective(model, self.discriminator, cfg, autocast, dist.rank, dist.world_size)
         if cfg.compile:
             objective = torch.compile(objective, dynamic=False)  # static shapes: see steps/vae.py
