@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
+
+from image_autoencoding.runs import report as run_report
 
 # The tiny seed network's own keys: a run of another model.arch leaves them out (any_arch), since
 # each architecture takes only its own keys.
@@ -33,3 +36,20 @@ def any_arch(overrides: list[str]) -> list[str]:
 def tiny(tmp_path) -> list[str]:
     """Overrides for a tiny digits run writing under tmp_path."""
     return ["data.dataset=digits", *TINY, f"train.output_dir={tmp_path}"]
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: runs compared bit for bit, in process and in subprocesses,
+    sum in the same order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_final_report(monkeypatch):
+    """Runs that only need their checkpoints skip the scoring after the last epoch (seconds each;
+    test_evaluation covers it)."""
+    monkeypatch.setattr(run_report, "final_report", lambda *args: None)

@@ -17,7 +17,6 @@ from image_autoencoding.config import load_config
 from image_autoencoding.data.batches import training_batches
 from image_autoencoding.data.image_data import load_image_data
 from image_autoencoding.evaluation.evaluate import evaluate_split
-from image_autoencoding.runs import report as run_report
 from image_autoencoding.runs.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from image_autoencoding.training.callbacks import Callback
 from image_autoencoding.training.trainer import Trainer
@@ -25,19 +24,8 @@ from image_autoencoding.training.trainer import Trainer
 EMA = "train.ema_decay=0.9"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Runs compared bit for bit use the same single thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def no_final_report(monkeypatch):
-    """Runs that only need their checkpoints skip the scoring after the last epoch."""
-    monkeypatch.setattr(run_report, "final_report", lambda *args: None)
+# Runs compared bit for bit use the same single thread.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer(tiny, *overrides: str, callbacks=()) -> Trainer:

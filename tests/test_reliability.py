@@ -62,20 +62,8 @@ EXACT = ["train.epochs=3", "train.max_steps_per_epoch=4", "train.checkpoint_ever
          "train.device=cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process runs match the single-threaded subprocesses bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def no_final_report(monkeypatch):
-    """Runs that only need their checkpoints skip the scoring after the last epoch (seconds each;
-    test_evaluation covers it)."""
-    monkeypatch.setattr(run_report, "final_report", lambda *args: None)
+# In-process runs match the single-threaded subprocesses bit for bit.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _vae(args: list[str], signal_at: str | None = None) -> subprocess.CompletedProcess:
