@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -101,6 +102,27 @@ def replace_folder(new: Path, path: str | Path) -> None:
         raise
     fsync_folder(path.parent)
     aside.unlink() if aside.is_symlink() else shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextmanager
+def folder_written_whole(destination: str | Path, what: str) -> Iterator[Path]:
+    """A temporary folder beside `destination` to write `what` into. When the block ends without an
+    error it replaces `destination` whole: written into the old folder, an export kept the old
+    run's files beside the new ones, and a kill midway left one run's description with another's
+    weights. On an error it is removed and `destination` stays as it was; a failed write (full
+    disk, no permission) is one line naming `destination`."""
+    destination = Path(destination)
+    folder = destination
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        folder = temporary_folder_beside(destination)
+        yield folder
+        replace_folder(folder, destination)
+    except OSError as exc:
+        raise UserError(f"cannot write {what} to '{destination}': {exc.strerror or exc}") from None
+    finally:
+        if folder != destination:  # the temporary folder of a write that failed
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def atomic_write_or_explain(path: str | Path, write: Callable[[IO], None], binary: bool = True) -> None:

@@ -22,14 +22,13 @@ folder is replaced.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from image_autoencoding.atomic_files import atomic_write, replace_folder, temporary_folder_beside
+from image_autoencoding.atomic_files import atomic_write, folder_written_whole
 from image_autoencoding.data.batches import Normalizer, evaluation_batches
 from image_autoencoding.data.image_data import load_image_data
 from image_autoencoding.errors import UserError
@@ -86,19 +85,10 @@ def export_diffusers(trained: TrainedModel, out: str | Path) -> Path:
     provenance = {"format": FORMAT, "source_checkpoint": str(trained.source), "epoch": trained.epoch,
                   "step": trained.step, "latent_statistics": statistics,
                   "scaling_factor": "1 / latent_statistics.std", "shift_factor": "latent_statistics.mean"}
-    folder = destination
-    try:
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        folder = temporary_folder_beside(destination)
+    with folder_written_whole(destination, "the export") as folder:
         autoencoder.save_pretrained(folder, safe_serialization=True)
         text = json.dumps(provenance, indent=2) + "\n"
         atomic_write(folder / PROVENANCE, lambda handle: handle.write(text), binary=False)
-        replace_folder(folder, destination)
-    except OSError as exc:
-        raise UserError(f"cannot write the export to '{destination}': {exc.strerror or exc}") from None
-    finally:
-        if folder != destination:
-            shutil.rmtree(folder, ignore_errors=True)
     return destination
 
 

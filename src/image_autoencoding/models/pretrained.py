@@ -19,13 +19,12 @@ is replaced.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from image_autoencoding.atomic_files import atomic_write, replace_folder, temporary_folder_beside
+from image_autoencoding.atomic_files import atomic_write, folder_written_whole
 from image_autoencoding.config import Config, ConfigError, DataConfig, build_config, without_other_archs_keys
 from image_autoencoding.errors import UserError
 from image_autoencoding.models.factory import build_model
@@ -89,14 +88,7 @@ def save_pretrained(model: VAE, directory: str | Path, data: DataConfig, *, sour
         "step": step,
     }
     networks = split_networks(model.state_dict())
-    folder = destination
-    try:
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        # Every file is written into a temporary folder beside the destination, swapped in whole at
-        # the end: written into the old folder, an export kept the old run's encoder.onnx, decoder.onnx
-        # and mixture beside the new weights, and a kill midway left one run's config.json with
-        # another's weights.
-        folder = temporary_folder_beside(destination)
+    with folder_written_whole(destination, "the export") as folder:
         for name, tensors in networks.items():
             blob = save(tensors, {"format": FORMAT})
             atomic_write(folder / f"{name}.safetensors", lambda handle, blob=blob: handle.write(blob))
@@ -104,12 +96,6 @@ def save_pretrained(model: VAE, directory: str | Path, data: DataConfig, *, sour
             extras(folder)
         text = json.dumps(description, indent=2) + "\n"
         atomic_write(folder / DESCRIPTION, lambda handle: handle.write(text), binary=False)
-        replace_folder(folder, destination)
-    except OSError as exc:
-        raise UserError(f"cannot write the export to '{destination}': {exc.strerror or exc}") from None
-    finally:
-        if folder != destination:  # the temporary folder of a save that failed
-            shutil.rmtree(folder, ignore_errors=True)
     return destination
 
 
