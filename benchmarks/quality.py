@@ -46,6 +46,7 @@ from machine import describe
 from model_cost import parameter_count, step_gflop_per_image
 from seed_statistics import SEED_COLUMNS, paired, paired_table, summarize, summary_table
 
+from image_autoencoding.atomic_files import atomic_write
 from image_autoencoding.config import load_config, read_yaml
 from image_autoencoding.data.batches import evaluation_batches, training_batches
 from image_autoencoding.data.image_data import ImageData, Split, load_image_data
@@ -339,6 +340,23 @@ def feature_networks(name: str, data: ImageData, inception: FeatureNetwork | Non
     return networks
 
 
+def write_document(path: Path | None, command: str, classifiers: dict, seeds: list[int], baseline: str,
+                   results: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The JSON of the rows so far (at `path`, when given): each row, and over the seeds each row's
+    mean with its interval and its difference from `baseline` paired by seed. Returns (summary,
+    paired)."""
+    keys = [key for key, _, _ in SEED_COLUMNS] + sample_keys(results)
+    summary, comparisons = summarize(results, keys), paired(results, baseline, keys)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        document = {"command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "machine": describe(), "domain_classifiers": classifiers, "seeds": seeds,
+                    "summary": summary, "paired": comparisons, "results": results}
+        text = json.dumps(document, indent=2) + "\n"
+        atomic_write(path, lambda f: f.write(text), binary=False)
+    return summary, comparisons
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images-seen", type=int, default=20000,
@@ -408,23 +426,18 @@ def main(argv: list[str] | None = None) -> int:
                     row.update(cost(trainer, data))
                     results.append(row)
                     print(table([row]).splitlines()[-1], flush=True)
+                    # After every row: a run cut short (a shared machine's time ran out) keeps its rows.
+                    write_document(args.json, command, classifiers, args.seeds, baseline, results)
     print(f"\n{command}\n")
     print(table(results))
     print()
     print(set_table(results))
-    keys = [key for key, _, _ in SEED_COLUMNS] + sample_keys(results)
-    summary, comparisons = summarize(results, keys), paired(results, baseline, keys)
+    summary, comparisons = write_document(args.json, command, classifiers, args.seeds, baseline, results)
     if len(args.seeds) > 1:
         print(f"\nover seeds {', '.join(map(str, args.seeds))}: mean [95% interval]\n")
         print(summary_table(summary))
         print(f"\npaired by seed, each row minus {baseline}: mean difference [95% interval]\n")
         print(paired_table(comparisons))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        document = {"command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "machine": describe(), "domain_classifiers": classifiers, "seeds": args.seeds,
-                    "summary": summary, "paired": comparisons, "results": results}
-        args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     return 0
 
 
