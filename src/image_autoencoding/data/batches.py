@@ -89,7 +89,7 @@ def epoch_plan(
     whole = used - used % global_batch
     index = torch.cat([order[:whole].view(-1, global_batch).sort(dim=1).values.flatten(), order[whole:].sort().values])
     flip_generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 500_009)
-    draws = [torch.rand(len(order[step * global_batch : (step + 1) * global_batch]), generator=flip_generator)
+    draws = [torch.rand(min(global_batch, used - step * global_batch), generator=flip_generator)
              for step in range(total)]
     flip = torch.cat(draws) < 0.5 if draws else torch.zeros(0, dtype=torch.bool)
     return EpochPlan(index, flip, global_batch, range(min(start_step, total), total))
