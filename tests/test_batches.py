@@ -159,7 +159,8 @@ def test_batches_on_a_gpu_are_those_of_the_cache_and_never_wait_for_it(images):
 
 def test_auto_keeps_the_cache_memory_mapped_on_the_cpu(images):
     device = torch.device("cpu")
-    assert isinstance(training_split(images, "auto", device), MappedSplit)
+    split = training_split(images, "auto", device)
+    assert isinstance(split, MappedSplit) and split.description == "memory-mapped cache (data.on_device=auto on cpu)"
     assert isinstance(training_split(images, False, device), MappedSplit)
     assert isinstance(training_split(images, True, device), ResidentSplit)
 

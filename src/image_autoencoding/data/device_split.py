@@ -82,6 +82,8 @@ def training_split(
         if on_device is True:
             return ResidentSplit(images, device, f"{_gigabytes(nbytes)} in RAM, data.on_device=true")
         return MappedSplit(images, device, f"data.on_device=auto on {device.type}")
+    if device.index is None:  # name the GPU in the log and in errors: 'cuda:0', not 'cuda'
+        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     size = f"{_gigabytes(nbytes)} of {_gigabytes(total)}, {_gigabytes(free)} free"
     if on_device is True:
