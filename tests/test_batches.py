@@ -208,3 +208,14 @@ def test_training_on_the_device_ends_with_the_weights_of_the_cache(tiny, tmp_pat
         next((tmp_path / "false" / "results" / "vae").iterdir()) / "train.log").read_text()
     assert main(["train", "--quiet", "--resume", str(run), "train.epochs=3", "data.on_device=false"]) == 0
     assert "training batches: memory-mapped cache (data.on_device=false)" in (run / "train.log").read_text()
+
+
+def test_a_split_the_gpu_cannot_hold_is_refused_before_a_run_folder_is_made(tiny, tmp_path, monkeypatch, capsys):
+    """data.on_device=true on a GPU with 1 MB free (the GPU as torch.cuda reports it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10**6, 10**9))
+    assert main(["train", "--quiet", *tiny, "train.device=cuda:0", "data.on_device=true"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("vae: error: data.on_device=true: the training split (")
+    assert line.endswith(" does not fit in cuda:0's free memory (0.001 GB of 1 GB); set data.on_device=auto or false")
+    assert list((tmp_path / "results" / "vae").iterdir()) == []  # no run folder

@@ -23,6 +23,13 @@ def _gigabytes(nbytes: int) -> str:
     return f"{nbytes / 1e9:.3g} GB"
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """'cuda' as the GPU it means ('cuda:0'), for the log and for errors."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class MappedSplit:
     """The memory-mapped cache: each step reads its batch on the host and copies it to the device
     (from pinned memory on a GPU)."""
@@ -68,22 +75,18 @@ class ResidentSplit:
             yield flip_where(x, flips) if flip else x
 
 
-def training_split(
-    images: np.ndarray, on_device: bool | Literal["auto"], device: torch.device
-) -> MappedSplit | ResidentSplit:
-    """The source of training batches data.on_device asks for, with `description` saying which and
-    why. auto: resident on a GPU when the split takes at most RESIDENT_SHARE of its memory (and that
-    much is free), else the memory-mapped cache; on the CPU the memory-mapped cache (a copy in RAM
-    would only cost memory). true: resident on any device (on the CPU, a copy in RAM)."""
-    nbytes = images.nbytes
+def residence(nbytes: int, on_device: bool | Literal["auto"], device: torch.device) -> tuple[bool, str]:
+    """Whether a split of `nbytes` goes on `device` as data.on_device asks, and why (for the log).
+    auto: on a GPU when the split takes at most RESIDENT_SHARE of its memory (and that much is free);
+    on the CPU no (a copy in RAM would only cost memory). true: on any device (on the CPU, a copy in
+    RAM); on a GPU whose free memory it does not fit, a ConfigError of one line."""
     if on_device is False:
-        return MappedSplit(images, device, "data.on_device=false")
+        return False, "data.on_device=false"
     if device.type != "cuda":
         if on_device is True:
-            return ResidentSplit(images, device, f"{_gigabytes(nbytes)} in RAM, data.on_device=true")
-        return MappedSplit(images, device, f"data.on_device=auto on {device.type}")
-    if device.index is None:  # name the GPU in the log and in errors: 'cuda:0', not 'cuda'
-        device = torch.device("cuda", torch.cuda.current_device())
+            return True, f"{_gigabytes(nbytes)} in RAM, data.on_device=true"
+        return False, f"data.on_device=auto on {device.type}"
+    device = _indexed(device)
     free, total = torch.cuda.mem_get_info(device)
     size = f"{_gigabytes(nbytes)} of {_gigabytes(total)}, {_gigabytes(free)} free"
     if on_device is True:
@@ -91,8 +94,17 @@ def training_split(
             raise ConfigError(f"data.on_device=true: the training split ({_gigabytes(nbytes)}) does not fit in "
                               f"{device}'s free memory ({_gigabytes(free)} of {_gigabytes(total)}); "
                               "set data.on_device=auto or false")
-        return ResidentSplit(images, device, size)
+        return True, size
     if nbytes <= min(free, RESIDENT_SHARE * total):
-        return ResidentSplit(images, device, size)
-    return MappedSplit(images, device, f"data.on_device=auto: {size}; resident takes at most {RESIDENT_SHARE:.0%} "
-                       "of the device and what is free")
+        return True, size
+    return False, f"data.on_device=auto: {size}; resident takes at most {RESIDENT_SHARE:.0%} and what is free"
+
+
+def training_split(
+    images: np.ndarray, on_device: bool | Literal["auto"], device: torch.device
+) -> MappedSplit | ResidentSplit:
+    """The source of training batches data.on_device asks for (see residence), with `description`
+    saying which and why."""
+    device = _indexed(device)
+    resident, why = residence(images.nbytes, on_device, device)
+    return ResidentSplit(images, device, why) if resident else MappedSplit(images, device, why)
