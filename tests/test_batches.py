@@ -94,7 +94,7 @@ def test_under_torchrun_each_rank_takes_a_shuffled_share_of_the_global_batch():
 # Where batches are drawn (data.on_device): a copy of the split on the training device gives the batches
 # the memory-mapped cache gives, step for step, bit for bit.
 CASES = {
-    "first epoch": {},
+    "first epoch, a partial last batch of 8 kept": {},
     "another epoch": {"epoch": 2},
     "resumed inside the epoch": {"start_step": 3},
     "without flips": {"flip": False},
