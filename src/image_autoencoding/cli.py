@@ -125,6 +125,7 @@ def _run_dir_and_data(config, resume, dist, run_folder_held: ExitStack):
     once), reads (on first use builds) the cache and makes the run folder; then it tells the other
     ranks the folder, or the error that stopped it, and they open the finished cache. One run folder
     whatever the number of processes."""
+    from image_autoencoding.data.device_split import residence
     from image_autoencoding.data.image_data import check_split_sizes, load_image_data
     from image_autoencoding.runs.run_dir import create_run_dir, ensure_writable
     from image_autoencoding.runs.run_lock import run_folder_lock
@@ -140,9 +141,11 @@ def _run_dir_and_data(config, resume, dist, run_folder_held: ExitStack):
         ensure_writable(resume.run_dir if resume else f"{config.train.output_dir}/results/vae")
         if resume:
             run_folder_held.enter_context(run_folder_lock(resume.run_dir))
-        # Fails on a missing dataset, too many bad images or too few images before any run folder is made.
+        # Fails on a missing dataset, too many bad images, too few images or a training split that
+        # data.on_device=true cannot fit on the GPU, before any run folder is made.
         data = load_image_data(config.data, progress=_bars(config.train.progress))
         check_split_sizes(data, config.data.dataset, config.train.batch_size, dist.world_size)
+        residence(data.train.images.nbytes, config.data.on_device, dist.device(config.train.device))
         if resume:
             run_dir = resume.run_dir
         else:

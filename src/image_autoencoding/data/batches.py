@@ -4,6 +4,7 @@ normalisation to [-1, 1] happen per batch, vectorised, on the training device.""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -42,6 +43,58 @@ def flip_where(x: Tensor, flip: Tensor) -> Tensor:
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which images each step of an epoch reads, and which of them it flips: everything random about
+    an epoch's batches, decided once per epoch, so that the batches read from the memory-mapped cache
+    (training_batches) and those gathered on the device (device_split.ResidentSplit) are the same.
+
+    `index[p]` is the image at position p of the epoch: the epoch's order with each global batch
+    sorted (a memory-mapped cache is then read front to back; the batch is shuffled anyway), and
+    `flip[p]` whether it is mirrored. Step s reads positions s x global_batch on, and rank r of W
+    takes every W-th of them from the r-th on (see training_batches)."""
+
+    index: Tensor  # (positions,) int64
+    flip: Tensor  # (positions,) bool
+    global_batch: int
+    steps: range  # the steps still to draw: start_step to the epoch's last
+
+    def to(self, device: torch.device) -> EpochPlan:
+        """The plan on `device`, in one copy of each tensor. To a GPU from pinned memory: a copy from
+        pageable memory would wait for every kernel already queued (see flip_where)."""
+        if device.type != "cuda":
+            return replace(self, index=self.index.to(device), flip=self.flip.to(device))
+        return replace(self, index=self.index.pin_memory().to(device, non_blocking=True),
+                       flip=self.flip.pin_memory().to(device, non_blocking=True))
+
+    def shares(self, rank: int = 0, world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+        """(this rank's image indices, their flips) for each step, as views of the plan: no copy, and
+        on a device no host work beyond slicing."""
+        for step in self.steps:
+            positions = slice(step * self.global_batch, (step + 1) * self.global_batch)
+            yield self.index[positions][rank::world_size], self.flip[positions][rank::world_size]
+
+
+def epoch_plan(
+    n: int, batch_size: int, seed: int, epoch: int, max_steps: int | None = None, start_step: int = 0,
+    world_size: int = 1,
+) -> EpochPlan:
+    """The plan of an epoch of n images (see training_batches for the rules it follows). The flip
+    draws are one `torch.rand` per step, the skipped first `start_step` steps included, so that a
+    resumed epoch draws what an uninterrupted one does."""
+    global_batch = batch_size * world_size
+    total = steps_per_epoch(n, batch_size, max_steps, world_size)
+    used = min(total * global_batch, n)  # the last step may be partial
+    order = epoch_permutation(n, seed, epoch)[:used]
+    whole = used - used % global_batch
+    index = torch.cat([order[:whole].view(-1, global_batch).sort(dim=1).values.flatten(), order[whole:].sort().values])
+    flip_generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 500_009)
+    draws = [torch.rand(min(global_batch, used - step * global_batch), generator=flip_generator)
+             for step in range(total)]
+    flip = torch.cat(draws) < 0.5 if draws else torch.zeros(0, dtype=torch.bool)
+    return EpochPlan(index, flip, global_batch, range(min(start_step, total), total))
+
+
 def training_batches(
     images: np.ndarray,
     batch_size: int,
@@ -71,24 +124,14 @@ def training_batches(
 
     `start_step` skips the first batches of the epoch (a run resumed inside an epoch): their flip
     draws are still made, without reading pixels, so the remaining batches are exactly those an
-    uninterrupted run would see."""
-    n = len(images)
-    global_batch = batch_size * world_size
-    order = epoch_permutation(n, seed, epoch).numpy()
-    flip_generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 500_009)
+    uninterrupted run would see. Each batch is read from `images` (the memory-mapped cache) on the
+    host; device_split.ResidentSplit draws the same batches from a copy on the device."""
+    plan = epoch_plan(len(images), batch_size, seed, epoch, max_steps, start_step, world_size)
     # Pinned host memory lets both copies to a GPU run without waiting for it.
     pin = device.type == "cuda"
-    total = steps_per_epoch(n, batch_size, max_steps, world_size)
-    for step in range(min(start_step, total)):
-        torch.rand(len(order[step * global_batch : (step + 1) * global_batch]), generator=flip_generator)
-    mine = slice(rank, None, world_size)
-    for step in range(start_step, total):
-        start = step * global_batch
-        # Sorted indices read a memory-mapped array front to back; the batch is shuffled anyway.
-        index = np.sort(order[start : start + global_batch])
-        flips = torch.rand(len(index), generator=flip_generator) < 0.5
+    for index, flips in plan.shares(rank, world_size):
         # Fancy indexing copies the rows into a new array, which a tensor can share.
-        pixels, flips = torch.from_numpy(images[index[mine]]), flips[mine]
+        pixels = torch.from_numpy(images[index.numpy()])
         if pin:
             pixels, flips = pixels.pin_memory(), flips.pin_memory()
         x = normalize(pixels.to(device, non_blocking=True))

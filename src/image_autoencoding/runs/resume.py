@@ -31,9 +31,10 @@ from image_autoencoding.training.state import TrainingState
 FROZEN_SECTIONS = ("data", "model")
 # The optimizer state of one kind cannot drive the other.
 FROZEN_KEYS = ("train.optimizer",)
-# Keys of those sections that say how, not what: the processes decoding images into the cache; the
-# folder a run's first weights came from (the checkpoint's replace them).
-FREE_KEYS = ("data.num_workers", "model.init_from")
+# Keys of those sections that say how, not what: the processes decoding images into the cache; where
+# batches are drawn (the same batches either way); the folder a run's first weights came from (the
+# checkpoint's replace them).
+FREE_KEYS = ("data.num_workers", "data.on_device", "model.init_from")
 # Inside an epoch, the batches still to come are counted in steps of this epoch's order and size.
 # The size that counts is the global batch (batch_size x processes), checked apart: 2 processes of
 # 16 may continue as 1 process of 32, exactly.

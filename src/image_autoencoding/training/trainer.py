@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from image_autoencoding.config import Config
-from image_autoencoding.data.batches import Normalizer, steps_per_epoch, training_batches
+from image_autoencoding.data.batches import Normalizer, steps_per_epoch
+from image_autoencoding.data.device_split import training_split
 from image_autoencoding.data.image_data import ImageData
 from image_autoencoding.errors import UserError
 from image_autoencoding.evaluation.evaluate import evaluate_split
@@ -72,6 +73,8 @@ class Trainer:
         if self.device.type == "cpu" and self.cfg.reuse_cpu_memory:
             keep_freed_memory()
         self.normalize = Normalizer(config.data, self.device)
+        self.train_split = training_split(data.train.images, config.data.on_device, self.device)
+        logger.info("training batches: %s", self.train_split.description)
         self.alpha = self.cfg.kl_weight(dist.world_size)
 
         seed_everything(self.cfg.seed)
@@ -156,8 +159,8 @@ class Trainer:
         self.epoch_steps = steps_per_epoch(len(images), self.cfg.batch_size, max_steps, world)
         progress = self.progress
         start = time.perf_counter() - progress.seconds
-        batches = training_batches(
-            images, self.cfg.batch_size, self.cfg.seed, epoch, self.device, self.normalize,
+        batches = self.train_split.batches(
+            self.cfg.batch_size, self.cfg.seed, epoch, self.normalize,
             max_steps, start_step=progress.steps, rank=self.dist.rank, world_size=world,
             flip=self.config.data.random_flip,
         )
