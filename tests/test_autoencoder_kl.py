@@ -295,3 +295,12 @@ def test_kl_small_with_the_discriminator_on_resumes_bit_identically(tmp_path):
     for state in (resumed, uninterrupted):
         state.config["train"].pop("output_dir")
     _same(resumed.to_dict(), uninterrupted.to_dict())
+    # The weight average is the run's model in its exports: the one ia.load reads, and the diffusers
+    # folder that `vae evaluate --model` scores.
+    average = resumed.networks["ema"]
+    assert any(not torch.equal(average[key], value) for key, value in resumed.model.items())
+    assert main(["export", str(stopped), "--checkpoint", "last", "--out", str(tmp_path / "export")]) == 0
+    _same(ia.load(tmp_path / "export", device="cpu").model.state_dict(), average)
+    assert main(["export", str(stopped), "--checkpoint", "last", "--diffusers", str(tmp_path / "diffusers")]) == 0
+    exported = diffusers.AutoencoderKL.from_pretrained(tmp_path / "diffusers").state_dict()
+    _same(exported, {key.partition(".")[2]: value for key, value in average.items()})
