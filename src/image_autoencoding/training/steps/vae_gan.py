@@ -116,9 +116,9 @@ class VaeGanStep(TrainingStep):
                          optimizers, objective, loss_scaling=False)
         self.groups = [list(model.encoder.parameters()), list(model.decoder.parameters()),
                        list(self.discriminator.parameters())]
-        # Running sums since the last take_stats(): D(x) near 1 and D(x~) near 0 for long means
-        # the discriminator has won (benchmarks/quality.py reports them).
-        # Columns: sum of D(x), sum of D(x~), images; rows: since take_stats, since take_window_stats.
+        # Running sums of D(x), D(x~) and images, one row since the last take_stats() (the epoch's),
+        # one since the last take_window_stats() (the per-step log's): D(x) near 1 and D(x~) near 0
+        # for long means the discriminator has won (benchmarks/quality.py reports them).
         self.stats = torch.zeros(2, 3, device=device)
         self._shared_buffers = [b for module in (model, self.discriminator) for b in module.buffers()]
 
