@@ -157,6 +157,58 @@ def test_a_run_exports_to_a_folder_plain_diffusers_opens_with_unit_variance_late
     assert "choose another folder" in capsys.readouterr().err
 
 
+def _onnx_runs_as_torch(folder: Path, model) -> None:
+    """encoder.onnx and decoder.onnx in onnxruntime give the model's outputs, within the export's own check."""
+    import onnxruntime
+
+    from image_autoencoding.export_onnx import TOLERANCE
+
+    sessions = [onnxruntime.InferenceSession(str(folder / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+                for name in ("encoder", "decoder")]
+    assert [session.get_inputs()[0].shape[0] for session in sessions] == ["batch", "batch"]
+    generator = torch.Generator().manual_seed(0)
+    # 64: diffusers' Upsample2D takes another branch from a batch of 64 on (models/upsampling.py).
+    for batch in (1, 64):
+        x = torch.rand(batch, 3, 16, 16, generator=generator) * 2 - 1
+        z = torch.randn(batch, model.latent_size, generator=generator)
+        mean, logvar = sessions[0].run(["mean", "logvar"], {"image": x.numpy()})
+        (image,) = sessions[1].run(["image"], {"z": z.numpy()})
+        with torch.no_grad():
+            posterior = model.encoder(x)
+            for got, want in ((mean, posterior.mean), (logvar, posterior.logvar), (image, model.decoder(z))):
+                np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=TOLERANCE)
+
+
+def test_a_run_exports_to_onnx_that_onnxruntime_runs_as_torch(kl_run, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="vae export --onnx needs onnxruntime (the onnx extra)")
+    pytest.importorskip("onnxscript", reason="vae export --onnx needs onnxscript (the onnx extra)")
+    traces = []
+    trace = torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *args, **kwargs: traces.append(kwargs.get("strict"))
+                        or trace(*args, **kwargs))
+    out = tmp_path / "export"
+    assert main(["export", str(kl_run), "--checkpoint", "last", "--out", str(out), "--onnx"]) == 0
+    # Each graph traced once: a batch axis that diffusers' decoder refused would be traced again.
+    assert traces == [False, False]
+    vae = ia.load(out, device="cpu")
+    assert vae.config.model.mid_block_add_attention
+    _onnx_runs_as_torch(out, vae.model)
+
+
+def test_an_autoencoder_kl_without_the_mid_block_attention_exports_to_onnx(tmp_path):
+    pytest.importorskip("onnxruntime", reason="vae export --onnx needs onnxruntime (the onnx extra)")
+    pytest.importorskip("onnxscript", reason="vae export --onnx needs onnxscript (the onnx extra)")
+    from image_autoencoding.export_onnx import export_onnx
+
+    # One level, the smallest autoencoder-kl: each graph's export costs seconds whatever its weights.
+    config = load_config(None, ["data.image_size=16", "model.arch=autoencoder-kl", "model.block_out_channels=[8]",
+                                "model.layers_per_block=1", "model.norm_num_groups=4", "model.latent_channels=2",
+                                "model.mid_block_add_attention=false"])
+    model = build_model(config.model, 16).eval()
+    assert export_onnx(model, 16, tmp_path) == [tmp_path / "encoder.onnx", tmp_path / "decoder.onnx"]
+    _onnx_runs_as_torch(tmp_path, model)
+
+
 def test_only_autoencoder_kl_runs_export_to_diffusers(tmp_path, capsys):
     from image_autoencoding.export_diffusers import export_diffusers
     from image_autoencoding.models.pretrained import TrainedModel
@@ -243,3 +295,12 @@ def test_kl_small_with_the_discriminator_on_resumes_bit_identically(tmp_path):
     for state in (resumed, uninterrupted):
         state.config["train"].pop("output_dir")
     _same(resumed.to_dict(), uninterrupted.to_dict())
+    # The weight average is the run's model in its exports: the one ia.load reads, and the diffusers
+    # folder that `vae evaluate --model` scores.
+    average = resumed.networks["ema"]
+    assert any(not torch.equal(average[key], value) for key, value in resumed.model.items())
+    assert main(["export", str(stopped), "--checkpoint", "last", "--out", str(tmp_path / "export")]) == 0
+    _same(ia.load(tmp_path / "export", device="cpu").model.state_dict(), average)
+    assert main(["export", str(stopped), "--checkpoint", "last", "--diffusers", str(tmp_path / "diffusers")]) == 0
+    exported = diffusers.AutoencoderKL.from_pretrained(tmp_path / "diffusers").state_dict()
+    _same(exported, {key.partition(".")[2]: value for key, value in average.items()})

@@ -19,6 +19,7 @@ from image_autoencoding.runs.metrics_log import MetricsLog
 from image_autoencoding.runs.report_markdown import lpips_note
 from image_autoencoding.runs.resume import prepare_resume
 from image_autoencoding.runs.run_paths import RunPaths
+from image_autoencoding.training import epoch_progress
 from image_autoencoding.training.steps.ldm import decoder_last_layer
 from image_autoencoding.training.trainer import Trainer
 
@@ -209,3 +210,36 @@ def test_ldm_trains_the_resnet_architecture_with_its_spatial_latent(tmp_path):
         assert trainer.train_step(x) is not None
     assert not _equal(discriminator, _weights(trainer.training_step.discriminator))
     assert trainer.training_step.take_stats()["d_weight"] > 0
+
+
+def test_every_ldm_term_is_logged_per_step_window_and_the_epoch_means_stay_those_of_all_its_steps(
+        tiny, tmp_path, monkeypatch, no_final_report):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # Shown every 2 steps and at each epoch's last: two epochs of 3 steps give windows of steps
+    # {1, 2}, {3}, {4, 5}, {6}; the discriminator joins at the second step.
+    monkeypatch.setattr(epoch_progress, "REPORT_EVERY", 2)
+    assert main(["train", *tiny, *TINY_LDM, "train.perceptual_weight=0", "train.disc_start=1",
+                 "train.batch_size=16", "train.epochs=2"]) == 0
+    (run_dir,) = (tmp_path / "results" / "vae").iterdir()
+    events = EventAccumulator(str(RunPaths(run_dir).tensorboard))
+    events.Reload()
+    terms = ("pixel", "lpips", "nll", "logvar", "disc_factor", "g_loss", "d_weight", "disc_loss", "logits_real",
+             "logits_fake")
+    logged = {term: {e.step: e.value for e in events.Scalars(f"train/step_{term}")} for term in terms}
+    for term in terms:
+        assert sorted(logged[term]) == [2, 3, 5, 6], term
+    assert [logged["disc_factor"][step] for step in (2, 3, 5, 6)] == [0.5, 1.0, 1.0, 1.0]
+    rows = MetricsLog(RunPaths(run_dir).metrics_csv).rows()
+    for row, (pair, last) in zip(rows, ((2, 3), (5, 6)), strict=True):
+        # Every term is a mean per image or per step, and every batch is full: a window of two
+        # steps weighs twice the last step's. The discriminator's terms are means over the steps
+        # it ran: one of the first window's two in epoch 1.
+        adversarial = logged["disc_factor"][pair] * 2
+        for term in ("pixel", "nll", "disc_factor"):
+            expected = (2 * logged[term][pair] + logged[term][last]) / 3
+            assert float(row[term]) == pytest.approx(expected, rel=1e-5), term
+        for term in ("g_loss", "d_weight", "disc_loss", "logits_real", "logits_fake"):
+            expected = (adversarial * logged[term][pair] + logged[term][last]) / (adversarial + 1)
+            assert float(row[term]) == pytest.approx(expected, rel=1e-5, abs=1e-6), term
+        assert float(row["logvar"]) == pytest.approx(logged["logvar"][last])

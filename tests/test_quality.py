@@ -98,6 +98,9 @@ def test_vae_gan_steps_move_all_three_networks(tiny, tmp_path):
         assert any(not torch.equal(a, b) for a, b in zip(before[name], net.parameters(), strict=True)), name
     stats = trainer.training_step.take_stats()
     assert 0 < stats["d_real"] < 1 and 0 < stats["d_recon"] < 1
+    # The per-step log's window counts the same steps apart from the epoch's, which was just taken.
+    assert trainer.training_step.take_window_stats() == stats
+    assert trainer.training_step.take_window_stats() == {"d_real": 0.0, "d_recon": 0.0}
 
 
 def test_vae_gan_without_prior_samples_decodes_and_discriminates_reconstructions_only(tiny, tmp_path, monkeypatch):

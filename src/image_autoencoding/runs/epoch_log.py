@@ -1,6 +1,6 @@
 """What a run records of its training as it goes: metrics.csv (one row per epoch), TensorBoard
-scalars (per epoch, and the running loss every few steps) and the console / train.log line
-of each epoch."""
+scalars (per epoch, and every few steps the running loss and the objective's own terms) and the
+console / train.log line of each epoch."""
 
 from __future__ import annotations
 
@@ -28,8 +28,12 @@ class EpochLog(Callback):
     def on_step_end(self, trainer: Trainer, batch, sums) -> None:
         progress = trainer.progress
         if self.tensorboard is not None and progress.running_loss_due(trainer.epoch_steps):
-            self.tensorboard.writer.add_scalar("train/step_encoder_loss", progress.running_encoder_loss(trainer.alpha),
-                                               trainer.step)
+            writer = self.tensorboard.writer
+            writer.add_scalar("train/step_encoder_loss", progress.running_encoder_loss(trainer.alpha), trainer.step)
+            # The objective's own terms, each the mean over the steps since the last showing (the
+            # device was just waited for, so reading them costs no second wait).
+            for key, value in trainer.training_step.take_window_stats().items():
+                writer.add_scalar(f"train/step_{key}", value, trainer.step)
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, values) -> None:
         self.metrics.append({"epoch": epoch, "step": trainer.step, **values})

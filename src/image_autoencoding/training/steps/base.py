@@ -122,7 +122,14 @@ class TrainingStep:
         return self.optimizers["encoder"].param_groups[0]["lr"]
 
     def take_stats(self) -> dict[str, float]:
-        """Statistics of this objective since the last call (then reset), for benchmarks."""
+        """Statistics of this objective since the last call (then reset): the epoch's, in its
+        metrics.csv row; benchmarks read them too."""
+        return {}
+
+    def take_window_stats(self) -> dict[str, float]:
+        """The same terms over the steps since this method's last call (then reset), kept apart
+        from take_stats's: the per-step log (TensorBoard train/step_<term>) reads them every few
+        steps, when the running loss is shown, without changing the epoch's means."""
         return {}
 
     # -- checkpoints -----------------------------------------------------------------------------

@@ -48,7 +48,8 @@ from image_autoencoding.training.steps.base import TrainingStep, not_finite, pla
 from image_autoencoding.training.steps.noise import share_of_global_noise
 
 VGG_WEIGHTS_KEY = "train.lpips_vgg_weights"
-# Running statistics since the last take_stats(), summed on the device (no host wait per step).
+# Running statistics summed on the device (no host wait per step), one row since the last
+# take_stats() (the epoch's) and one since the last take_window_stats() (the per-step log's).
 STATS = ("pixel", "lpips", "nll", "images", "steps", "adversarial_steps", "g_loss", "d_weight", "disc_loss",
          "logits_real", "logits_fake")
 
@@ -169,7 +170,7 @@ class LdmStep(TrainingStep):
         last = decoder_last_layer(model.decoder)
         self.last = next(index for index, p in enumerate(self.autoencoder) if p is last)
         self.steps_done = 0
-        self.stats = torch.zeros(len(STATS), device=device)
+        self.stats = torch.zeros(2, len(STATS), device=device)  # rows: epoch, window; a step adds to both
         self._shared_buffers = [b for module in (model, self.discriminator) for b in module.buffers()]
 
     def __call__(self, x: Tensor, alpha: float, flags: Tensor | None = None) -> tuple[Tensor | None, list[float]]:
@@ -222,8 +223,15 @@ class LdmStep(TrainingStep):
         call, then reset; the discriminator's terms over the steps it ran (absent when it did not);
         logvar now; disc_factor: the share of steps with the discriminator on. This process's own
         images under torchrun."""
-        values = dict(zip(STATS, self.stats.tolist(), strict=True))
-        self.stats.zero_()
+        return self._means(0)
+
+    def take_window_stats(self) -> dict[str, float]:
+        """take_stats's terms over the steps since this method's last call, then reset."""
+        return self._means(1)
+
+    def _means(self, row: int) -> dict[str, float]:
+        values = dict(zip(STATS, self.stats[row].tolist(), strict=True))
+        self.stats[row].zero_()
         images, steps, adversarial = values["images"], values["steps"], values["adversarial_steps"]
         out = {"pixel": values["pixel"] / max(images, 1), "lpips": values["lpips"] / max(images, 1),
                "nll": values["nll"] / max(images, 1), "logvar": float(self.loss.logvar.detach()),

@@ -116,9 +116,10 @@ class VaeGanStep(TrainingStep):
                          optimizers, objective, loss_scaling=False)
         self.groups = [list(model.encoder.parameters()), list(model.decoder.parameters()),
                        list(self.discriminator.parameters())]
-        # Running sums since the last take_stats(): D(x) near 1 and D(x~) near 0 for long means
-        # the discriminator has won (benchmarks/quality.py reports them).
-        self.stats = torch.zeros(3, device=device)  # sum of D(x), sum of D(x~), images
+        # Running sums of D(x), D(x~) and images, one row since the last take_stats() (the epoch's),
+        # one since the last take_window_stats() (the per-step log's): D(x) near 1 and D(x~) near 0
+        # for long means the discriminator has won (benchmarks/quality.py reports them).
+        self.stats = torch.zeros(2, 3, device=device)
         self._shared_buffers = [b for module in (model, self.discriminator) for b in module.buffers()]
 
     def gradients(self, x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
@@ -140,6 +141,12 @@ class VaeGanStep(TrainingStep):
 
     def take_stats(self) -> dict[str, float]:
         """Mean D(x) and D(x~) since the last call (then reset)."""
-        real, recon, n = self.stats.tolist()
-        self.stats.zero_()
+        return self._means(0)
+
+    def take_window_stats(self) -> dict[str, float]:
+        return self._means(1)
+
+    def _means(self, row: int) -> dict[str, float]:
+        real, recon, n = self.stats[row].tolist()
+        self.stats[row].zero_()
         return {"d_real": real / max(n, 1), "d_recon": recon / max(n, 1)}
