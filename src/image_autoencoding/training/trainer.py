@@ -18,8 +18,14 @@ from image_autoencoding.data.image_data import ImageData
 from image_autoencoding.errors import UserError
 from image_autoencoding.evaluation.evaluate import evaluate_split
 from image_autoencoding.models.factory import build_model
-from image_autoencoding.runtime import autocast_factory, keep_freed_memory, resolve_precision
+from image_autoencoding.runtime import (
+    autocast_factory,
+    keep_freed_memory,
+    resolve_precision,
+    use_cuda_graphs,
+)
 from image_autoencoding.training.callbacks import Callback, Callbacks
+from image_autoencoding.training.cuda_graph import GraphedStep
 from image_autoencoding.training.distributed import SINGLE, Distributed
 from image_autoencoding.training.early_stopping import EarlyStopping
 from image_autoencoding.training.epoch_progress import EpochProgress
@@ -69,7 +75,10 @@ class Trainer:
         self.dist = dist
         self.device = dist.device(self.cfg.device)
         self.precision = resolve_precision(self.cfg.precision, self.device)
-        self.autocast = autocast_factory(self.device, self.precision)
+        self.cuda_graphs, self._cuda_graphs_why = use_cuda_graphs(self.cfg.cuda_graphs, self.device, self.precision,
+                                                                  dist.world_size)
+        # Autocast's cache of casted weights does not survive a graph's replay (torch.cuda.graphs).
+        self.autocast = autocast_factory(self.device, self.precision, cache=not self.cuda_graphs)
         if self.device.type == "cpu" and self.cfg.reuse_cpu_memory:
             keep_freed_memory()
         self.normalize = Normalizer(config.data, self.device)
@@ -87,6 +96,9 @@ class Trainer:
         # The objective's networks, optimizers and gradients (model.mode; training/steps/).
         self.training_step = build_training_step(config, self.model, self.device, dist, self.autocast,
                                                  self.precision)
+        # The step as the loop calls it: replayed CUDA graphs, captured at the first step of each
+        # kind (after _restore below), or the step object itself.
+        self._run_step = GraphedStep(self.training_step) if self.cuda_graphs else self.training_step
         # The horizon of train.lr_schedule=cosine: every planned epoch, or plan()'s steps.
         self.planned_steps = self.cfg.epochs * steps_per_epoch(
             len(data.train.images), self.cfg.batch_size, self.cfg.max_steps_per_epoch, dist.world_size)
@@ -144,7 +156,7 @@ class Trainer:
         a gradient was not finite: then weights, optimizer state, BatchNorm statistics and the
         weight average are exactly as before)."""
         alpha = self.cfg.kl_weight(self.dist.world_size, self.step)  # ramps up over kl_warmup_steps
-        result = self.training_step(x, alpha, self.step, self._stop_flags() if self.dist.enabled else None)
+        result = self._run_step(x, alpha, self.step, self._stop_flags() if self.dist.enabled else None)
         self.step += 1
         if self.dist.enabled:
             # The one host wait per step under torchrun: every rank must stop at the same step.
@@ -337,6 +349,8 @@ class Trainer:
             self.device, self.precision, len(self.data.train.images), len(self.data.valid.images), self.alpha,
             sum(p.numel() for p in self.model.parameters()) / 1e6,
         )
+        if self.device.type == "cuda":
+            logger.info("CUDA graphs: %s (%s)", "on" if self.cuda_graphs else "off", self._cuda_graphs_why)
         if self.dist.enabled:
             logger.info(
                 "%d processes, global batch %d (%d per process), BatchNorm %s", self.dist.world_size,
