@@ -1,4 +1,4 @@
-"""train.cuda_graphs: the rules of the key (on the CPU), and on a CUDA device a step
+"""train.cuda_graphs and train.tf32: the rules of the keys (on the CPU), and on a CUDA device a step
 replayed from a CUDA graph against the eager step (skipped without one)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from image_autoencoding.cli import main
 from image_autoencoding.config import ConfigError, load_config
 from image_autoencoding.data.batches import training_batches
 from image_autoencoding.data.image_data import load_image_data
-from image_autoencoding.runtime import use_cuda_graphs
+from image_autoencoding.runtime import use_cuda_graphs, use_tf32
 from image_autoencoding.training.cuda_graph import GraphedStep
 from image_autoencoding.training.trainer import Trainer
 
@@ -49,11 +49,24 @@ def test_cuda_graphs_key_takes_auto_true_or_false_only():
         load_config(None, ["train.cuda_graphs=sometimes"])
 
 
+def test_tf32_is_set_for_cuda_only_and_reads_the_same_through_both_pytorch_settings():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        assert use_tf32(True, torch.device("cpu")) is False
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+        assert use_tf32(True, CUDA) is True
+        assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "tf32"
+        assert use_tf32(False, CUDA) is False
+        assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 # -- on a CUDA device ------------------------------------------------------------------------------
 
 
 def _trainer(tiny, graphs: bool, *overrides: str) -> Trainer:
-    config = load_config(None, [*tiny, "train.device=cuda", "train.precision=fp32",
+    config = load_config(None, [*tiny, "train.device=cuda", "train.precision=fp32", "train.tf32=false",
                                 f"train.cuda_graphs={str(graphs).lower()}", *overrides])
     return Trainer(config, load_image_data(config.data, progress=False))
 

@@ -474,6 +474,10 @@ class TrainConfig(_Section):
         description="capture the training step as a CUDA graph: auto (on with a CUDA device, off elsewhere, "
         "under torchrun and with fp16), true (a CUDA device, one process, no fp16) or false",
     )
+    # TF32 rounds the inputs of fp32 matrix products and convolutions to 10 mantissa bits and adds in
+    # fp32: on Ampere and later GPUs several times the fp32 rate, at the precision bf16 autocast
+    # already accepts for this model (docs/performance.md).
+    tf32: bool = Field(True, description="on CUDA, fp32 matrix products and convolutions use TF32; no effect on CPU")
     # Faster CPU steps for a little more peak memory (the figures: runtime.keep_freed_memory and
     # docs/performance.md, "What made the step fast").
     reuse_cpu_memory: bool = Field(

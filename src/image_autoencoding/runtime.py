@@ -93,6 +93,20 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
 
+def use_tf32(enabled: bool, device: torch.device) -> bool:
+    """train.tf32, set once per process for the training device: on CUDA, fp32 matrix products
+    (cuBLAS) and convolutions (cuDNN) use TF32 or full fp32 ("ieee"); on other devices nothing is
+    changed. Returns whether TF32 is now in use. PyTorch's own defaults differ between the two
+    (matmul off, cuDNN on): both are set, so the key means one thing. Through the allow_tf32 flags:
+    after them both those and the newer fp32_precision settings read consistently, whereas setting
+    fp32_precision makes a later read of allow_tf32 (by a library) raise in torch 2.14."""
+    if device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    return enabled
+
+
 def use_cuda_graphs(setting: str | bool, device: torch.device, precision: str, world_size: int
                     ) -> tuple[bool, str]:
     """train.cuda_graphs for this run: (on, why). auto: on with a CUDA device, except under torchrun

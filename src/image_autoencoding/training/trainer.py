@@ -23,6 +23,7 @@ from image_autoencoding.runtime import (
     keep_freed_memory,
     resolve_precision,
     use_cuda_graphs,
+    use_tf32,
 )
 from image_autoencoding.training.callbacks import Callback, Callbacks
 from image_autoencoding.training.cuda_graph import GraphedStep
@@ -75,6 +76,7 @@ class Trainer:
         self.dist = dist
         self.device = dist.device(self.cfg.device)
         self.precision = resolve_precision(self.cfg.precision, self.device)
+        self.tf32 = use_tf32(self.cfg.tf32, self.device)
         self.cuda_graphs, self._cuda_graphs_why = use_cuda_graphs(self.cfg.cuda_graphs, self.device, self.precision,
                                                                   dist.world_size)
         # Autocast's cache of casted weights does not survive a graph's replay (torch.cuda.graphs).
@@ -350,7 +352,9 @@ class Trainer:
             sum(p.numel() for p in self.model.parameters()) / 1e6,
         )
         if self.device.type == "cuda":
-            logger.info("CUDA graphs: %s (%s)", "on" if self.cuda_graphs else "off", self._cuda_graphs_why)
+            logger.info("fp32 matrix products and convolutions: %s (train.tf32) | CUDA graphs: %s (%s)",
+                        "TF32" if self.tf32 else "full fp32", "on" if self.cuda_graphs else "off",
+                        self._cuda_graphs_why)
         if self.dist.enabled:
             logger.info(
                 "%d processes, global batch %d (%d per process), BatchNorm %s", self.dist.world_size,
