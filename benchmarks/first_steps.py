@@ -35,10 +35,11 @@ class StepProbe(Callback):
         self.rows = []
 
     @torch.no_grad()
-    def on_step_end(self, trainer, batch, sums) -> None:
+    def on_step_end(self, trainer, batch, result) -> None:
         posterior = trainer.model.encoder(batch)
-        recon, kl = (float(v) / len(batch) for v in sums) if sums is not None else (float("nan"),) * 2
-        self.rows.append({"step": trainer.step, "lr": trainer.training_step.optimizers["encoder"].param_groups[0]["lr"],
+        skipped = bool(result.skipped)
+        recon, kl = (float(v) / len(batch) for v in result.sums) if not skipped else (float("nan"),) * 2
+        self.rows.append({"step": trainer.step, "lr": trainer.training_step.learning_rate,
                           "kl": kl, "recon": recon, "mu_abs_max": float(posterior.mean.abs().max()),
                           "logvar_max": float(posterior.logvar.max())})
 

@@ -208,10 +208,12 @@ class ModelStep:
         skipped = 0
         start = time.perf_counter()
         for _ in range(steps):
-            skipped += self.trainer.train_step(self.batches[self.next % len(self.batches)]) is None
+            # Summed on the device: reading each step's flag would be a host wait per step.
+            skipped += self.trainer.train_step(self.batches[self.next % len(self.batches)]).skipped.long()
             self.next += 1
         _wait_for(self.trainer.device)  # one wait for the device at the end, none per step
         seconds = time.perf_counter() - start
+        skipped = int(skipped)
         torch.backends.cudnn.benchmark = False
         if round_index >= 0:
             self.skipped += skipped
@@ -393,9 +395,9 @@ def quality(work: Path, data, steps: int, precision: str, seeds: int) -> dict:
         while len(losses) < steps:
             epoch += 1
             for x in training_batches(data.train.images, BATCH_SIZE, seed, epoch, trainer.device, trainer.normalize):
-                sums = trainer.train_step(x)
-                if sums is not None:  # a skipped step (not finite) saw no images
-                    recon, kl = sums.tolist()
+                result = trainer.train_step(x)
+                if not bool(result.skipped):  # a skipped step (not finite) saw no images
+                    recon, kl = result.sums.tolist()
                     losses.append((recon + kl) / len(x))
                 if len(losses) == steps:
                     break

@@ -55,7 +55,7 @@ def test_the_average_of_two_steps_is_the_warmed_up_ema_of_the_weights(tiny):
     model = trainer.model
     seen = [_weights(model)]  # the weights before any step, then after each
     for x in _batches(trainer, 2):
-        assert trainer.train_step(x) is not None
+        assert not trainer.train_step(x).skipped
         seen.append(_weights(model))
     w0, w1, w2 = seen
     # min(0.9, (1 + n) / (10 + n)) for the updates n = 0, 1 done before each step's.
@@ -133,8 +133,8 @@ def test_a_skipped_step_leaves_the_average_unchanged(tiny):
     averages = []
 
     class Record(Callback):
-        def on_step_end(self, trainer, batch, sums) -> None:
-            averages.append((sums is None, _weights(trainer.training_step.inference_model)))
+        def on_step_end(self, trainer, batch, result) -> None:
+            averages.append((bool(result.skipped), _weights(trainer.training_step.inference_model)))
 
     trainer = _trainer(tiny, EMA, callbacks=[NanBatches(lambda epoch, batch: batch == 2), Record()])
     trainer.fit(max_steps=2)

@@ -51,7 +51,7 @@ class RecordRates(Callback):
         self.rates = []
 
     def on_step_end(self, trainer, batch, sums) -> None:
-        self.rates.append([group["lr"] for name in ("encoder", "decoder")
+        self.rates.append([float(group["lr"]) for name in ("encoder", "decoder")
                            for group in trainer.training_step.optimizers[name].param_groups])
 
 

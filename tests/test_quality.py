@@ -75,9 +75,9 @@ def test_free_bits_change_the_step_but_not_the_reported_kl(tiny, tmp_path):
     free = _trainer(tiny, tmp_path / "free", "train.free_bits=2.0")
     x = _batches(plain, 1)[0]
     torch.manual_seed(0)  # the same reparametrisation noise for both
-    plain_sums = plain.train_step(x)
+    plain_sums = plain.train_step(x).sums
     torch.manual_seed(0)
-    free_sums = free.train_step(x)
+    free_sums = free.train_step(x).sums
     # Same weights and batch: the same true KL and reconstruction are reported ...
     assert torch.allclose(plain_sums, free_sums)
     # ... but the objectives differ, so the encoders moved differently.
@@ -92,8 +92,8 @@ def test_vae_gan_steps_move_all_three_networks(tiny, tmp_path):
                 "discriminator": trainer.training_step.discriminator}
     before = {name: [p.detach().clone() for p in net.parameters()] for name, net in networks.items()}
     for x in _batches(trainer, 3):
-        sums = trainer.train_step(x)
-        assert sums is not None and torch.isfinite(sums).all()
+        result = trainer.train_step(x)
+        assert not result.skipped and torch.isfinite(result.sums).all()
     for name, net in networks.items():
         assert any(not torch.equal(a, b) for a, b in zip(before[name], net.parameters(), strict=True)), name
     stats = trainer.training_step.take_stats()
@@ -109,7 +109,7 @@ def test_vae_gan_without_prior_samples_decodes_and_discriminates_reconstructions
     decoded, judged = [], []
     trainer.model.decoder.register_forward_hook(lambda m, i, out: decoded.append(len(out)))
     trainer.training_step.discriminator.register_forward_hook(lambda m, i, out: judged.append(len(out[0])))
-    assert trainer.train_step(x) is not None
+    assert not trainer.train_step(x).skipped
     assert decoded == [len(x)] and judged == [2 * len(x)]  # real + reconstructed, no prior samples
     with_prior = _trainer(tiny, tmp_path / "prior", "model.mode=vae-gan", TINY_DISCRIMINATOR,
                           "train.gan_prior_samples=true")
@@ -126,7 +126,7 @@ def test_vae_gan_skips_a_non_finite_step_leaving_the_discriminator_unchanged(tin
     before = {k: v.clone() for k, v in trainer.training_step.discriminator.state_dict().items()}
     x = x.clone()
     x[0, 0, 0, 0] = float("nan")
-    assert trainer.train_step(x) is None
+    assert trainer.train_step(x).skipped
     after = trainer.training_step.discriminator.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics included
 

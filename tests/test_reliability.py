@@ -572,8 +572,8 @@ def test_export_is_loadable_with_safetensors_and_json_alone(tiny, tmp_path):
 # -- during training ----------------------------------------------------------------------------
 
 
-def _trainer(tiny, tmp_path) -> Trainer:
-    config = load_config(None, [*tiny, "train.max_steps_per_epoch=2"])
+def _trainer(tiny, tmp_path, *overrides: str) -> Trainer:
+    config = load_config(None, [*tiny, "train.max_steps_per_epoch=2", *overrides])
     return Trainer(config, load_image_data(config.data))
 
 
@@ -594,15 +594,16 @@ def _roundtrip(state):
     return buffer
 
 
-def test_a_non_finite_loss_or_gradient_skips_the_step_leaving_everything_unchanged(tiny, tmp_path):
-    trainer = _trainer(tiny, tmp_path)
+@pytest.mark.parametrize("optimizer", ["rmsprop", "adam"])
+def test_a_non_finite_loss_or_gradient_skips_the_step_leaving_everything_unchanged(tiny, tmp_path, optimizer):
+    trainer = _trainer(tiny, tmp_path, f"train.optimizer={optimizer}")
     x = trainer.normalize(torch.from_numpy(trainer.data.train.images[:16]))
-    assert trainer.train_step(x) is not None  # optimizer state exists from here on
+    assert not trainer.train_step(x).skipped  # optimizer state exists from here on
     before = _snapshot(trainer)
 
     nan_batch = x.clone()
     nan_batch[0, 0, 0, 0] = float("nan")
-    assert trainer.train_step(nan_batch) is None
+    assert trainer.train_step(nan_batch).skipped
     _assert_identical(_snapshot(trainer), before)  # BatchNorm running statistics included
 
     # A finite loss whose gradient is NaN: d sqrt(|u|) / du at u = 0, added to the step module's loss.
@@ -611,7 +612,7 @@ def test_a_non_finite_loss_or_gradient_skips_the_step_leaving_everything_unchang
         return loss + (recon - recon.detach()).abs().sqrt(), recon, kl
 
     hook = trainer.training_step.objective.register_forward_hook(nan_gradient)
-    assert trainer.train_step(x) is None
+    assert trainer.train_step(x).skipped
     hook.remove()
     _assert_identical(_snapshot(trainer), before)
 

@@ -265,7 +265,7 @@ def _three_steps(tiny, tmp_path, mode: str, compiled: bool) -> list[tuple[torch.
     full = list(training_batches(trainer.data.train.images, 32, 0, 1, trainer.device, trainer.normalize, 3))
     steps = []
     for x in (full[0], full[1][:5], full[2]):
-        sums = trainer.train_step(x)
+        sums = trainer.train_step(x).sums
         steps.append((sums, {f"{name}.{key}": p.grad.clone() for name, net in networks.items()
                              for key, p in net.named_parameters()}))
     return steps
@@ -307,21 +307,31 @@ class _HostSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("optimizer", ["rmsprop", "adam"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_a_training_step_waits_for_the_device_once(tiny, tmp_path, precision):
-    """No host synchronisation per step beyond the one that decides whether the optimizers
-    step (the non-finite guard). Counted on the CPU, where the same code runs as on a GPU: batch
-    drawing, the KL weight (warm-up changes it every step), the step itself. (fp16 adds GradScaler's
-    own check, one per optimizer, as PyTorch does for optimizers without a fused kernel.)"""
-    config = load_config(None, [*tiny, f"train.precision={precision}", "train.kl_warmup_steps=10"])
+def test_a_training_step_never_waits_for_the_device(tiny, tmp_path, precision, optimizer):
+    """No host synchronisation in a step: the non-finite guard masks the updates on the device, the
+    learning rate (changed every step by the warm-up) and the KL weight are filled into device
+    tensors, the epoch's sums and skip counts stay there. Counted on the CPU, where the same code
+    runs as on a GPU: the step and the trainer's bookkeeping between steps, a skipped step
+    included. (fp16 adds GradScaler's own check, as PyTorch does for optimizers without a fused
+    kernel.)"""
+    config = load_config(None, [*tiny, f"train.precision={precision}", "train.kl_warmup_steps=10",
+                                f"train.optimizer={optimizer}", "train.warmup_steps=10"])
     trainer = Trainer(config, load_image_data(config.data))
-    batches = training_batches(trainer.data.train.images, 32, 0, 1, trainer.device, trainer.normalize, 4)
-    trainer.train_step(next(batches))  # the first step may set up lazily (optimizer state)
+    batches = list(training_batches(trainer.data.train.images, 32, 0, 1, trainer.device, trainer.normalize, 4))
+    batches[2] = batches[2] * float("nan")
+    trainer.train_step(batches[0])  # the first step may set up lazily (optimizer state)
+    progress = trainer.progress
     with _HostSyncs() as syncs:
-        for x in batches:
-            assert trainer.train_step(x) is not None
-    assert syncs.reads == 3  # the guard, once per step
-    assert syncs.host_tensors == 3  # the batch's pixels, once per step (pinned, copied without waiting)
+        for x in batches[1:]:
+            trainer.set_learning_rate(1)
+            result = trainer.train_step(x)
+            progress.add(result.sums, result.skipped, len(x))
+            trainer.skipped_steps.count(result.skipped, trainer.step, progress.steps)
+    assert syncs.reads == 0
+    assert syncs.host_tensors == 0
+    assert int(progress.skipped) == 1 and trainer.skipped_steps.read().last == (3, 2)
 
 
 def test_fit_with_max_steps_ends_the_run_there_and_plans_the_schedule_for_it(tiny):
@@ -335,3 +345,47 @@ def test_fit_with_max_steps_ends_the_run_there_and_plans_the_schedule_for_it(tin
     assert trainer.finished and "valid_ssim" in trainer.metrics
     # The cosine schedule ran out exactly at step 5, not at train.epochs' 12 steps.
     assert trainer.training_step.learning_rate == pytest.approx(learning_rate(config.train, 4, 2, 5))
+
+
+def test_the_optimizers_take_pytorchs_steps_and_skip_on_a_device_flag():
+    """RMSprop masked on the device takes torch.optim.RMSprop's steps bit for bit; fused Adam, the
+    for-loop Adam's to rounding. A step with found_inf set changes nothing, step counts included."""
+    from image_autoencoding.training.optimizers import make_optimizer
+
+    torch.manual_seed(0)
+    shapes = [(40, 30), (7,), (8, 3, 4, 4)]
+    start = [torch.randn(shape) for shape in shapes]
+    for kind, reference_kind, exact in (("rmsprop", torch.optim.RMSprop, True), ("adam", torch.optim.Adam, False)):
+        cfg = load_config(None, [f"train.optimizer={kind}", "train.lr=0.01"]).train
+        ours = [torch.nn.Parameter(t.clone()) for t in start]
+        theirs = [torch.nn.Parameter(t.clone()) for t in start]
+        optimizer = make_optimizer(ours, cfg)
+        extra = {"alpha": 0.9, "eps": 1e-8} if kind == "rmsprop" else {}
+        reference = reference_kind(theirs, lr=0.01, weight_decay=cfg.weight_decay, **extra)
+        for _ in range(3):
+            for a, b in zip(ours, theirs, strict=True):
+                a.grad = torch.randn_like(a)
+                b.grad = a.grad.clone()
+            optimizer.found_inf = torch.zeros(())
+            optimizer.step()
+            reference.step()
+        for a, b in zip(ours, theirs, strict=True):
+            assert torch.equal(a, b) if exact else torch.allclose(a, b, rtol=1e-6, atol=1e-7), kind
+        before = ([p.detach().clone() for p in ours], torch.load(_saved(optimizer.state_dict()), weights_only=True))
+        for p in ours:
+            p.grad = torch.full_like(p, float("nan"))
+        optimizer.found_inf = torch.ones(())
+        optimizer.step()
+        assert all(torch.equal(a, b) for a, b in zip(before[0], ours, strict=True)), kind
+        after = optimizer.state_dict()["state"]
+        assert all(torch.equal(after[i][key], value) for i, state in before[1]["state"].items()
+                   for key, value in state.items()), kind
+
+
+def _saved(state):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer

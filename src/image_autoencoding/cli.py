@@ -48,6 +48,7 @@ def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
     from image_autoencoding.runs.run_callbacks import run_folder_callbacks
     from image_autoencoding.runs.run_dir import write_run_config
     from image_autoencoding.runs.run_log import run_logging
+    from image_autoencoding.runtime import resolve_device, resolve_precision, use_cuda_graphs
     from image_autoencoding.training.distributed import from_environment, process_group
     from image_autoencoding.training.progress_bar import ProgressBar
     from image_autoencoding.training.steps.ldm import check_lpips_weights
@@ -67,6 +68,9 @@ def _train(args: argparse.Namespace, callbacks: Sequence[Callback] = ()) -> int:
     if args.quiet:
         config.train.progress = False
     check_lpips_weights(config)  # before a run folder is made
+    if config.train.cuda_graphs is True:  # refused before a run folder is made, where it cannot work
+        device = resolve_device(config.train.device)
+        use_cuda_graphs(True, device, resolve_precision(config.train.precision, device), from_environment().world_size)
 
     with process_group(config.train.device) as dist, ExitStack() as run_folder_held:
         run_dir, data = _run_dir_and_data(config, resume, dist, run_folder_held)

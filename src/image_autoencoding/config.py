@@ -491,6 +491,18 @@ class TrainConfig(_Section):
     compile: bool = Field(
         False, description="torch.compile the model (needs a C++ compiler on CPU; the first steps take longer)"
     )
+    # On an H200 the default model's step (batch 64, 6.8 ms) was bound by kernel launches and the
+    # Python issuing them, not arithmetic (benchmarks/results/train_throughput_h200.json): a graph
+    # replay launches the whole step at once (training/cuda_graph.py).
+    cuda_graphs: Literal["auto"] | bool = Field(
+        "auto",
+        description="capture the training step as a CUDA graph: auto (on with a CUDA device, off elsewhere, "
+        "under torchrun and with fp16), true (a CUDA device, one process, no fp16) or false",
+    )
+    # TF32 rounds the inputs of fp32 matrix products and convolutions to 10 mantissa bits and adds in
+    # fp32: on Ampere and later GPUs several times the fp32 rate, at the precision bf16 autocast
+    # already accepts for this model (docs/performance.md).
+    tf32: bool = Field(True, description="on CUDA, fp32 matrix products and convolutions use TF32; no effect on CPU")
     # Faster CPU steps for a little more peak memory (the figures: runtime.keep_freed_memory and
     # docs/performance.md, "What made the step fast").
     reuse_cpu_memory: bool = Field(

@@ -48,11 +48,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def autocast_factory(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
-    """Weights and optimizer state stay fp32; only the forward pass runs in bf16."""
+def autocast_factory(device: torch.device, precision: str, cache: bool = True
+                     ) -> Callable[[], contextlib.AbstractContextManager]:
+    """Weights and optimizer state stay fp32; only the forward pass runs in bf16. `cache`: autocast
+    keeps the low-precision copy of a weight used twice in one region; off for CUDA graphs."""
     if precision in ("bf16", "fp16"):
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+        return lambda: torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
     return contextlib.nullcontext
 
 
@@ -89,3 +91,39 @@ def keep_freed_memory() -> bool:
         return False
     # A failed brk still falls back to mmap inside glibc, so very large blocks remain possible.
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
+def use_tf32(enabled: bool, device: torch.device) -> bool:
+    """train.tf32, set once per process for the training device: on CUDA, fp32 matrix products
+    (cuBLAS) and convolutions (cuDNN) use TF32 or full fp32 ("ieee"); on other devices nothing is
+    changed. Returns whether TF32 is now in use. PyTorch's own defaults differ between the two
+    (matmul off, cuDNN on): both are set, so the key means one thing. Through the allow_tf32 flags:
+    after them both those and the newer fp32_precision settings read consistently, whereas setting
+    fp32_precision makes a later read of allow_tf32 (by a library) raise in torch 2.14."""
+    if device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    return enabled
+
+
+def use_cuda_graphs(setting: str | bool, device: torch.device, precision: str, world_size: int
+                    ) -> tuple[bool, str]:
+    """train.cuda_graphs for this run: (on, why). auto: on with a CUDA device, except under torchrun
+    (DistributedDataParallel's gradient buckets are built during the first steps and its
+    collectives would have to be captured too: not supported here) and with fp16 (GradScaler
+    decides a skipped step on the host). true where it cannot work is a one-line ConfigError."""
+    key = "config key 'train.cuda_graphs'"
+    if device.type != "cuda":
+        if setting is True:
+            raise ConfigError(f"{key}: true needs a CUDA device (train.device is {device}); use auto or false")
+        return False, f"no CUDA device ({device})"
+    reasons = [why for why, applies in (("under torchrun", world_size > 1),
+                                        ("with fp16 loss scaling", precision == "fp16")) if applies]
+    if reasons:
+        if setting is True:
+            raise ConfigError(f"{key}: true is not supported {reasons[0]}; use auto or false")
+        return False, f"not supported {reasons[0]}"
+    if setting is False:
+        return False, "train.cuda_graphs is false"
+    return True, "CUDA device"

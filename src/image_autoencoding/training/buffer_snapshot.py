@@ -7,7 +7,7 @@ checkpoint could hold the NaN the skipped batch produced."""
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 class BufferSnapshot:
@@ -23,3 +23,8 @@ class BufferSnapshot:
     def restore(self) -> None:
         if self._buffers:
             torch._foreach_copy_(self._buffers, self._copy)
+
+    def restore_if(self, skipped: Tensor) -> None:
+        """Put the copy back where the device flag `skipped` is set, without the host reading it."""
+        for buffer, copy in zip(self._buffers, self._copy, strict=True):
+            torch.where(skipped, copy, buffer, out=buffer)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # annotations only: the trainer imports this module, and the CLI loads torch late
     from torch import Tensor
 
+    from image_autoencoding.training.steps import StepResult
     from image_autoencoding.training.trainer import Trainer
 
 
@@ -39,10 +40,11 @@ class Callback:
     def on_step_start(self, trainer: Trainer) -> None:
         """Before each training step; `trainer.step` steps are done."""
 
-    def on_step_end(self, trainer: Trainer, batch: Tensor, sums: Tensor | None) -> None:
-        """After each training step. `batch`: this process's images of the step; `sums`: their
-        (recon, kl) sums over the global batch, on the device; None when the step was skipped as
-        non-finite. `trainer.progress` holds the epoch's running sums."""
+    def on_step_end(self, trainer: Trainer, batch: Tensor, result: StepResult) -> None:
+        """After each training step. `batch`: this process's images of the step; `result`: its
+        device tensors (steps/base.StepResult: the (recon, kl) sums over the global batch, and
+        `skipped`, set when the step was non-finite); reading them waits for the device.
+        `trainer.progress` holds the epoch's running sums."""
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, values: dict[str, Any]) -> None:
         """After an epoch was trained and validated; `values` is its metrics.csv row (also
@@ -86,9 +88,9 @@ class Callbacks(Callback):
         for callback in self.callbacks:
             callback.on_step_start(trainer)
 
-    def on_step_end(self, trainer: Trainer, batch: Tensor, sums: Tensor | None) -> None:
+    def on_step_end(self, trainer: Trainer, batch: Tensor, result: StepResult) -> None:
         for callback in self.callbacks:
-            callback.on_step_end(trainer, batch, sums)
+            callback.on_step_end(trainer, batch, result)
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, values: dict[str, Any]) -> None:
         for callback in self.callbacks:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 WARMUP = 10  # the warm-up's constant, LitEma's and diffusers'
 
@@ -37,28 +37,40 @@ class WeightAverage:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.average = copy.deepcopy(model).eval().requires_grad_(False)
-        self.updates = 0  # the optimizer steps averaged so far: the warm-up's n
+        # The optimizer steps averaged so far (the warm-up's n), counted on the device: whether a
+        # step was taken is a device flag the host does not read. float64, so that the warm-up's
+        # decay is the same double a host computation gives.
+        self._updates = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
         self._model = model
         self._mine = [p.detach() for p in self.average.parameters()]
         self._theirs = [p.detach() for p in model.parameters()]
         self._my_buffers = list(self.average.buffers())
         self._their_buffers = list(model.buffers())
 
+    @property
+    def updates(self) -> int:
+        """The steps averaged so far (reads the device)."""
+        return int(self._updates)
+
     @torch.no_grad()
-    def update(self) -> None:
-        """After an optimizer step: move the average towards the model's weights, copy its buffers."""
-        n = self.updates
-        decay = min(self.decay, (1 + n) / (WARMUP + n))
-        torch._foreach_lerp_(self._mine, self._theirs, 1.0 - decay)
+    def update(self, taken: Tensor | None = None) -> None:
+        """After an optimizer step: move the average towards the model's weights, copy its buffers.
+        `taken`: a device flag, False for a skipped step, which then leaves the average as it was
+        (a lerp by exactly 0; the buffers copied are the ones the skipped step restored)."""
+        n = self._updates
+        decay = ((1 + n) / (WARMUP + n)).clamp(max=self.decay)
+        weight = (1 - decay) if taken is None else (1 - decay) * taken
+        weight = weight.float()
+        torch._foreach_lerp_(self._mine, self._theirs, [weight] * len(self._mine))
         if self._my_buffers:  # a model without BatchNorm (model.arch=resnet) has none; foreach refuses []
             torch._foreach_copy_(self._my_buffers, self._their_buffers)
-        self.updates += 1
+        self._updates += 1 if taken is None else taken
 
     @torch.no_grad()
     def restart(self) -> None:
         """Start again from the model's weights as they are now (a resume that turns the average on)."""
         self.average.load_state_dict(self._model.state_dict())
-        self.updates = 0
+        self._updates.zero_()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The average's weights: a state dict of the model's kind, which any of its readers loads."""
@@ -66,4 +78,4 @@ class WeightAverage:
 
     def load_state_dict(self, weights: dict[str, torch.Tensor], updates: int) -> None:
         self.average.load_state_dict(weights)
-        self.updates = updates
+        self._updates.fill_(updates)

@@ -21,7 +21,7 @@ class ProgressBar(Callback):
         self.bar.update(1)
         if progress.running_loss_due(trainer.epoch_steps):
             self.bar.set_postfix(loss=f"{progress.running_encoder_loss(trainer.alpha):.1f}",
-                                 img_s=f"{progress.images / progress.seconds:.0f}")
+                                 img_s=f"{progress.images_per_second():.0f}")
         if progress.steps == trainer.epoch_steps:
             self.teardown(trainer)
 

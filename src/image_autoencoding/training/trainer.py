@@ -19,8 +19,15 @@ from image_autoencoding.data.image_data import ImageData
 from image_autoencoding.errors import UserError
 from image_autoencoding.evaluation.evaluate import evaluate_split
 from image_autoencoding.models.factory import build_model
-from image_autoencoding.runtime import autocast_factory, keep_freed_memory, resolve_precision
+from image_autoencoding.runtime import (
+    autocast_factory,
+    keep_freed_memory,
+    resolve_precision,
+    use_cuda_graphs,
+    use_tf32,
+)
 from image_autoencoding.training.callbacks import Callback, Callbacks
+from image_autoencoding.training.cuda_graph import GraphedStep
 from image_autoencoding.training.distributed import SINGLE, Distributed
 from image_autoencoding.training.early_stopping import EarlyStopping
 from image_autoencoding.training.epoch_progress import EpochProgress
@@ -35,8 +42,9 @@ from image_autoencoding.training.lr_schedule import learning_rate
 from image_autoencoding.training.monitor import Monitor
 from image_autoencoding.training.rng import rng_state, seed_everything, set_rng_state
 from image_autoencoding.training.sharded_evaluation import evaluate_split_across_ranks
+from image_autoencoding.training.skipped_steps import SkippedSteps
 from image_autoencoding.training.state import TrainingState
-from image_autoencoding.training.steps import build_training_step
+from image_autoencoding.training.steps import StepResult, build_training_step
 from image_autoencoding.training.sync_batchnorm import convert_batchnorm
 
 logger = logging.getLogger("image_autoencoding")
@@ -69,7 +77,11 @@ class Trainer:
         self.dist = dist
         self.device = dist.device(self.cfg.device)
         self.precision = resolve_precision(self.cfg.precision, self.device)
-        self.autocast = autocast_factory(self.device, self.precision)
+        self.tf32 = use_tf32(self.cfg.tf32, self.device)
+        self.cuda_graphs, self._cuda_graphs_why = use_cuda_graphs(self.cfg.cuda_graphs, self.device, self.precision,
+                                                                  dist.world_size)
+        # Autocast's cache of casted weights does not survive a graph's replay (torch.cuda.graphs).
+        self.autocast = autocast_factory(self.device, self.precision, cache=not self.cuda_graphs)
         if self.device.type == "cpu" and self.cfg.reuse_cpu_memory:
             keep_freed_memory()
         self.normalize = Normalizer(config.data, self.device)
@@ -89,6 +101,9 @@ class Trainer:
         # The objective's networks, optimizers and gradients (model.mode; training/steps/).
         self.training_step = build_training_step(config, self.model, self.device, dist, self.autocast,
                                                  self.precision)
+        # The step as the loop calls it: replayed CUDA graphs, captured at the first step of each
+        # kind (after _restore below), or the step object itself.
+        self._run_step = GraphedStep(self.training_step) if self.cuda_graphs else self.training_step
         # The horizon of train.lr_schedule=cosine: every planned epoch, or plan()'s steps.
         self.planned_steps = self.cfg.epochs * steps_per_epoch(
             len(data.train.images), self.cfg.batch_size, self.cfg.max_steps_per_epoch, dist.world_size)
@@ -96,7 +111,8 @@ class Trainer:
         self.step = 0  # training steps done (batches drawn), skipped ones included
         self.progress = EpochProgress.from_state(None, self.device)
         self.epoch_steps = 0  # steps of the epoch being trained (set by train_epoch)
-        self.bad_steps_in_a_row = 0
+        # Non-finite steps, counted on the device and read when the running loss is shown.
+        self.skipped_steps = SkippedSteps(self.cfg.max_bad_steps, self.device)
         self.metrics: dict[str, float] = {}  # the last epoch's metrics.csv row
         self.monitor = Monitor(self.cfg.monitor, self.cfg.early_stopping_min_delta)
         self.stop = StopRequests()  # installed for the duration of fit()
@@ -118,7 +134,7 @@ class Trainer:
             networks=step["networks"], optimizers=step["optimizers"], scaler=step["scaler"],
             ema_updates=step.get("ema_updates"),
             epoch=self.epoch, step=self.step, epoch_progress=self.progress.state(),
-            bad_steps_in_a_row=self.bad_steps_in_a_row,
+            bad_steps_in_a_row=int(self.skipped_steps.in_a_row),
             # Every rank's RNG state is rank 0's (see steps/noise.py), so one state resumes them all.
             rng=rng_state(), world_size=self.dist.world_size, monitor=self.monitor.state_dict(),
             callbacks=self.callbacks.state_dict(), config=self.config.to_dict(),
@@ -129,7 +145,7 @@ class Trainer:
         self.epoch = state.epoch
         self.step = state.step
         self.progress = EpochProgress.from_state(state.epoch_progress, self.device)
-        self.bad_steps_in_a_row = state.bad_steps_in_a_row
+        self.skipped_steps = SkippedSteps(self.cfg.max_bad_steps, self.device, state.bad_steps_in_a_row)
         if state.monitor and not self.monitor.load_state_dict(state.monitor):
             logger.info("train.monitor is %s, the checkpoint's marks are of %s: best.pt and early stopping "
                         "count %s from epoch %d on", self.monitor.name, state.monitor.get("name"),
@@ -139,16 +155,18 @@ class Trainer:
 
     # -- one step / one epoch --------------------------------------------------------------------
 
-    def train_step(self, x: Tensor) -> Tensor | None:
-        """One optimisation step of every network (training/steps/). Returns detached per-batch sums
-        (recon, kl), or None when a loss or a gradient is not finite: then no optimizer steps, and
-        weights, optimizer state and BatchNorm statistics are exactly as before."""
+    def train_step(self, x: Tensor) -> StepResult:
+        """One optimisation step of every network (training/steps/), queued without waiting for the
+        device. Returns device tensors: the batch sums (recon, kl) and the flag `skipped` (a loss or
+        a gradient was not finite: then weights, optimizer state, BatchNorm statistics and the
+        weight average are exactly as before)."""
         alpha = self.cfg.kl_weight(self.dist.world_size, self.step)  # ramps up over kl_warmup_steps
-        sums, agreed = self.training_step(x, alpha, self._stop_flags() if self.dist.enabled else None)
+        result = self._run_step(x, alpha, self.step, self._stop_flags() if self.dist.enabled else None)
         self.step += 1
         if self.dist.enabled:
-            self._agreed_stop = signal_to_stop_on(agreed)
-        return sums
+            # The one host wait per step under torchrun: every rank must stop at the same step.
+            self._agreed_stop = signal_to_stop_on(result.flags.tolist())
+        return result
 
     def train_epoch(self, epoch: int, max_steps: int | None = None) -> dict[str, float]:
         """The rest of `epoch`: all of it, or what follows the checkpoint this run resumed from.
@@ -168,16 +186,14 @@ class Trainer:
         for x in batches:
             self.callbacks.on_step_start(self)
             self.set_learning_rate(epoch)
-            sums = self.train_step(x)
-            progress.steps += 1
-            if sums is None:
-                self._count_bad_step(epoch)
-            else:
-                self.bad_steps_in_a_row = 0
-                progress.sums += sums
-                progress.images += x.shape[0] * world  # every rank's share is full (see training_batches)
+            result = self.train_step(x)
+            # Every rank's share is full (see training_batches).
+            progress.add(result.sums, result.skipped, x.shape[0] * world)
+            self.skipped_steps.count(result.skipped, self.step, progress.steps)
             progress.seconds = time.perf_counter() - start
-            self.callbacks.on_step_end(self, x, sums)
+            if progress.running_loss_due(self.epoch_steps):
+                self._report_skipped_steps(epoch)
+            self.callbacks.on_step_end(self, x, result)
             # Under torchrun, the signals the ranks agreed on in this step's packet: a signal that
             # arrives after the packet was sent stops every rank after the next step.
             signum = self._agreed_stop if self.dist.enabled else self.stop.signum
@@ -185,6 +201,7 @@ class Trainer:
                 self._stop_on_signal(signum, epoch)
             if self._max_steps is not None and self.step >= self._max_steps:
                 break
+        self._report_skipped_steps(epoch)  # waits for the device: the epoch's seconds include its work
         seconds = time.perf_counter() - start
         recon, kl = progress.mean_losses()
         self.progress = EpochProgress.from_state(None, self.device)
@@ -192,10 +209,10 @@ class Trainer:
             "train_loss": progress.running_encoder_loss(self.alpha),
             "train_recon": recon,
             "train_kl": kl,
-            "images_per_s": progress.images / seconds,
+            "images_per_s": int(progress.images) / seconds,
             "seconds": seconds,
             "lr": self.training_step.learning_rate,
-            "skipped_steps": progress.skipped,
+            "skipped_steps": int(progress.skipped),
             **self.training_step.take_stats(),  # the objective's own terms (training/steps/)
         }
 
@@ -222,18 +239,30 @@ class Trainer:
         )
         return evaluation.means(prefix="valid_")
 
-    def _count_bad_step(self, epoch: int) -> None:
-        self.progress.skipped += 1
-        self.bad_steps_in_a_row += 1
-        where = f"step {self.step} (epoch {epoch}, batch {self.progress.steps})"
-        if self.bad_steps_in_a_row >= self.cfg.max_bad_steps:
+    def _report_skipped_steps(self, epoch: int) -> None:
+        """Reads the device's count of skipped steps (one host wait, when the running loss is
+        shown and at the epoch's end): a warning for those since the last read, and the stop when
+        train.max_bad_steps were skipped in a row, naming the step that made them so many."""
+        since = self.skipped_steps.read()
+        if since.limit_reached_at is not None:
             message = (
-                f"training stopped: {self.bad_steps_in_a_row} non-finite losses in a row, the last at {where}; "
+                f"training stopped: {self.cfg.max_bad_steps} non-finite losses in a row, the last at "
+                f"{self._where(since.limit_reached_at, epoch)}; "
                 "weights are those of the last good step; lower train.lr or check the data"
             )
             logger.error(message)
             raise TrainingDiverged(message)
-        logger.warning("non-finite loss or gradient at %s: step skipped, weights unchanged", where)
+        if since.count == 1:
+            logger.warning("non-finite loss or gradient at %s: step skipped, weights unchanged",
+                           self._where(since.last, epoch))
+        elif since.count > 1:
+            logger.warning("non-finite loss or gradient in %d steps, the last at %s: steps skipped, weights unchanged",
+                           since.count, self._where(since.last, epoch))
+
+    @staticmethod
+    def _where(step: tuple[int, int], epoch: int) -> str:
+        """A step as the messages name it; every read is inside the epoch of the steps it names."""
+        return f"step {step[0]} (epoch {epoch}, batch {step[1]})"
 
     def _stop_signal(self) -> int | None:
         """The signal to stop on between epochs, agreed by all ranks: a SIGTERM that reached one
@@ -325,6 +354,10 @@ class Trainer:
             self.device, self.precision, len(self.data.train.images), len(self.data.valid.images), self.alpha,
             sum(p.numel() for p in self.model.parameters()) / 1e6,
         )
+        if self.device.type == "cuda":
+            logger.info("fp32 matrix products and convolutions: %s (train.tf32) | CUDA graphs: %s (%s)",
+                        "TF32" if self.tf32 else "full fp32", "on" if self.cuda_graphs else "off",
+                        self._cuda_graphs_why)
         if self.dist.enabled:
             logger.info(
                 "%d processes, global batch %d (%d per process), BatchNorm %s", self.dist.world_size,

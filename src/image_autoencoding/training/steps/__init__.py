@@ -12,12 +12,12 @@ import torch
 from image_autoencoding.config import Config
 from image_autoencoding.models.vae import VAE
 from image_autoencoding.training.distributed import Distributed
-from image_autoencoding.training.steps.base import TrainingStep
+from image_autoencoding.training.steps.base import StepResult, TrainingStep
 from image_autoencoding.training.steps.ldm import LdmStep
 from image_autoencoding.training.steps.vae import VAEStep
 from image_autoencoding.training.steps.vae_gan import VaeGanStep
 
-__all__ = ["TrainingStep", "build_training_step"]
+__all__ = ["StepResult", "TrainingStep", "build_training_step"]
 
 
 def build_training_step(config: Config, model: VAE, device: torch.device, dist: Distributed,

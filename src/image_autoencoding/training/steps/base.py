@@ -6,8 +6,8 @@ asks which kind it is."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Hashable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -18,9 +18,18 @@ from image_autoencoding.models.vae import VAE
 from image_autoencoding.training.buffer_snapshot import BufferSnapshot
 from image_autoencoding.training.distributed import Distributed
 from image_autoencoding.training.ema import WeightAverage
+from image_autoencoding.training.optimizers import after_loading, saved, set_rate
 from image_autoencoding.training.sync_batchnorm import convert_batchnorm
 
 logger = logging.getLogger("image_autoencoding")
+
+
+class StepResult(NamedTuple):
+    """What a training step gives back: device tensors, read by the host only when it logs."""
+
+    sums: Tensor  # recon, kl summed over the global batch's images (not finite when skipped)
+    skipped: Tensor  # bool, 0-d: a loss or gradient was not finite, nothing was updated
+    flags: Tensor | None  # under torchrun: the stop requests summed over the ranks; else None
 
 
 class TrainingStep:
@@ -57,52 +66,85 @@ class TrainingStep:
 
     # -- the step --------------------------------------------------------------------------------
 
-    def __call__(self, x: Tensor, alpha: float, flags: Tensor | None = None) -> tuple[Tensor | None, list[float]]:
-        """Train every network on batch `x` with KL weight `alpha`. Returns the detached batch sums
-        (recon, kl) over the global batch, or None when a loss or a gradient was not finite: then no
-        optimizer steps, and weights, optimizer state and BatchNorm statistics are exactly as before.
-        Under torchrun `flags` (the trainer's stop requests) travel in the step's one all-reduce and
-        come back summed over the ranks; otherwise they come back empty."""
+    def __call__(self, x: Tensor, alpha: float, step: int, flags: Tensor | None = None) -> StepResult:
+        """Train every network on batch `x` with KL weight `alpha`; `step`: the trainer's steps done
+        before this one (an objective may change with it: ldm's disc_start). Returns device tensors
+        only, and nothing waits for the device: the batch sums (recon, kl) over the global batch and
+        the flag `skipped` (a loss or gradient was not finite): then every optimizer's update, the
+        BatchNorm statistics and the weight average are masked on the device, so weights, optimizer
+        state (step counts included), statistics and average are exactly as before. Under torchrun
+        `flags` (the trainer's stop requests) travel in the step's one all-reduce and come back in
+        `flags`, summed over the ranks."""
+        self.prepare(alpha, step)
+        return self.run(x, flags)
+
+    def prepare(self, alpha: float, step: int) -> Hashable:
+        """Before `run`: the KL weight filled into its device tensor, and the host's decisions for
+        the step (`phase`), which this returns."""
+        self._alpha.fill_(alpha)
+        return self.phase(step)
+
+    def phase(self, step: int) -> Hashable:
+        """What the trainer's steps done (`step`) make of the next step's work, decided on the host;
+        a CUDA graph (training/cuda_graph.py) is captured for each value and batch shape. None
+        here: every step is the same."""
+        return None
+
+    def run(self, x: Tensor, flags: Tensor | None = None) -> StepResult:
+        """The step itself, after `prepare`, with the KL weight and the learning rates already in
+        their device tensors: only device work, nothing read on the host, so that it can be
+        captured in a CUDA graph (fp16's loss scaling aside)."""
         self._buffers.take()
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
-        sums, bad = self.gradients(x, self._alpha.fill_(alpha))
-        agreed: list[float] = []
+        sums, skipped = self.gradients(x, self._alpha)
+        agreed = None
         if self.dist.enabled:
-            bad, sums, agreed = self._agree_across_ranks(bad, sums, flags)
-        # The one host sync per step (under torchrun, inside _agree_across_ranks): skipping an
-        # optimizer step is a host decision, so it waits for the device here (GradScaler does the
-        # same for optimizers without a fused kernel, such as RMSprop). Everything before it only
-        # queues work. On CPU the sync costs nothing.
-        if bool(bad):
-            self._buffers.restore()
-            return None, agreed
+            skipped, sums, agreed = self._agree_across_ranks(skipped, sums, flags)
+        if self.scaler.is_enabled():
+            self._scaled_update(skipped)
+            return StepResult(sums, skipped, agreed)
+        self._buffers.restore_if(skipped)
+        found_inf = skipped.float()
         for optimizer in self.optimizers.values():
+            optimizer.found_inf = found_inf  # optimizers.py: the update is skipped on the device
+            optimizer.step()
+        if self.ema is not None:
+            self.ema.update(~skipped)
+        return StepResult(sums, skipped, agreed)
+
+    def _scaled_update(self, skipped: Tensor) -> None:
+        """fp16 with loss scaling waits for the device once per step, here, as GradScaler itself
+        does for an optimizer without a fused kernel (RMSprop): it is the path for GPUs without bf16,
+        and it is never captured in a CUDA graph. GradScaler may skip an optimizer for an
+        overflowing gradient: the average then moves towards unchanged weights; knowing it would
+        cost one more host wait per step."""
+        if bool(skipped):
+            self._buffers.restore()
+            return
+        for optimizer in self.optimizers.values():
+            optimizer.found_inf = None  # GradScaler decides (and sets it on fused optimizers itself)
             self.scaler.step(optimizer)
         self.scaler.update()
-        # Under fp16, GradScaler may have skipped an optimizer for an overflowing gradient: the
-        # average then moves towards unchanged weights; knowing it would cost a host wait per step.
         if self.ema is not None:
             self.ema.update()
-        return sums, agreed
 
     def gradients(self, x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
         """Fill each network's .grad with the gradient of its own loss; returns the detached batch
         sums (recon, kl) of this rank and a device flag: a loss or gradient not finite."""
         raise NotImplementedError
 
-    def _agree_across_ranks(self, bad: Tensor, sums: Tensor, flags: Tensor | None
-                            ) -> tuple[bool, Tensor, list[float]]:
-        """One all-reduce and one host wait per step for everything the ranks must agree on: the
-        loss sums of the global batch, whether any rank saw a non-finite loss (gradients are equal
-        on all ranks after the all-reduce, but losses are per rank; a step skipped on one rank and
-        taken on another would split the replicas for good), and the caller's flags (a second
-        collective for them cost a second host wait per step)."""
+    def _agree_across_ranks(self, skipped: Tensor, sums: Tensor, flags: Tensor | None
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+        """One all-reduce per step for everything the ranks must agree on: the loss sums of the
+        global batch, whether any rank saw a non-finite loss (gradients are equal on all ranks after
+        the all-reduce, but losses are per rank; a step skipped on one rank and taken on another
+        would split the replicas for good), and the caller's flags (a second collective for them
+        would be a second launch and wait per step). Device tensors in and out."""
         extra = flags if flags is not None else torch.zeros(0, device=self.device)
-        packet = torch.cat([sums.float(), bad.float().view(1), extra.float()])
+        packet = torch.cat([sums.float(), skipped.float().view(1), extra.float()])
         self.dist.all_reduce_sum(packet)
-        agreed = packet[2:].tolist()
-        return agreed[0] > 0, packet[:2], agreed[1:]
+        return packet[2] > 0, packet[:2], packet[3:]
 
     @property
     def inference_model(self) -> VAE:
@@ -112,14 +154,15 @@ class TrainingStep:
     # -- learning rate and statistics ------------------------------------------------------------
 
     def set_learning_rate(self, lr: float) -> None:
-        """The encoder's and decoder's rate for the next step; other networks keep their own."""
+        """The encoder's and decoder's rate for the next step, filled into their device tensors;
+        other networks keep their own."""
         for name in self.SCHEDULED:
-            for group in self.optimizers[name].param_groups:
-                group["lr"] = lr
+            set_rate(self.optimizers[name], lr)
 
     @property
     def learning_rate(self) -> float:
-        return self.optimizers["encoder"].param_groups[0]["lr"]
+        """The encoder's rate (reads the device)."""
+        return float(self.optimizers["encoder"].param_groups[0]["lr"])
 
     def take_stats(self) -> dict[str, float]:
         """Statistics of this objective since the last call (then reset): the epoch's, in its
@@ -138,7 +181,7 @@ class TrainingStep:
         """{"networks": {key: state_dict}, "optimizers": {name: state_dict}, "scaler": ...}; with
         train.ema_decay, the average as the network "ema" and its "ema_updates"."""
         state = {"networks": {key: module.state_dict() for key, module in self.networks.items()},
-                 "optimizers": {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()},
+                 "optimizers": {name: saved(optimizer.state_dict()) for name, optimizer in self.optimizers.items()},
                  "scaler": self.scaler.state_dict()}
         if self.ema is not None:
             state["networks"]["ema"] = self.ema.state_dict()
@@ -150,13 +193,11 @@ class TrainingStep:
         for key, module in self.networks.items():
             module.load_state_dict(networks[key])
         self._load_average(networks.get("ema"), ema_updates)
-        for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(optimizers[name])
         # Optimizer state dicts carry the weight decay they were saved with; a resume that changes it
         # continues with the new value (the learning rate is set before every step).
-        for name in self.SCHEDULED:
-            for group in self.optimizers[name].param_groups:
-                group["weight_decay"] = self.cfg.weight_decay
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(optimizers[name])
+            after_loading(optimizer, self.device, self.cfg.weight_decay if name in self.SCHEDULED else None)
         if scaler:
             self.scaler.load_state_dict(scaler)
 

@@ -82,13 +82,17 @@ def check_lpips_weights(config: Config) -> None:
 
 class LdmLoss(nn.Module):
     """The loss's own state, saved in checkpoints under "ldm_loss": the learned log-variance of the
-    reconstruction (one scalar, Rombach et al.'s logvar, initialised at 0) and the steps this
-    objective has taken (disc_start counts them)."""
+    reconstruction (one scalar, Rombach et al.'s logvar, initialised at 0). disc_start counts the
+    trainer's steps (the checkpoint's "step"); older checkpoints also hold a copy of that count,
+    "steps", which loading ignores."""
 
     def __init__(self):
         super().__init__()
         self.logvar = nn.Parameter(torch.zeros(()))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "steps", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class LdmObjective(nn.Module):
@@ -169,18 +173,14 @@ class LdmStep(TrainingStep):
         self.discriminator_params = list(self.discriminator.parameters())
         last = decoder_last_layer(model.decoder)
         self.last = next(index for index, p in enumerate(self.autoencoder) if p is last)
-        self.steps_done = 0
+        self.adversarial = self.phase(0)  # the discriminator's phase of the step under way
         self.stats = torch.zeros(2, len(STATS), device=device)  # rows: epoch, window; a step adds to both
         self._shared_buffers = [b for module in (model, self.discriminator) for b in module.buffers()]
 
-    def __call__(self, x: Tensor, alpha: float, flags: Tensor | None = None) -> tuple[Tensor | None, list[float]]:
-        result = super().__call__(x, alpha, flags)
-        self.steps_done += 1  # skipped steps too, as the trainer's step count
-        return result
-
-    @property
-    def adversarial(self) -> bool:
-        return self.steps_done >= self.cfg.disc_start
+    def phase(self, step: int) -> bool:
+        """The discriminator's phase: the trainer's steps done (skipped ones included) >= disc_start."""
+        self.adversarial = step >= self.cfg.disc_start
+        return self.adversarial
 
     def gradients(self, x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
         if self.dist.enabled:
@@ -240,12 +240,3 @@ class LdmStep(TrainingStep):
             out.update({key: values[key] / adversarial
                         for key in ("g_loss", "d_weight", "disc_loss", "logits_real", "logits_fake")})
         return out
-
-    def state_dict(self) -> dict:
-        self.loss.steps.fill_(self.steps_done)
-        return super().state_dict()
-
-    def load_state_dict(self, networks: dict, optimizers: dict, scaler: dict | None,
-                        ema_updates: int | None = None) -> None:
-        super().load_state_dict(networks, optimizers, scaler, ema_updates)
-        self.steps_done = int(self.loss.steps)
