@@ -4,6 +4,8 @@ as torchvision's."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -109,6 +111,21 @@ def test_discriminator_waits_for_disc_start_then_trains(tiny):
     assert not _equal(discriminator, _weights(step.discriminator))
     after = step.take_stats()
     assert after["disc_factor"] == 1 and after["d_weight"] > 0 and after["disc_loss"] > 0
+
+
+@pytest.mark.parametrize("mode", ["ldm", "vae-gan"])
+def test_a_skipped_step_leaves_the_objectives_own_terms_finite_and_uncounted(tiny, mode):
+    """A non-finite batch is skipped; the epoch's and the window's terms (metrics.csv, TensorBoard)
+    are those of the steps taken, not NaN."""
+    trainer = _trainer(tiny, f"model.mode={mode}", "train.disc_start=0", "train.perceptual_weight=0")
+    step = trainer.training_step
+    good, bad = _batches(trainer, 2)
+    assert not trainer.train_step(good).skipped
+    assert trainer.train_step(bad * float("nan")).skipped
+    for taken in (step.take_stats(), step.take_window_stats()):
+        assert taken and all(math.isfinite(value) for value in taken.values()), taken
+        if mode == "ldm":
+            assert taken["disc_factor"] == 1.0  # one step counted: the one taken
 
 
 def test_ldm_state_survives_a_checkpoint_and_the_resume_continues_bit_identically(tiny, tmp_path):

@@ -209,7 +209,9 @@ class LdmStep(TrainingStep):
         # Filled on the device (a tensor copied from host memory would wait for the queued work).
         count = torch.stack([torch.full((), float(x.shape[0]), device=x.device), torch.ones((), device=x.device),
                              torch.full((), float(adversarial), device=x.device)])
-        self.stats += torch.cat([stats[:3], count, stats[3:4], d_weight.view(1), stats[4:]])
+        # A skipped step's terms are not finite, or belong to weights the step never changed: they
+        # would turn the epoch's means into NaN, so the statistics add zero for it (on the device).
+        self.stats += torch.where(bad, 0.0, torch.cat([stats[:3], count, stats[3:4], d_weight.view(1), stats[4:]]))
         return torch.stack([recon, kl]).detach(), bad
 
     def adaptive_weight(self, reconstruction_grad: Tensor, adversarial_grad: Tensor) -> Tensor:

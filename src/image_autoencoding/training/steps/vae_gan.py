@@ -136,7 +136,9 @@ class VaeGanStep(TrainingStep):
             for param, grad in zip(params, group_grads, strict=True):
                 param.grad = grad
         bad = not_finite(losses, flat)
-        self.stats += torch.stack([d_real, d_recon, torch.full((), float(x.shape[0]), device=x.device)])
+        # A skipped step adds nothing (see steps/ldm.py).
+        self.stats += torch.where(bad, 0.0, torch.stack([d_real, d_recon, torch.full((), float(x.shape[0]),
+                                                                                      device=x.device)]))
         return torch.stack([pixel, kl]).detach(), bad
 
     def take_stats(self) -> dict[str, float]:
