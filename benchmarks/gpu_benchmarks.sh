@@ -204,7 +204,7 @@ run_all() {
   # shellcheck disable=SC2086  # the seeds are separate arguments
   step batch_size "${limits[1]}" "$PY" benchmarks/batch_size.py --dataset "$dataset" --image-size 32 \
     "${batches[@]}" --seeds $seeds --json "$OUT/batch_size.json"
-  step summary 60 "$PY" benchmarks/gpu_summary.py "$OUT"
+  step summary 30 "$PY" benchmarks/gpu_summary.py "$OUT"
   echo "total: $((SECONDS - start)) s (the GPU run must stay under 480 s)"
 }
 

@@ -29,7 +29,8 @@ image of both recipes and times large matrix products in each precision the devi
 and TF32 on a GPU, fp32): where the step is compute-bound, that rate bounds how far the ratios can
 go, and each model step's achieved FLOP rate is printed as a share of it.
 
---settings adds a row per GPU setting, each one Trainer with its config overrides: the model step
+--settings times a row per GPU setting instead of the precision variants, each one Trainer with
+its config overrides (the model step at the default settings stays, as the reference): the model step
 with train.cuda_graphs false and true, each in fp32 with train.tf32 false and true and in bf16
 channels_last; the end-to-end epoch with data.on_device false and true, each with train.cuda_graphs
 false and true. Each row gets its host waits per step (on a GPU) and each end-to-end row its rate
@@ -714,8 +715,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps-per-round", type=int, default=6, help="timed steps of every pipeline per round")
     parser.add_argument("--compile", action="store_true", help="also time the model step under torch.compile")
     parser.add_argument("--settings", action="store_true",
-                        help="also time a row per GPU setting (train.cuda_graphs, train.tf32, bf16, data.on_device), "
-                        "each with its host waits per step")
+                        help="time a row per GPU setting (train.cuda_graphs, train.tf32, bf16, data.on_device), each "
+                        "with its host waits per step, instead of the precision variants")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per step of every pipeline")
     parser.add_argument("--matmul-size", type=int, default=0,
                         help="side of the timed matrix products; 0: 8192 on a GPU, 2048 on a CPU")
@@ -746,6 +747,10 @@ def main(argv: list[str] | None = None) -> int:
     default = resolve_precision("auto", device)
     if device.type == "cuda":
         variants += ["fp16", f"{default}+autotune"]  # fp16 with the gradient scaler, as train.precision=fp16 trains
+    if args.settings:
+        # The settings rows time the precisions; of these, only the default settings' step (the
+        # end-to-end epoch's reference) stays: a GPU session's minutes are few.
+        variants = [default]
     if args.compile:
         variants.append(f"{default}+compile")
     pipelines: dict = {"original": OriginalInOwnProcess(paths, args.workers, args.device, work)}
