@@ -451,3 +451,36 @@ def test_gpu_benchmarks_script_refuses_bad_options_before_running_anything(argum
                           text=True, env={"OUT": str(tmp_path / "out"), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 2 and named in done.stderr and len(done.stderr.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_throughput_host_waits_are_counted_per_step_by_place_and_tf32_switches_put_back(monkeypatch):
+    """count_host_waits reads CUDA's sync debug mode warnings (emitted here by hand: no GPU in CI)
+    and turns the mode off again; a row's TF32 switches come back after another row changed them."""
+    import warnings
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import train_throughput as t
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def steps():
+        for _ in range(4):
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=1)  # every step, this line
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)  # once, at the end
+        warnings.warn("an unrelated warning", stacklevel=1)
+
+    waits = t.count_host_waits(steps, 4)
+    assert modes == ["warn", 0] and waits["per_step"] == 1.25 and len(waits["where"]) == 2
+    assert waits["every_step"] == [next(place for place, n in waits["where"].items() if n == 4)]
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        row = t.Tf32Switches()
+        matmul.fp32_precision = "tf32"  # another row's Trainer
+        row.restore()
+        assert matmul.fp32_precision == "ieee"
+    finally:
+        matmul.fp32_precision = before
