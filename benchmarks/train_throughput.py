@@ -218,12 +218,13 @@ class ModelStep:
 
         self.variant, self.autotune, self.skipped = name, autotune, 0
         self.trainer = make_trainer(build_config(work, *overrides), data, work / "runs" / f"step-{folder_name(name)}")
-        self.switches = Tf32Switches()  # as this row's Trainer set them
+        self.switches: Tf32Switches | None = None
         # Full batches only: a training set under 16 batches ends in a partial one, which is faster.
         self.batches = [x for x in training_batches(data.train.images, BATCH_SIZE, 0, 1, self.trainer.device,
                                                     self.trainer.normalize, 16) if len(x) == BATCH_SIZE]
         self.next = 0
         self.run(warm_up_steps(self.trainer.device), -1)
+        self.switches = Tf32Switches()  # as this row's Trainer set them, when made or in its first steps
 
     def host_waits(self, steps: int) -> dict:
         def take_steps() -> None:
@@ -237,7 +238,8 @@ class ModelStep:
         return waits
 
     def run(self, steps: int, round_index: int) -> tuple[int, float]:
-        self.switches.restore()
+        if self.switches is not None:
+            self.switches.restore()
         torch.backends.cudnn.benchmark = self.autotune
         skipped = 0
         start = time.perf_counter()
@@ -271,12 +273,13 @@ class EndToEnd:
         self.timer = StepTimer()  # this epoch's time in the step, its steps and images
         self.trainer = make_trainer(build_config(work, *overrides), data, work / "runs" / folder_name(name),
                                     [self.timer])
-        self.switches = Tf32Switches()  # as this row's Trainer set them
+        self.switches: Tf32Switches | None = None
         self.epoch = 0
         self.step_seconds, self.epoch_seconds, self.steps = 0.0, 0.0, 0  # over the timed rounds
         warm = time.perf_counter()
         self.run(warm_up_steps(self.trainer.device), -1)  # outside the timed epochs
         self.warm_up_s = time.perf_counter() - warm
+        self.switches = Tf32Switches()  # as this row's Trainer set them, when made or in its first steps
 
     def host_waits(self, steps: int) -> dict:
         """Over one epoch of `steps` steps: batches, steps, logging and the epoch's end."""
@@ -285,7 +288,8 @@ class EndToEnd:
         return count_host_waits(lambda: self.trainer.train_epoch(self.epoch, max_steps=steps), steps)
 
     def run(self, steps: int, round_index: int) -> tuple[int, float]:
-        self.switches.restore()
+        if self.switches is not None:
+            self.switches.restore()
         self.epoch += 1
         self.timer.reset()
         start = time.perf_counter()
