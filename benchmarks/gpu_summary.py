@@ -40,7 +40,7 @@ def step_rows(folder: Path) -> list[str]:
     return rows
 
 
-def target_rows(throughput: dict | None, batches: dict | None) -> list[str]:
+def target_rows(throughput: dict | None, choice: dict | None) -> list[str]:
     rows = []
     if throughput is None:
         rows.append("| train_throughput.json | missing: no throughput figures | - |")
@@ -80,12 +80,9 @@ def target_rows(throughput: dict | None, batches: dict | None) -> list[str]:
                             f"{_met(not counted['every_step'])} |")
         rows += [f"| {name} | skipped: {reason} | - |" for name, reason in settings.get("skipped", {}).items()]
         rows += [f"| {name} | failed: {error} | - |" for name, error in settings.get("failed", {}).items()]
-    if batches is None:
+    if choice is None:
         rows.append("| batch_size.json | missing: no batch-size figures | - |")
     else:
-        from batch_size import batch_choice
-
-        choice = batches.get("batch_size") or batch_choice(batches)  # cut short: from the rows it finished
         largest = choice["largest_within_noise"]
         noise = choice["seed_noise"]
         why = f"seed noise {noise:.4f}" if noise is not None else choice.get("why_none", "")
@@ -95,17 +92,19 @@ def target_rows(throughput: dict | None, batches: dict | None) -> list[str]:
 
 
 def summary(folder: Path) -> str:
+    from batch_size import batch_choice, choice_table
+
     throughput = _read(folder / "train_throughput.json")
     batches = _read(folder / "batch_size.json")
+    # A run cut short has quality.py's rows without the choice made from them: made here.
+    choice = None if batches is None else batches.get("batch_size") or batch_choice(batches)
     lines = [f"# GPU benchmarks: {folder}", ""]
     if throughput is not None:
         lines += [f"machine: {throughput['machine']}", ""]
     lines += ["| step | status | time | limit |", "|---|---|---|---|", *step_rows(folder), "",
-              "| target | measured | met |", "|---|---|---|", *target_rows(throughput, batches)]
-    if batches is not None and batches.get("batch_size"):
-        from batch_size import choice_table
-
-        lines += ["", choice_table(batches["batch_size"])]
+              "| target | measured | met |", "|---|---|---|", *target_rows(throughput, choice)]
+    if choice is not None and choice["rows"]:
+        lines += ["", choice_table(choice)]
     return "\n".join(lines) + "\n"
 
 
