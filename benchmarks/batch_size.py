@@ -39,6 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RULES = ("sqrt", "linear")
+BATCH_SIZES = (64, 256, 1024)  # the reference first; train_throughput.py times the epoch at the same ratios
 
 
 def scaled(lr: float, warmup_steps: int, batch: int, reference: int, rule: str) -> tuple[float, int]:
@@ -131,7 +132,7 @@ def choice_table(choice: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 256, 1024],
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(BATCH_SIZES),
                         help="the first is the reference the learning rate and warm-up are scaled from")
     parser.add_argument("--images-seen", type=int, default=120_000, help="training images per row")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])

@@ -88,6 +88,12 @@ def target_rows(throughput: dict | None, choice: dict | None) -> list[str]:
         why = f"seed noise {noise:.4f}" if noise is not None else choice.get("why_none", "")
         rows.append(f"| largest batch whose validation SSIM is within the seed noise of batch {choice['reference']} "
                     f"| {largest} ({why}) | - |")
+        epochs = (throughput or {}).get("settings", {}).get("end_to_end", {})
+        at_largest = epochs.get(f"batch_size={largest}")
+        if at_largest is not None:
+            ratio = at_largest["vs_original"]
+            rows.append(f"| end-to-end epoch >= {VS_ORIGINAL:.0f}x the original recipe at batch {largest} | "
+                        f"{ratio:.1f}x ({at_largest['img_s']:,.0f} img/s) | {_met(ratio >= VS_ORIGINAL)} |")
     return rows
 
 

@@ -30,14 +30,15 @@ and TF32 on a GPU, fp32): where the step is compute-bound, that rate bounds how 
 go, and each model step's achieved FLOP rate is printed as a share of it.
 
 --settings times a row per GPU setting instead of the precision variants, each one Trainer with
-its config overrides (the model step at the default settings stays, as the reference): the model step
-with train.cuda_graphs false and true, each in fp32 with train.tf32 false and true and in bf16
-channels_last; the end-to-end epoch with data.on_device false and true, each with train.cuda_graphs
-false and true. Each row gets its host waits per step (on a GPU) and each end-to-end row its rate
-as a share of the model step of the same settings. A row whose settings this config or device
-refuses (a key it does not know yet; train.cuda_graphs=true on a CPU) is skipped, its reason kept
-in the JSON, and a row that fails while timed is dropped with its error: one GPU session measures
-every other row all the same.
+its config overrides (the model step at the default settings stays, as the reference): the model
+step with train.cuda_graphs false and true, each in fp32 with train.tf32 false and true and in bf16
+channels_last; the end-to-end epoch with data.on_device false and true, each with
+train.cuda_graphs false and true, and at the default settings with 4 and 16 times --batch-size.
+Each row gets its host waits per step (on a GPU) and each end-to-end row its rate as a share of
+the model step of the same settings. A row whose settings this config or device refuses (a key it
+does not know yet; train.cuda_graphs=true on a CPU) is skipped, its reason kept in the JSON, and a
+row that fails while timed is dropped with its error: one GPU session measures every other row
+all the same.
 
 Then, unless skipped: peak memory of training on a 100,000-image cache (a subprocess), and the
 quality check: validation SSIM and the loss curve after the same number of images seen, fp32
@@ -227,13 +228,14 @@ class ModelStep:
         self.switches = Tf32Switches()  # as this row's Trainer set them, when made or in its first steps
 
     def host_waits(self, steps: int) -> dict:
-        def take_steps() -> None:
+        def take_steps() -> int:
             for _ in range(steps):
                 self.trainer.train_step(self.batches[self.next % len(self.batches)])
                 self.next += 1
+            return steps
 
         self.switches.restore()
-        waits = count_host_waits(take_steps, steps)
+        waits = count_host_waits(take_steps)
         _wait_for(self.trainer.device)
         return waits
 
@@ -282,10 +284,16 @@ class EndToEnd:
         self.switches = Tf32Switches()  # as this row's Trainer set them, when made or in its first steps
 
     def host_waits(self, steps: int) -> dict:
-        """Over one epoch of `steps` steps: batches, steps, logging and the epoch's end."""
+        """Over one epoch of `steps` steps (fewer where the set ends sooner): batches, steps, logging
+        and the epoch's end."""
+        def epoch() -> int:
+            before = self.trainer.step
+            self.trainer.train_epoch(self.epoch, max_steps=steps)
+            return self.trainer.step - before
+
         self.switches.restore()
         self.epoch += 1
-        return count_host_waits(lambda: self.trainer.train_epoch(self.epoch, max_steps=steps), steps)
+        return count_host_waits(epoch)
 
     def run(self, steps: int, round_index: int) -> tuple[int, float]:
         if self.switches is not None:
@@ -351,9 +359,21 @@ SETTING_PRECISIONS = {
 }
 STEP_SETTINGS = {f"{name}, cuda_graphs={graphs}": [*overrides, f"train.cuda_graphs={graphs}"]
                  for graphs in ("false", "true") for name, overrides in SETTING_PRECISIONS.items()}
-EPOCH_SETTINGS = {f"on_device={resident}, cuda_graphs={graphs}": [f"data.on_device={resident}",
-                                                                   f"train.cuda_graphs={graphs}"]
-                  for resident in ("false", "true") for graphs in ("false", "true")}
+
+
+def epoch_settings(batch_size: int) -> dict[str, list[str]]:
+    """The end-to-end rows: data.on_device x train.cuda_graphs, and the default settings at the
+    larger batch sizes benchmarks/batch_size.py compares with `batch_size` (x4 and x16: 256 and 1024
+    from 64), so that the run measures the epoch's rate against the original recipe's at whichever
+    batch keeps the quality."""
+    from batch_size import BATCH_SIZES
+
+    rows = {f"on_device={resident}, cuda_graphs={graphs}": [f"data.on_device={resident}", f"train.cuda_graphs={graphs}"]
+            for resident in ("false", "true") for graphs in ("false", "true")}
+    for larger in BATCH_SIZES[1:]:
+        rows[f"batch_size={batch_size * larger // BATCH_SIZES[0]}"] = [
+            f"train.batch_size={batch_size * larger // BATCH_SIZES[0]}"]
+    return rows
 HOST_WAIT_STEPS = 20  # steps whose host waits are counted per row: a wait every 10 steps shows as 0.1
 
 
@@ -415,10 +435,11 @@ class Tf32Switches:
         return next((v for v in (conv, cudnn, everything) if v != "none"), "ieee") == "tf32"
 
 
-def count_host_waits(run, steps: int) -> dict:
-    """GPU only: how often, and where, `run()` (`steps` training steps) made the host wait for the
-    GPU, counted by CUDA's sync debug mode. Each wait stops the CPU from queueing the next step's
-    kernels while the GPU works. `every_step`: the places that waited at least once per step."""
+def count_host_waits(run) -> dict:
+    """GPU only: how often, and where, `run()` (which returns the training steps it took) made the
+    host wait for the GPU, counted by CUDA's sync debug mode. Each wait stops the CPU from queueing
+    the next step's kernels while the GPU works. `every_step`: the places that waited at least once
+    per step."""
     import warnings
     from collections import Counter
 
@@ -426,7 +447,7 @@ def count_host_waits(run, steps: int) -> dict:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            run()
+            steps = run()
         finally:
             torch.cuda.set_sync_debug_mode(0)
     where = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
@@ -536,26 +557,28 @@ def step_settings(trainer) -> tuple:
     """What makes two Trainers' steps the same: an end-to-end row's rate is a share of the model
     step row with these equal (keys a config does not have yet count as equal)."""
     cfg = trainer.cfg
-    return trainer.precision, cfg.channels_last, getattr(cfg, "tf32", None), getattr(cfg, "cuda_graphs", None)
+    return (trainer.precision, cfg.channels_last, cfg.batch_size, getattr(cfg, "tf32", None),
+            getattr(cfg, "cuda_graphs", None))
 
 
-def settings_results(step_rows: dict, epoch_rows: dict, timed: dict, waits: dict, arithmetic: dict,
-                     original_img_s: float) -> dict:
+def settings_results(step_rows: dict, epoch_rows: dict, overrides: dict[str, list[str]], timed: dict, waits: dict,
+                     arithmetic: dict, original_img_s: float) -> dict:
     """--settings: each timed row's rate, arithmetic (model steps) or share of its model step
-    (end-to-end), and host waits; and the fastest model step's share of the bf16 and TF32 rates."""
+    (end-to-end), and host waits; and the fastest model step's share of the bf16 and TF32 rates.
+    `overrides`: each row's config overrides, by name."""
     rates, gflop = arithmetic["matmul_tflops"], arithmetic["ours_gflop_per_image"]
     steps = {}
     for name, row in step_rows.items():
         if f"step:{name}" in timed:
             img_s = timed[f"step:{name}"]["img_s"]
-            steps[name] = {"overrides": STEP_SETTINGS[name], "img_s": img_s, "vs_original": img_s / original_img_s,
+            steps[name] = {"overrides": overrides[name], "img_s": img_s, "vs_original": img_s / original_img_s,
                            **step_arithmetic(row, img_s, gflop, rates), "host_waits": waits.get(f"step:{name}")}
     epochs = {}
     for name, row in epoch_rows.items():
         if f"end_to_end:{name}" in timed:
             img_s = timed[f"end_to_end:{name}"]["img_s"]
             same = next((n for n in steps if step_settings(step_rows[n].trainer) == step_settings(row.trainer)), None)
-            epochs[name] = {"overrides": EPOCH_SETTINGS[name], "img_s": img_s, "vs_original": img_s / original_img_s,
+            epochs[name] = {"overrides": overrides[name], "img_s": img_s, "vs_original": img_s / original_img_s,
                             "step_row": same, "share_of_step": img_s / steps[same]["img_s"] if same else None,
                             "host_waits": waits.get(f"end_to_end:{name}")}
     result = {"model_step": steps, "end_to_end": epochs}
@@ -772,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, overrides in STEP_SETTINGS.items()})
         epoch_rows, *refused = build_rows({
             name: lambda name=name, overrides=overrides: EndToEnd(work, data, name, tuple(overrides))
-            for name, overrides in EPOCH_SETTINGS.items()})
+            for name, overrides in epoch_settings(BATCH_SIZE).items()})
         skipped.update(refused[0])
         failed.update(refused[1])
     rows = {**{f"step:{name}": row for name, row in step_rows.items()},
@@ -822,8 +845,9 @@ def main(argv: list[str] | None = None) -> int:
         results["host_waits"] = waits["end_to_end"]
     results["arithmetic"] = arithmetic(work, data, device, args.matmul_size)
     if args.settings:
-        results["settings"] = {**settings_results(step_rows, epoch_rows, timed, waits, results["arithmetic"],
-                                                  results["original_img_s"]),
+        overrides = {**STEP_SETTINGS, **epoch_settings(BATCH_SIZE)}
+        results["settings"] = {**settings_results(step_rows, epoch_rows, overrides, timed, waits,
+                                                  results["arithmetic"], results["original_img_s"]),
                                "skipped": skipped, "failed": failed}
     del pipelines, steps, end_to_end, rows, step_rows, epoch_rows
     if args.memory_images and not Path("/proc/self/status").exists():
