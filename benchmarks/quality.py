@@ -26,8 +26,7 @@ when a generator has collapsed to one picture).
 --seeds trains every row from each seed and adds each row's mean with a 95% interval and its
 difference from --baseline paired by seed (seed_statistics.py); --train-seconds compares rows at the
 same training wall time instead of the same images seen. A row trains at its own train.batch_size
-(a --variant may set it): --images-seen is rounded up to whole batches of it. The JSON is written
-after every row, so a run stopped early keeps the rows it finished.
+(a --variant may set it): --images-seen is rounded up to whole batches of it.
 """
 
 from __future__ import annotations
@@ -49,6 +48,7 @@ from machine import describe
 from model_cost import parameter_count, step_gflop_per_image
 from seed_statistics import SEED_COLUMNS, paired, paired_table, summarize, summary_table
 
+from image_autoencoding.atomic_files import atomic_write
 from image_autoencoding.config import Config, load_config, read_yaml
 from image_autoencoding.data.batches import evaluation_batches, training_batches
 from image_autoencoding.data.image_data import ImageData, Split, load_image_data
@@ -360,6 +360,23 @@ def feature_networks(name: str, data: ImageData, inception: FeatureNetwork | Non
     return networks
 
 
+def write_document(path: Path | None, command: str, classifiers: dict, seeds: list[int], baseline: str,
+                   results: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The JSON of the rows so far (at `path`, when given): each row, and over the seeds each row's
+    mean with its interval and its difference from `baseline` paired by seed. Returns (summary,
+    paired)."""
+    keys = [key for key, _, _ in SEED_COLUMNS] + sample_keys(results)
+    summary, comparisons = summarize(results, keys), paired(results, baseline, keys)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        document = {"command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "machine": describe(), "domain_classifiers": classifiers, "seeds": seeds,
+                    "summary": summary, "paired": comparisons, "results": results}
+        text = json.dumps(document, indent=2) + "\n"
+        atomic_write(path, lambda f: f.write(text), binary=False)
+    return summary, comparisons
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images-seen", type=int, default=20000,
@@ -414,17 +431,6 @@ def main(argv: list[str] | None = None) -> int:
         except MissingWeights as missing:
             print(f"no Inception FID / KID columns: {missing}", flush=True)
     results, classifiers = [], {}
-
-    def save() -> None:  # after every row: a run stopped early keeps the rows it finished
-        if args.json is None:
-            return
-        keys = [key for key, _, _ in SEED_COLUMNS] + sample_keys(results)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        document = {"command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "machine": describe(), "domain_classifiers": classifiers, "seeds": args.seeds,
-                    "summary": summarize(results, keys), "paired": paired(results, baseline, keys), "results": results}
-        args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name in args.datasets:
@@ -445,15 +451,15 @@ def main(argv: list[str] | None = None) -> int:
                     if networks is not None:
                         row.update(cost(trainer, data))
                     results.append(row)
-                    save()
                     print(table([row]).splitlines()[-1], flush=True)
+                    # After every row: a run cut short (a shared machine's time ran out) keeps its rows.
+                    write_document(args.json, command, classifiers, args.seeds, baseline, results)
     print(f"\n{command}\n")
     print(table(results))
     if any("sets" in row for row in results):
         print()
         print(set_table(results))
-    keys = [key for key, _, _ in SEED_COLUMNS] + sample_keys(results)
-    summary, comparisons = summarize(results, keys), paired(results, baseline, keys)
+    summary, comparisons = write_document(args.json, command, classifiers, args.seeds, baseline, results)
     if len(args.seeds) > 1:
         print(f"\nover seeds {', '.join(map(str, args.seeds))}: mean [95% interval]\n")
         print(summary_table(summary))
