@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py [--images-seen 20000 | --train-seconds S] [--image-size 64]
                                  [--photo-crops 8000] [--datasets fashion-mnist photos] [--seeds 1 2 3]
-                                 [--json out.json] [--pictures DIR]
+                                 [--reconstruction-only] [--valid-images N] [--json out.json] [--pictures DIR]
 
 Recipes (each trains the same architecture from the same seed, at the default precision):
   seed     configs/seed.yaml: the original (RMSprop lr 1e-3, x0.75 per epoch, alpha 1)
@@ -25,12 +25,14 @@ when a generator has collapsed to one picture).
 
 --seeds trains every row from each seed and adds each row's mean with a 95% interval and its
 difference from --baseline paired by seed (seed_statistics.py); --train-seconds compares rows at the
-same training wall time instead of the same images seen.
+same training wall time instead of the same images seen. A row trains at its own train.batch_size
+(a --variant may set it): --images-seen is rounded up to whole batches of it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shlex
@@ -47,7 +49,7 @@ from model_cost import parameter_count, step_gflop_per_image
 from seed_statistics import SEED_COLUMNS, paired, paired_table, summarize, summary_table
 
 from image_autoencoding.atomic_files import atomic_write
-from image_autoencoding.config import load_config, read_yaml
+from image_autoencoding.config import Config, load_config, read_yaml
 from image_autoencoding.data.batches import evaluation_batches, training_batches
 from image_autoencoding.data.image_data import ImageData, Split, load_image_data
 from image_autoencoding.evaluation.diversity import relative_diversity
@@ -121,11 +123,17 @@ def dataset(name: str, args, work: Path) -> tuple[ImageData, list[str]]:
     common = [f"data.image_size={args.image_size}", f"data.cache_dir={work / 'cache'}"]
     if name == "fashion-mnist":
         config = load_config(None, ["data.dataset=fashion-mnist", *common])
-        return load_image_data(config.data, progress=False), ["data.dataset=fashion-mnist", *common]
-    train = photo_crops(args.photo_crops, args.image_size, 1, valid=False)
-    valid = photo_crops(args.photo_crops // 4, args.image_size, 2, valid=True)
-    no_labels = lambda a: np.full(len(a), -1, dtype=np.int64)  # noqa: E731
-    return ImageData(Split(train, no_labels(train)), Split(valid, no_labels(valid)), []), common
+        data, overrides = load_image_data(config.data, progress=False), ["data.dataset=fashion-mnist", *common]
+    else:
+        train = photo_crops(args.photo_crops, args.image_size, 1, valid=False)
+        valid = photo_crops(args.photo_crops // 4, args.image_size, 2, valid=True)
+        no_labels = lambda a: np.full(len(a), -1, dtype=np.int64)  # noqa: E731
+        data, overrides = ImageData(Split(train, no_labels(train)), Split(valid, no_labels(valid)), []), common
+    if args.valid_images is not None:
+        n = args.valid_images
+        data = dataclasses.replace(data, valid=dataclasses.replace(data.valid, images=data.valid.images[:n],
+                                                                   labels=data.valid.labels[:n]))
+    return data, overrides
 
 
 # -- one recipe ---------------------------------------------------------------------------------------
@@ -137,11 +145,11 @@ STEP_STATS = ("d_real", "d_recon")
 PROBE_STEPS = (3, 10)  # --train-seconds: untimed steps, then timed ones, of a throwaway trainer
 
 
-def make_trainer(recipe: str, data: ImageData, data_overrides: list[str], args, work: Path, extra: list[str],
-                 seed: int, steps: int, callbacks: Sequence[Callback] = ()) -> tuple[Trainer, str | None, list[str]]:
-    """A row's trainer, to take `steps` steps (Trainer.fit(max_steps)); with its config file and overrides."""
+def row_config(recipe: str, data_overrides: list[str], args, work: Path, extra: list[str], seed: int,
+               steps: int) -> tuple[Config, str | None, list[str]]:
+    """A row's config, to take `steps` steps (Trainer.fit(max_steps)); with its config file and overrides."""
     path, overrides = recipe_overrides(recipe, args.warmup_fraction, steps, args.default_overrides)
-    overrides += extra  # last, so that a variant may also change the seed or the precision
+    overrides += extra  # last, so that a variant may also change the seed, the precision or the batch size
     config = load_config(path, [
         *data_overrides, "train.precision=auto", "train.progress=false", f"train.seed={seed}",
         f"train.output_dir={work}", f"train.batch_size={BATCH}", f"train.epochs={MAX_EPOCHS}",
@@ -149,6 +157,13 @@ def make_trainer(recipe: str, data: ImageData, data_overrides: list[str], args, 
         # (the row's scores are `score`'s, on the whole split).
         f"train.eval_images={'null' if args.curve else EPOCH_VALID_IMAGES}", *overrides,
     ])
+    return config, path, overrides
+
+
+def make_trainer(recipe: str, data: ImageData, data_overrides: list[str], args, work: Path, extra: list[str],
+                 seed: int, steps: int, callbacks: Sequence[Callback] = ()) -> tuple[Trainer, str | None, list[str]]:
+    """A row's trainer, to take `steps` steps; with its config file and overrides."""
+    config, path, overrides = row_config(recipe, data_overrides, args, work, extra, seed, steps)
     return Trainer(config, data, callbacks=callbacks), path, overrides
 
 
@@ -208,19 +223,21 @@ class WallTimeBudget(Callback):
 def train_recipe(
     recipe: str, data: ImageData, data_overrides: list[str], args, work: Path, extra: list[str] = (), seed: int = 1
 ) -> tuple[Trainer, dict]:
+    batch = row_config(recipe, data_overrides, args, work, list(extra), seed, 1)[0].train.batch_size
     if args.train_seconds is not None:
         steps = steps_in(args.train_seconds, recipe, data, data_overrides, args, work, extra, seed)
     else:
-        steps = math.ceil(args.images_seen / BATCH)
+        steps = math.ceil(args.images_seen / batch)
     epochs = EpochRows()
     budget = [WallTimeBudget(args.train_seconds, epochs)] if args.train_seconds is not None else []
     trainer, path, overrides = make_trainer(recipe, data, data_overrides, args, work, extra, seed, steps,
                                             [epochs, *budget])
     trainer.fit(max_steps=steps)
     seconds = epochs.train_seconds
-    info = {"config": path or "configs/coco.yaml (train section)", "overrides": overrides, "steps": trainer.step,
-            "images_seen": trainer.step * BATCH, "epochs": trainer.epoch, "train_seconds": round(seconds, 1),
-            "train_img_s": round(trainer.step * BATCH / seconds, 1), "final_lr": trainer.training_step.learning_rate,
+    info = {"config": path or "configs/coco.yaml (train section)", "overrides": overrides, "batch_size": batch,
+            "steps": trainer.step, "images_seen": trainer.step * batch, "epochs": trainer.epoch,
+            "train_seconds": round(seconds, 1), "train_img_s": round(trainer.step * batch / seconds, 1),
+            "final_lr": trainer.training_step.learning_rate,
             **epochs.run_means(STEP_STATS)}
     if args.curve:
         info["valid_by_epoch"] = [{key.removeprefix("valid_"): round(v, 5) for key, v in row.items()
@@ -242,14 +259,17 @@ def last_gain_epoch(ssim_by_epoch: list[float], min_delta: float = 1e-3) -> int:
 
 @torch.no_grad()
 def score(trainer: Trainer, data: ImageData, picture_prefix: Path | None,
-          feature_networks: dict[str, FeatureNetwork]) -> dict:
-    """Reconstruction metrics on the whole validation split, then three image sets judged against the
-    real validation images: the reconstructions, prior samples and latent-mixture samples (as many
-    as there are validation images, at most SAMPLE_SET; seed 0): sharpness and diversity always, and
-    FID, KID, precision and recall in the features of each of `feature_networks`."""
+          feature_networks: dict[str, FeatureNetwork] | None) -> dict:
+    """Reconstruction metrics on the whole validation split, then (unless `feature_networks` is
+    None: --reconstruction-only) three image sets judged against the real validation images: the
+    reconstructions, prior samples and latent-mixture samples (as many as there are validation
+    images, at most SAMPLE_SET; seed 0): sharpness and diversity always, and FID, KID, precision and
+    recall in the features of each of `feature_networks`."""
     evaluation = evaluate_split(trainer.model, data.valid.images, trainer.normalize, trainer.device, 256,
                                 trainer.autocast)
     row = {key: float(v) for key, v in evaluation.means().items()}
+    if feature_networks is None:
+        return row
     model = trainer.model.eval()
     real, recon = [], []
     for x in evaluation_batches(data.valid.images[:SAMPLE_SET], 256, trainer.device, trainer.normalize):
@@ -385,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
                         "JSON; not counted in train s)")
     parser.add_argument("--inception-weights", type=Path,
                         help="Inception-v3 weights for FID / KID (default: torch's hub cache; skipped when absent)")
+    parser.add_argument("--reconstruction-only", action="store_true",
+                        help="score the reconstructions only (SSIM, PCC, MSE, PSNR): no samples, feature networks, "
+                        "pictures or step cost")
+    parser.add_argument("--valid-images", type=int, help="score on the first N validation images (default: all)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--pictures", type=Path, help="folder for reconstruction and sample grids")
     args = parser.parse_args(argv)
@@ -400,38 +424,41 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--baseline {baseline}: expected one of the rows: {', '.join(label for label, _, _ in runs)}")
     given = argv if argv is not None else sys.argv[1:]
     command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in given)
-    try:
-        inception = inception_network(inception_weights(args.inception_weights))
-    except MissingWeights as missing:
-        inception = None
-        print(f"no Inception FID / KID columns: {missing}", flush=True)
+    inception = None
+    if not args.reconstruction_only:
+        try:
+            inception = inception_network(inception_weights(args.inception_weights))
+        except MissingWeights as missing:
+            print(f"no Inception FID / KID columns: {missing}", flush=True)
     results, classifiers = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name in args.datasets:
             data, data_overrides = dataset(name, args, work)
             print(f"{name}: {len(data.train.images)} train / {len(data.valid.images)} valid images", flush=True)
-            networks = feature_networks(name, data, inception, classifiers)
+            networks = None if args.reconstruction_only else feature_networks(name, data, inception, classifiers)
             # Seeds outermost: an interrupted run still holds complete pairs.
             for seed in args.seeds:
                 for label, recipe, extra in runs:
                     trainer, info = train_recipe(recipe, data, data_overrides, args, work, extra, seed)
                     prefix = None
-                    if args.pictures is not None and seed == args.seeds[0]:
+                    if args.pictures is not None and seed == args.seeds[0] and networks is not None:
                         args.pictures.mkdir(parents=True, exist_ok=True)
                         prefix = args.pictures / f"{name}_{label}"
                     row = {"dataset": name, "recipe": label, "seed": seed, **info,
                            **score(trainer, data, prefix, networks),
                            "valid_images": len(data.valid.images), "train_images": len(data.train.images)}
-                    row.update(cost(trainer, data))
+                    if networks is not None:
+                        row.update(cost(trainer, data))
                     results.append(row)
                     print(table([row]).splitlines()[-1], flush=True)
                     # After every row: a run cut short (a shared machine's time ran out) keeps its rows.
                     write_document(args.json, command, classifiers, args.seeds, baseline, results)
     print(f"\n{command}\n")
     print(table(results))
-    print()
-    print(set_table(results))
+    if any("sets" in row for row in results):
+        print()
+        print(set_table(results))
     summary, comparisons = write_document(args.json, command, classifiers, args.seeds, baseline, results)
     if len(args.seeds) > 1:
         print(f"\nover seeds {', '.join(map(str, args.seeds))}: mean [95% interval]\n")

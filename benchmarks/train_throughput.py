@@ -1,6 +1,7 @@
 """Training throughput: the original recipe against our model step and our end-to-end epoch.
 
-    python benchmarks/train_throughput.py [--images 2000] [--rounds 5] [--steps-per-round 6] [--json out.json]
+    python benchmarks/train_throughput.py [--images 2000] [--rounds 5] [--steps-per-round 6] [--settings]
+                                          [--batch-size 64] [--json out.json]
 
 On one JPEG set shaped like Food-101 (cut from real photographs), in one run:
 
@@ -24,8 +25,20 @@ cuDNN kernels, torch.compile, the DataLoader's first batch) before its timed ste
 Everything runs on --device (auto: the GPU when there is one), the original recipe too, as the
 original moved its model and batches to the GPU. On a GPU the script also counts how often a step
 makes the host wait for the GPU, and at which source lines. On any device it counts the FLOPs per
-image of both recipes and times a large matrix product: where the step is compute-bound, that rate
-bounds how far the ratios can go.
+image of both recipes and times large matrix products in each precision the device has (bf16, fp16
+and TF32 on a GPU, fp32): where the step is compute-bound, that rate bounds how far the ratios can
+go, and each model step's achieved FLOP rate is printed as a share of it.
+
+--settings times a row per GPU setting instead of the precision variants, each one Trainer with
+its config overrides (the model step at the default settings stays, as the reference): the model
+step with train.cuda_graphs false and true, each in fp32 with train.tf32 false and true and in bf16
+channels_last; the end-to-end epoch with data.on_device false and true, each with
+train.cuda_graphs false and true, and at the default settings with 4 and 16 times --batch-size.
+Each row gets its host waits per step (on a GPU) and each end-to-end row its rate as a share of
+the model step of the same settings. A row whose settings this config or device refuses (a key it
+does not know yet; train.cuda_graphs=true on a CPU) is skipped, its reason kept in the JSON, and a
+row that fails while timed is dropped with its error: one GPU session measures every other row
+all the same.
 
 Then, unless skipped: peak memory of training on a 100,000-image cache (a subprocess), and the
 quality check: validation SSIM and the loss curve after the same number of images seen, fp32
@@ -37,7 +50,9 @@ against the issue's 0.005 bound. Skipped where the default precision is fp32 its
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -52,8 +67,14 @@ from photo_sets import FOOD101_SHAPE, make_jpeg_set, original_loader
 from image_autoencoding.training.callbacks import Callback
 
 HERE = Path(__file__).resolve().parent
-BATCH_SIZE = 64
+BATCH_SIZE = 64  # set from --batch-size in main (tries on a CPU take a few images)
 DEVICE = "auto"  # set from --device in main
+
+
+def warm_up_steps(device: torch.device) -> int:
+    """Untimed steps before a pipeline's timed ones: the allocator, oneDNN / cuDNN kernels and
+    torch.compile; on a GPU also a CUDA graph's capture, which follows a few eager steps."""
+    return 5 if device.type == "cuda" else 3
 
 
 def build_config(work: Path, *overrides: str):
@@ -164,15 +185,18 @@ class OriginalInOwnProcess:
 
     def run(self, steps: int, round_index: int) -> tuple[int, float]:
         code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import train_throughput as t; "
-                f"t.original_child({str(self.list_file)!r}, {self.workers}, {self.device!r}, {steps}, {round_index})")
+                f"t.original_child({str(self.list_file)!r}, {self.workers}, {self.device!r}, {steps}, {round_index}, "
+                f"{BATCH_SIZE})")
         out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
         images, seconds = json.loads(out.strip().splitlines()[-1])
         return int(images), float(seconds)
 
 
-def original_child(list_file: str, workers: int, device: str, steps: int, round_index: int) -> None:
+def original_child(list_file: str, workers: int, device: str, steps: int, round_index: int, batch_size: int) -> None:
     from image_autoencoding.runtime import resolve_device
 
+    global BATCH_SIZE
+    BATCH_SIZE = batch_size
     paths = [Path(p) for p in json.loads(Path(list_file).read_text())]
     print(json.dumps(OriginalRecipe(paths, workers, resolve_device(device)).run(steps, round_index)))
 
@@ -186,24 +210,38 @@ def _wait_for(device: torch.device) -> None:
 
 
 class ModelStep:
-    """`variant`: a precision, optionally with '+compile', '+nchw' (channels_last off) or '+autotune'
-    (cuDNN benchmarks its convolution algorithms for these shapes first: torch.backends.cudnn.benchmark)."""
+    """One Trainer's step alone, on batches already on the device. `overrides`: its config settings;
+    `autotune`: cuDNN benchmarks its convolution algorithms for these shapes first
+    (torch.backends.cudnn.benchmark, a process-wide switch, set around each of its runs)."""
 
-    def __init__(self, work: Path, data, variant: str):
+    def __init__(self, work: Path, data, name: str, overrides: list[str], autotune: bool = False):
         from image_autoencoding.data.batches import training_batches
 
-        precision, *flags = variant.split("+")
-        self.variant, self.autotune, self.skipped = variant, "autotune" in flags, 0
-        config = build_config(work, f"train.precision={precision}", f"train.compile={'compile' in flags}",
-                              f"train.channels_last={'nchw' not in flags}")
-        self.trainer = make_trainer(config, data, work / "runs" / f"step-{variant}")
+        self.variant, self.autotune, self.skipped = name, autotune, 0
+        self.trainer = make_trainer(build_config(work, *overrides), data, work / "runs" / f"step-{folder_name(name)}")
+        self.switches: Tf32Switches | None = None
         # Full batches only: a training set under 16 batches ends in a partial one, which is faster.
         self.batches = [x for x in training_batches(data.train.images, BATCH_SIZE, 0, 1, self.trainer.device,
                                                     self.trainer.normalize, 16) if len(x) == BATCH_SIZE]
         self.next = 0
-        self.run(3, -1)  # warm-up: allocator, oneDNN / cuDNN kernels, torch.compile when on
+        self.run(warm_up_steps(self.trainer.device), -1)
+        self.switches = Tf32Switches()  # as this row's Trainer set them, when made or in its first steps
+
+    def host_waits(self, steps: int) -> dict:
+        def take_steps() -> int:
+            for _ in range(steps):
+                self.trainer.train_step(self.batches[self.next % len(self.batches)])
+                self.next += 1
+            return steps
+
+        self.switches.restore()
+        waits = count_host_waits(take_steps)
+        _wait_for(self.trainer.device)
+        return waits
 
     def run(self, steps: int, round_index: int) -> tuple[int, float]:
+        if self.switches is not None:
+            self.switches.restore()
         torch.backends.cudnn.benchmark = self.autotune
         skipped = 0
         start = time.perf_counter()
@@ -235,16 +273,33 @@ class EndToEnd:
     between rounds cannot move that share. Figures measured before the timer was a callback
     counted the loop's per-step bookkeeping outside the step."""
 
-    def __init__(self, work: Path, data):
+    def __init__(self, work: Path, data, name: str = "epoch", overrides: tuple[str, ...] = ()):
         self.timer = StepTimer()  # this epoch's time in the step, its steps and images
-        self.trainer = make_trainer(build_config(work), data, work / "runs" / "epoch", [self.timer])
+        self.trainer = make_trainer(build_config(work, *overrides), data, work / "runs" / folder_name(name),
+                                    [self.timer])
+        self.switches: Tf32Switches | None = None
         self.epoch = 0
         self.step_seconds, self.epoch_seconds, self.steps = 0.0, 0.0, 0  # over the timed rounds
         warm = time.perf_counter()
-        self.run(3, -1)  # warm-up (and compile) outside the timed epochs
+        self.run(warm_up_steps(self.trainer.device), -1)  # outside the timed epochs
         self.warm_up_s = time.perf_counter() - warm
+        self.switches = Tf32Switches()  # as this row's Trainer set them, when made or in its first steps
+
+    def host_waits(self, steps: int) -> dict:
+        """Over one epoch of `steps` steps (fewer where the set ends sooner): batches, steps, logging
+        and the epoch's end."""
+        def epoch() -> int:
+            before = self.trainer.step
+            self.trainer.train_epoch(self.epoch, max_steps=steps)
+            return self.trainer.step - before
+
+        self.switches.restore()
+        self.epoch += 1
+        return count_host_waits(epoch)
 
     def run(self, steps: int, round_index: int) -> tuple[int, float]:
+        if self.switches is not None:
+            self.switches.restore()
         self.epoch += 1
         self.timer.reset()
         start = time.perf_counter()
@@ -263,28 +318,202 @@ class EndToEnd:
                 "outside_ms_per_step": (self.epoch_seconds - self.step_seconds) / self.steps * 1e3}
 
 
-def interleaved_rounds(pipelines: dict, rounds: int, steps: int) -> dict[str, dict]:
-    """Every pipeline `steps` steps per round, the order rotated by one each round."""
+def interleaved_rounds(pipelines: dict, rounds: int, steps: int, may_fail: frozenset[str] = frozenset()
+                       ) -> tuple[dict[str, dict], dict[str, str]]:
+    """Every pipeline `steps` steps per round, the order rotated by one each round. A pipeline named
+    in `may_fail` that raises is dropped from the rounds with its error (the second dict): in a GPU
+    session's one try, a setting that breaks must not cost the other rows' figures."""
     names = list(pipelines)
     totals = {name: {"images": 0, "seconds": 0.0, "per_round_img_s": []} for name in names}
+    failed: dict[str, str] = {}
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            images, seconds = pipelines[name].run(steps, r)
+            if name in failed:
+                continue
+            try:
+                images, seconds = pipelines[name].run(steps, r)
+            except Exception as error:  # noqa: BLE001 - kept in the JSON; the other rows go on
+                if name not in may_fail:
+                    raise
+                failed[name] = repr(error)
+                print(f"failed {name}: {error!r}", flush=True)
+                continue
             totals[name]["images"] += images
             totals[name]["seconds"] += seconds
             totals[name]["per_round_img_s"].append(images / seconds)
         print(f"round {r + 1}/{rounds}: " + ", ".join(
-            f"{name} {totals[name]['per_round_img_s'][-1]:.1f}" for name in names), flush=True)
+            f"{name} {totals[name]['per_round_img_s'][-1]:.1f}" for name in names if name not in failed), flush=True)
+    for name in failed:
+        del totals[name]
     for total in totals.values():
         total["img_s"] = total["images"] / total["seconds"]
-    return totals
+    return totals, failed
 
 
-def arithmetic(trainer, data, device: torch.device) -> dict:
+# -- the settings rows (--settings) -------------------------------------------------------------------
+
+# Each row's config overrides, under the names config.py gives the keys.
+SETTING_PRECISIONS = {
+    "fp32, tf32=false": ["train.precision=fp32", "train.tf32=false"],
+    "fp32, tf32=true": ["train.precision=fp32", "train.tf32=true"],
+    "bf16, channels_last": ["train.precision=bf16", "train.channels_last=true"],
+}
+STEP_SETTINGS = {f"{name}, cuda_graphs={graphs}": [*overrides, f"train.cuda_graphs={graphs}"]
+                 for graphs in ("false", "true") for name, overrides in SETTING_PRECISIONS.items()}
+
+
+def epoch_settings(batch_size: int) -> dict[str, list[str]]:
+    """The end-to-end rows: data.on_device x train.cuda_graphs, and the default settings at the
+    larger batch sizes benchmarks/batch_size.py compares with `batch_size` (x4 and x16: 256 and 1024
+    from 64), so that the run measures the epoch's rate against the original recipe's at whichever
+    batch keeps the quality."""
+    from batch_size import BATCH_SIZES
+
+    rows = {f"on_device={resident}, cuda_graphs={graphs}": [f"data.on_device={resident}", f"train.cuda_graphs={graphs}"]
+            for resident in ("false", "true") for graphs in ("false", "true")}
+    for larger in BATCH_SIZES[1:]:
+        rows[f"batch_size={batch_size * larger // BATCH_SIZES[0]}"] = [
+            f"train.batch_size={batch_size * larger // BATCH_SIZES[0]}"]
+    return rows
+HOST_WAIT_STEPS = 20  # steps whose host waits are counted per row: a wait every 10 steps shows as 0.1
+
+
+def folder_name(name: str) -> str:
+    """A row's name as a run folder's name."""
+    return re.sub(r"[^\w.=-]+", "-", name).strip("-")
+
+
+def build_rows(factories: dict) -> tuple[dict, dict[str, str], dict[str, str]]:
+    """(rows, skipped, failed): each factory's pipeline; or, where the config or the device refuses
+    its settings (a key this config does not know yet, train.cuda_graphs=true on a CPU: a
+    UserError), the one-line reason it was skipped; or the error it failed with."""
+    from image_autoencoding.errors import UserError
+
+    rows, skipped, failed = {}, {}, {}
+    for name, make in factories.items():
+        try:
+            rows[name] = make()
+        except UserError as error:
+            skipped[name] = str(error)
+            print(f"skipped {name}: {error}", flush=True)
+        except Exception as error:  # noqa: BLE001 - kept in the JSON; the other rows go on
+            failed[name] = repr(error)
+            print(f"failed {name}: {error!r}", flush=True)
+    return rows, skipped, failed
+
+
+class Tf32Switches:
+    """torch's process-wide TF32 switches as they are when made. All rows' Trainers share this
+    process: a row made after another could change the switches the other runs under (the
+    train.tf32 true and false rows), so each row puts its own back before it runs. Read and written
+    through the fp32_precision API of torch >= 2.9, which refuses legacy allow_tf32 reads once
+    the two disagree; allow_tf32 before it."""
+
+    def __init__(self):
+        self.values = [getattr(owner, name) for owner, name in self._switches()]
+
+    @staticmethod
+    def _switches() -> list[tuple[object, str]]:
+        b = torch.backends
+        if hasattr(b.cuda.matmul, "fp32_precision"):
+            return [(b, "fp32_precision"), (b.cuda.matmul, "fp32_precision"), (b.cudnn, "fp32_precision"),
+                    (b.cudnn.conv, "fp32_precision"), (b.cudnn.rnn, "fp32_precision")]
+        return [(b.cuda.matmul, "allow_tf32"), (b.cudnn, "allow_tf32")]
+
+    def restore(self) -> None:
+        """Only where a switch differs: where no row changes them, torch's state is never touched."""
+        switches = self._switches()
+        if [getattr(owner, name) for owner, name in switches] != self.values:
+            for (owner, name), value in zip(switches, self.values, strict=True):
+                setattr(owner, name, value)
+
+    def convolutions_in_tf32(self) -> bool:
+        """Whether fp32 convolutions (most of this model's FLOPs) use TF32 under these switches:
+        the most specific level not 'none' decides (conv, then cuDNN, then all)."""
+        if len(self.values) == 2:
+            return bool(self.values[1])
+        everything, _, cudnn, conv, _ = self.values
+        return next((v for v in (conv, cudnn, everything) if v != "none"), "ieee") == "tf32"
+
+
+def count_host_waits(run) -> dict:
+    """GPU only: how often, and where, `run()` (which returns the training steps it took) made the
+    host wait for the GPU, counted by CUDA's sync debug mode. Each wait stops the CPU from queueing
+    the next step's kernels while the GPU works. `every_step`: the places that waited at least once
+    per step."""
+    import warnings
+    from collections import Counter
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            steps = run()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    where = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    return {"steps": steps, "per_step": sum(where.values()) / steps, "where": dict(where),
+            "every_step": sorted(place for place, count in where.items() if count >= steps)}
+
+
+# -- what bounds the ratios ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def fp32_matmul_precision(tf32: bool):
+    """fp32 matrix products on CUDA in TF32 or in full fp32, for the duration; then as before."""
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    before = getattr(matmul, name)
+    setattr(matmul, name, ("tf32" if tf32 else "ieee") if name == "fp32_precision" else tf32)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, before)
+
+
+def matmul_rates(device: torch.device, n: int, repeats: int = 10) -> dict[str, float]:
+    """TFLOP/s of n x n matrix products in each precision this device has (on a GPU bf16, fp16,
+    TF32 and fp32; on a CPU fp32, and bf16 where it is native): `repeats` back-to-back products
+    after 3 untimed ones, one wait for the device at each end."""
+    from image_autoencoding.runtime import bf16_supported
+
+    kinds = {"fp32": torch.float32}
+    if device.type == "cuda":
+        kinds.update(tf32=torch.float32, fp16=torch.float16)
+    if bf16_supported(device):
+        kinds["bf16"] = torch.bfloat16
+    rates = {}
+    for kind, dtype in kinds.items():
+        switch = fp32_matmul_precision(kind == "tf32") if device.type == "cuda" else contextlib.nullcontext()
+        with switch:
+            a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+            for _ in range(3):
+                a @ b
+            _wait_for(device)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                a @ b
+            _wait_for(device)
+            rates[kind] = 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+        del a, b
+    return rates
+
+
+def eager_overrides() -> list[str]:
+    """Overrides for a Trainer whose steps run op by op (no CUDA graph), which torch's flop counter
+    sees; none where the config has no train.cuda_graphs (every step is eager then)."""
+    from image_autoencoding.config import TrainConfig
+
+    return ["train.cuda_graphs=false"] if "cuda_graphs" in TrainConfig.model_fields else []
+
+
+def arithmetic(work: Path, data, device: torch.device, matmul_size: int) -> dict:
     """What bounds the ratios where the step is compute-bound: FLOPs per image of each recipe (the
-    convolutions and matrix products of one step, forward and backward, by torch.utils.flop_counter)
-    and the best of 5 large matrix products on this device in `trainer`'s precision (the default)."""
+    convolutions and matrix products of one step, forward and backward, by torch.utils.flop_counter,
+    of the default settings' step taken op by op) and the matrix-product rate of each precision
+    (matmul_rates); `matmul_gflops` is that of the default precision, as before."""
     from model_cost import step_gflop_per_image
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -294,46 +523,73 @@ def arithmetic(trainer, data, device: torch.device) -> dict:
     with FlopCounterMode(display=False) as counter:
         original.step(torch.randn(BATCH_SIZE, 3, 64, 64))
     original_flops = counter.get_total_flops() / BATCH_SIZE
+    trainer = make_trainer(build_config(work, *eager_overrides()), data, work / "runs" / "flop-count")
     x = next(training_batches(data.train.images, BATCH_SIZE, 0, 1, trainer.device, trainer.normalize))
     ours_flops = step_gflop_per_image(trainer, x) * 1e9
-    n = 4096 if device.type == "cuda" else 2048
-    precision = trainer.precision
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    seconds = []
-    for _ in range(6):
-        _wait_for(device)
-        start = time.perf_counter()
-        a @ b
-        _wait_for(device)
-        seconds.append(time.perf_counter() - start)
+    n = matmul_size or (8192 if device.type == "cuda" else 2048)  # 8192: near the H200's peak (KINDS.md)
+    rates = matmul_rates(device, n)
+    default = trainer.precision
+    if default == "fp32" and device.type == "cuda" and Tf32Switches().convolutions_in_tf32():
+        default = "tf32"
     return {"original_gflop_per_image": original_flops / 1e9, "ours_gflop_per_image": ours_flops / 1e9,
-            "matmul_gflops": 2 * n**3 / min(seconds[1:]) / 1e9, "matmul_precision": precision}
+            "matmul_size": n, "matmul_tflops": rates,
+            "matmul_gflops": rates[default] * 1e3, "matmul_precision": default}
 
 
-def host_waits(work: Path, data, steps: int = 5) -> dict:
-    """GPU only: how often, and where, `steps` end-to-end steps (batches included) made the host wait
-    for the GPU, counted by CUDA's sync debug mode. One per step is the non-finite check; each wait
-    stops the CPU from queueing the next step's kernels while the GPU works."""
-    import warnings
-    from collections import Counter
+def step_arithmetic(step: ModelStep, img_s: float, gflop_per_image: float, rates: dict[str, float]) -> dict:
+    """A model-step row's achieved FLOP rate, and its share of the matrix-product rate of the
+    precision its convolutions run in (TF32 for fp32 ones where the switches say so)."""
+    precision = step.trainer.precision
+    if precision == "fp32" and step.trainer.device.type == "cuda" and step.switches.convolutions_in_tf32():
+        precision = "tf32"
+    tflops = img_s * gflop_per_image / 1e3
+    share = tflops / rates[precision] if precision in rates else None
+    return {"tflops": tflops, "matmul_precision": precision, "share_of_matmul": share}
 
-    from image_autoencoding.data.batches import training_batches
 
-    trainer = make_trainer(build_config(work), data, work / "runs" / "host-waits")
-    batches = training_batches(data.train.images, BATCH_SIZE, 0, 1, trainer.device, trainer.normalize, steps + 2)
-    for _ in range(2):
-        trainer.train_step(next(batches))  # lazily made optimizer state is not a per-step cost
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            for x in batches:
-                trainer.train_step(x)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    where = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
-    return {"steps": steps, "per_step": sum(where.values()) / steps, "where": dict(where)}
+def variant_overrides(variant: str) -> tuple[list[str], bool]:
+    """A precision variant's config overrides and cuDNN autotuning: a precision, optionally with
+    '+compile', '+nchw' (channels_last off) or '+autotune' (torch.backends.cudnn.benchmark)."""
+    precision, *flags = variant.split("+")
+    return [f"train.precision={precision}", f"train.compile={'compile' in flags}",
+            f"train.channels_last={'nchw' not in flags}"], "autotune" in flags
+
+
+def step_settings(trainer) -> tuple:
+    """What makes two Trainers' steps the same: an end-to-end row's rate is a share of the model
+    step row with these equal (keys a config does not have yet count as equal)."""
+    cfg = trainer.cfg
+    return (trainer.precision, cfg.channels_last, cfg.batch_size, getattr(cfg, "tf32", None),
+            getattr(cfg, "cuda_graphs", None))
+
+
+def settings_results(step_rows: dict, epoch_rows: dict, overrides: dict[str, list[str]], timed: dict, waits: dict,
+                     arithmetic: dict, original_img_s: float) -> dict:
+    """--settings: each timed row's rate, arithmetic (model steps) or share of its model step
+    (end-to-end), and host waits; and the fastest model step's share of the bf16 and TF32 rates.
+    `overrides`: each row's config overrides, by name."""
+    rates, gflop = arithmetic["matmul_tflops"], arithmetic["ours_gflop_per_image"]
+    steps = {}
+    for name, row in step_rows.items():
+        if f"step:{name}" in timed:
+            img_s = timed[f"step:{name}"]["img_s"]
+            steps[name] = {"overrides": overrides[name], "img_s": img_s, "vs_original": img_s / original_img_s,
+                           **step_arithmetic(row, img_s, gflop, rates), "host_waits": waits.get(f"step:{name}")}
+    epochs = {}
+    for name, row in epoch_rows.items():
+        if f"end_to_end:{name}" in timed:
+            img_s = timed[f"end_to_end:{name}"]["img_s"]
+            same = next((n for n in steps if step_settings(step_rows[n].trainer) == step_settings(row.trainer)), None)
+            epochs[name] = {"overrides": overrides[name], "img_s": img_s, "vs_original": img_s / original_img_s,
+                            "step_row": same, "share_of_step": img_s / steps[same]["img_s"] if same else None,
+                            "host_waits": waits.get(f"end_to_end:{name}")}
+    result = {"model_step": steps, "end_to_end": epochs}
+    if steps:
+        best = max(steps, key=lambda n: steps[n]["img_s"])
+        result["best_step"] = {"row": best, "tflops": steps[best]["tflops"],
+                               **{f"share_of_{kind}": steps[best]["tflops"] / rates[kind]
+                                  for kind in ("bf16", "tf32") if kind in rates}}
+    return result
 
 
 # -- memory on a 100,000-image cache ------------------------------------------------------------------
@@ -443,7 +699,42 @@ def quality(work: Path, data, steps: int, precision: str, seeds: int) -> dict:
     return result
 
 
+def _waits(row: dict) -> str:
+    waits = row.get("host_waits")
+    if not waits:
+        return "-"
+    if "error" in waits:
+        return waits["error"]
+    every = f" (every step: {', '.join(waits['every_step'])})" if waits["every_step"] else ""
+    return f"{waits['per_step']:.2f}{every}"
+
+
+def settings_table(settings: dict) -> str:
+    """The --settings rows as a markdown table, then the fastest step's arithmetic, the skipped rows
+    with their reasons and the failed ones with their errors."""
+    lines = ["| row | images/s | vs original | TFLOP/s | share of the matrix-product rate / of the step | "
+             "host waits per step |", "|---|---|---|---|---|---|"]
+    for name, row in settings.get("model_step", {}).items():
+        share = "-" if row["share_of_matmul"] is None else f"{row['share_of_matmul']:.0%} of {row['matmul_precision']}"
+        lines.append(f"| model step, {name} | {row['img_s']:.1f} | {row['vs_original']:.1f}x | {row['tflops']:.3g} | "
+                     f"{share} | {_waits(row)} |")
+    for name, row in settings.get("end_to_end", {}).items():
+        share = "-" if row["step_row"] is None else f"{row['share_of_step']:.0%} of step {row['step_row']}"
+        lines.append(f"| end-to-end, {name} | {row['img_s']:.1f} | {row['vs_original']:.1f}x | - | {share} | "
+                     f"{_waits(row)} |")
+    if "best_step" in settings:
+        best = settings["best_step"]
+        shares = ", ".join(f"{best[key]:.1%} of {key.removeprefix('share_of_')}" for key in best
+                           if key.startswith("share_of_"))
+        lines.append(f"fastest model step: {best['row']}, {best['tflops']:.3g} TFLOP/s: {shares} "
+                     "(target: at least 25% of bf16 or TF32)")
+    lines += [f"skipped: {name}: {reason}" for name, reason in settings.get("skipped", {}).items()]
+    lines += [f"failed: {name}: {error}" for name, error in settings.get("failed", {}).items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    global DEVICE, BATCH_SIZE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=2000, help="JPEGs in the training set")
     parser.add_argument("--valid-images", type=int, default=256)
@@ -452,6 +743,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--steps-per-round", type=int, default=6, help="timed steps of every pipeline per round")
     parser.add_argument("--compile", action="store_true", help="also time the model step under torch.compile")
+    parser.add_argument("--settings", action="store_true",
+                        help="time a row per GPU setting (train.cuda_graphs, train.tf32, bf16, data.on_device), each "
+                        "with its host waits per step, instead of the precision variants")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per step of every pipeline")
+    parser.add_argument("--matmul-size", type=int, default=0,
+                        help="side of the timed matrix products; 0: 8192 on a GPU, 2048 on a CPU")
     parser.add_argument("--quality-steps", type=int, default=200, help="steps per run of the quality check; 0 skips")
     parser.add_argument("--quality-seeds", type=int, default=2,
                         help="paired fp32 / default-precision runs of the quality check, one per seed")
@@ -465,8 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     from image_autoencoding.data.image_data import load_image_data
     from image_autoencoding.runtime import bf16_supported, resolve_device, resolve_precision
 
-    global DEVICE
-    DEVICE = args.device
+    DEVICE, BATCH_SIZE = args.device, args.batch_size
     device = resolve_device(args.device)
 
     work = args.work_dir
@@ -480,23 +776,47 @@ def main(argv: list[str] | None = None) -> int:
     default = resolve_precision("auto", device)
     if device.type == "cuda":
         variants += ["fp16", f"{default}+autotune"]  # fp16 with the gradient scaler, as train.precision=fp16 trains
+    if args.settings:
+        # The settings rows time the precisions; of these, only the default settings' step (the
+        # end-to-end epoch's reference) stays: a GPU session's minutes are few.
+        variants = [default]
     if args.compile:
         variants.append(f"{default}+compile")
     pipelines: dict = {"original": OriginalInOwnProcess(paths, args.workers, args.device, work)}
-    steps = {variant: ModelStep(work, data, variant) for variant in variants}
+    steps = {variant: ModelStep(work, data, variant, *variant_overrides(variant)) for variant in variants}
     if device.type == "cpu":
         # The Trainers above tuned this process's malloc (train.reuse_cpu_memory): the original recipe
         # again under the same settings, so the table shows how much of the ratio that tuning is.
         pipelines["original_reused_memory"] = OriginalRecipe(paths, args.workers, device)
     pipelines.update({f"step:{variant}": step for variant, step in steps.items()})
     pipelines["end_to_end"] = end_to_end = EndToEnd(work, data)
-    timed = interleaved_rounds(pipelines, args.rounds, args.steps_per_round)
-    for step in steps.values():
+    step_rows, epoch_rows, skipped, failed = {}, {}, {}, {}
+    if args.settings:
+        step_rows, skipped, failed = build_rows({
+            name: lambda name=name, overrides=overrides: ModelStep(work, data, name, overrides)
+            for name, overrides in STEP_SETTINGS.items()})
+        epoch_rows, *refused = build_rows({
+            name: lambda name=name, overrides=overrides: EndToEnd(work, data, name, tuple(overrides))
+            for name, overrides in epoch_settings(BATCH_SIZE).items()})
+        skipped.update(refused[0])
+        failed.update(refused[1])
+    rows = {**{f"step:{name}": row for name, row in step_rows.items()},
+            **{f"end_to_end:{name}": row for name, row in epoch_rows.items()}}
+    pipelines.update(rows)
+    timed, failed_timed = interleaved_rounds(pipelines, args.rounds, args.steps_per_round, frozenset(rows))
+    failed.update({name.split(":", 1)[1]: error for name, error in failed_timed.items()})
+    for step in [*steps.values(), *step_rows.values()]:
         if step.skipped:
             print(f"warning: {step.variant}: {step.skipped} timed steps skipped (loss or gradient not finite)")
 
-    results: dict = {"machine": describe(), "device": str(device), "rounds": args.rounds,
-                     "steps_per_round": args.steps_per_round}
+    results: dict = {"machine": describe(), "device": str(device), "batch_size": BATCH_SIZE, "rounds": args.rounds,
+                     "steps_per_round": args.steps_per_round, "complete": False}
+
+    def save() -> None:  # after the timed rounds, and again at the end: a run stopped between keeps its rates
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2))
+
     results["original_img_s"] = timed["original"]["img_s"]
     if "original_reused_memory" in timed:
         results["original_img_s_reused_memory"] = timed["original_reused_memory"]["img_s"]
@@ -512,14 +832,26 @@ def main(argv: list[str] | None = None) -> int:
         e2e / step for e2e, step in zip(timed["end_to_end"]["per_round_img_s"],
                                         timed[f"step:{best}"]["per_round_img_s"], strict=True)]
     results["end_to_end_outside_step"] = end_to_end.outside_the_step()
-    # The end-to-end Trainer, its timing done, is the default-settings step to count the FLOPs of.
-    results["arithmetic"] = arithmetic(end_to_end.trainer, data, device)
-    del pipelines, steps, end_to_end
+    if args.settings:
+        results["settings"] = {"img_s": {name: timed[name]["img_s"] for name in rows if name in timed},
+                               "skipped": skipped, "failed": failed}
+    save()
+    waits = {}
     if device.type == "cuda":
-        try:
-            results["host_waits"] = host_waits(work, data)
-        except Exception as error:  # noqa: BLE001 - a diagnostic: the figures above still count
-            results["host_waits"] = {"error": repr(error)}
+        for name, row in {"end_to_end": end_to_end, **rows}.items():
+            if name in timed:
+                try:
+                    waits[name] = row.host_waits(HOST_WAIT_STEPS)
+                except Exception as error:  # noqa: BLE001 - a diagnostic: the figures above still count
+                    waits[name] = {"error": repr(error)}
+        results["host_waits"] = waits["end_to_end"]
+    results["arithmetic"] = arithmetic(work, data, device, args.matmul_size)
+    if args.settings:
+        overrides = {**STEP_SETTINGS, **epoch_settings(BATCH_SIZE)}
+        results["settings"] = {**settings_results(step_rows, epoch_rows, overrides, timed, waits,
+                                                  results["arithmetic"], results["original_img_s"]),
+                               "skipped": skipped, "failed": failed}
+    del pipelines, steps, end_to_end, rows, step_rows, epoch_rows
     if args.memory_images and not Path("/proc/self/status").exists():
         print("memory check skipped: it reads the process's high-water mark from Linux's /proc")
     elif args.memory_images:
@@ -562,8 +894,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{a['matmul_gflops']:.0f} GFLOPS, the best step {achieved:.0f} GFLOPS "
           f"({achieved / a['matmul_gflops']:.0%}); "
           f"at the matrix-product rate our step would run {at_peak:.0f} img/s, {at_peak / original:.1f}x the original")
+    rates = ", ".join(f"{kind} {rate:.3g}" for kind, rate in a["matmul_tflops"].items())
+    print(f"{a['matmul_size']}x{a['matmul_size']} matrix products on this device, TFLOP/s: {rates}")
     if "host_waits" in results:
         print(f"host waits for the GPU per end-to-end step: {results['host_waits']}")
+    if "settings" in results:
+        print(settings_table(results["settings"]))
     if "memory" in results:
         m = results["memory"]
         print(f"peak memory training on a {m['images']:,}-image cache ({m['cache_mb']:.0f} MB): "
@@ -586,8 +922,8 @@ def main(argv: list[str] | None = None) -> int:
             line += f", fp32's between seeds by {q['loss_gap_seed_noise']:.1%}"
         print(line)
     print(f"command: {results['command']} ({results['seconds'] / 60:.1f} min)")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    results["complete"] = True
+    save()
     return 0
 
 

@@ -298,6 +298,15 @@ def test_every_key_a_shipped_config_uses_is_in_the_table(path):
     load_config(path)  # and the file is valid
 
 
+def test_the_gpu_preset_is_the_coco_preset_but_for_the_batch_it_measures():
+    """configs/coco_gpu.yaml trains what configs/coco.yaml trains; only the batch size and the
+    learning rate and warm-up that go with it may differ (set from the GPU measurement)."""
+    gpu, cpu = (load_config(ROOT / "configs" / name).to_dict() for name in ("coco_gpu.yaml", "coco.yaml"))
+    assert gpu["data"] == cpu["data"] and gpu["model"] == cpu["model"]
+    differing = {key for key in gpu["train"] if gpu["train"][key] != cpu["train"][key]}
+    assert differing <= {"batch_size", "lr", "warmup_steps"}
+
+
 def test_the_help_text_names_every_key():
     text = keys_help_text(width=80)
     for key, default, _ in key_rows():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from image_autoencoding.cli import main
 from image_autoencoding.config import load_config
 from image_autoencoding.data.batches import training_batches
-from image_autoencoding.data.image_data import load_image_data
+from image_autoencoding.data.image_data import ImageData, Split, load_image_data
 from image_autoencoding.evaluation.diversity import relative_diversity
 from image_autoencoding.evaluation.sharpness import laplacian_variance, relative_sharpness
 from image_autoencoding.models.vae import DiagonalGaussian, kl_for_objective
@@ -356,3 +357,134 @@ def test_quality_benchmark_rows_at_the_same_wall_time_train_for_that_time_when_t
             callback.on_epoch_end(trainer, len(epochs.rows) + 1, {"seconds": 0.2, "valid_ssim": 0.5})
         planned = trainer.planned[-1]
     assert 40 <= trainer.step <= 60 and 0.8 <= epochs.train_seconds <= 1.3
+
+
+def test_quality_benchmark_rows_train_at_their_own_batch_size(monkeypatch, tiny, tmp_path):
+    """A --variant that sets train.batch_size sees --images-seen images in steps of its own batch
+    (the rows of different batch sizes are compared at the same images seen)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import quality
+
+    images = np.random.default_rng(0).integers(0, 256, (72, 16, 16, 3), dtype=np.uint8)
+    data = ImageData(Split(images[:64], np.zeros(64, dtype=np.int64)), Split(images[64:], np.zeros(8, dtype=np.int64)),
+                     [])
+    data_overrides = ["data.image_size=16"]
+    args = SimpleNamespace(images_seen=64, train_seconds=None, warmup_fraction=0.25, default_overrides=None,
+                           curve=False)
+    model = [o for o in tiny if o.startswith("model.")]
+    extra = [*model, "train.batch_size=16"]
+    trainer, info = quality.train_recipe("default", data, data_overrides, args, tmp_path, extra)
+    assert (trainer.step, info["images_seen"]) == (4, 64)  # 4 steps of 16, not 1 counted as 64 images
+    assert info["batch_size"] == 16
+
+
+def test_batch_size_rows_scale_the_learning_rate_by_the_square_root_with_warm_up_over_the_same_images(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from batch_size import batch_variants, scaled
+
+    train = load_config(REPO / "configs/coco.yaml").train
+    assert (train.lr, train.warmup_steps) == (1e-3, 100)  # what the rows below are scaled from
+    assert batch_variants([64, 256, 1024], "sqrt") == {
+        "batch64": ["train.batch_size=64", "train.lr=0.001", "train.warmup_steps=100"],
+        "batch256": ["train.batch_size=256", "train.lr=0.002", "train.warmup_steps=25"],
+        "batch1024": ["train.batch_size=1024", "train.lr=0.004", "train.warmup_steps=6"],
+    }
+    assert scaled(1e-3, 100, 1024, 64, "linear") == (0.016, 6)
+    assert scaled(1e-3, 0, 1024, 64, "sqrt") == (0.004, 0)  # no warm-up stays none
+
+
+def test_batch_size_choice_is_the_largest_batch_within_the_seed_noise_of_the_smallest(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from batch_size import batch_choice, choice_table
+
+    ssim = {64: (0.60, 0.62, 0.64), 256: (0.59, 0.61, 0.63), 1024: (0.50, 0.52, 0.54)}
+    rows = [{"batch_size": batch, "seed": seed, "ssim": value, "train_img_s": batch * 10.0,
+             "overrides": ["train.lr=0.001", f"train.lr={batch / 64000}"], "steps": 10}
+            for batch, values in ssim.items() for seed, value in zip((1, 2, 3), values, strict=True)]
+    choice = batch_choice({"results": rows})
+    # Batch 64's interval over 3 seeds: 0.62 +- t(0.975, 2) x 0.02 / sqrt(3) = 0.62 +- 0.0497.
+    assert choice["seed_noise"] == pytest.approx(0.0497, abs=1e-4)
+    assert [choice["rows"][b]["within_seed_noise"] for b in (64, 256, 1024)] == [True, True, False]
+    assert choice["largest_within_noise"] == 256
+    assert choice["rows"][256]["paired_difference"]["mean"] == pytest.approx(-0.01)
+    assert choice["rows"][1024]["lr"] == "0.016"  # the last override of the key
+    assert "largest batch within it: 256" in choice_table(choice)
+    one_seed = batch_choice({"results": [row for row in rows if row["seed"] == 1]})
+    assert one_seed["largest_within_noise"] is None and "one seed" in one_seed["why_none"]
+    assert batch_choice({"results": []})["why_none"] == "no row finished"
+
+
+def test_throughput_rows_whose_settings_are_refused_are_skipped_and_failing_rows_dropped(monkeypatch, tmp_path):
+    """--settings: a row whose key the config does not know is skipped with the config's one-line
+    reason; a row that fails when made or while timed is recorded with its error; the others run."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import train_throughput as t
+
+    class Row:
+        def __init__(self, fail: bool = False):
+            self.fail = fail
+
+        def run(self, steps, round_index):
+            if self.fail:
+                raise RuntimeError("CUDA graph capture failed")
+            return steps * 2, 1.0
+
+    def broken():
+        raise RuntimeError("out of memory")
+
+    rows, skipped, failed = t.build_rows({
+        "fine": Row, "unknown key": lambda: t.build_config(tmp_path, "train.no_such_key=true") and Row(),
+        "broken": broken, "fails later": lambda: Row(fail=True)})
+    assert list(rows) == ["fine", "fails later"]
+    assert skipped == {"unknown key": "override 'train.no_such_key=true': unknown config key 'train.no_such_key'"}
+    assert failed == {"broken": "RuntimeError('out of memory')"}
+    timed, failed_timed = t.interleaved_rounds(rows, 2, 3, may_fail=frozenset(rows))
+    assert timed["fine"]["img_s"] == 6.0
+    assert failed_timed == {"fails later": "RuntimeError('CUDA graph capture failed')"}
+    with pytest.raises(RuntimeError):  # a row the figures cannot do without still stops the run
+        t.interleaved_rounds(rows, 1, 3)
+
+
+@pytest.mark.parametrize("arguments, named", [(["--device", "tpu"], "--device 'tpu'"), (["--fast"], "'--fast'"),
+                                              (["--seeds", "1 x"], "--seeds '1 x'")])
+def test_gpu_benchmarks_script_refuses_bad_options_before_running_anything(arguments, named, tmp_path):
+    import subprocess
+
+    done = subprocess.run(["bash", str(REPO / "benchmarks/gpu_benchmarks.sh"), *arguments], capture_output=True,
+                          text=True, env={"OUT": str(tmp_path / "out"), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2 and named in done.stderr and len(done.stderr.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_throughput_host_waits_are_counted_per_step_by_place_and_tf32_switches_put_back(monkeypatch):
+    """count_host_waits reads CUDA's sync debug mode warnings (emitted here by hand: no GPU in CI)
+    and turns the mode off again; a row's TF32 switches come back after another row changed them."""
+    import warnings
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import train_throughput as t
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def steps():
+        for _ in range(4):
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=1)  # every step, this line
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)  # once, at the end
+        warnings.warn("an unrelated warning", stacklevel=1)
+        return 4
+
+    waits = t.count_host_waits(steps)
+    assert modes == ["warn", 0] and waits["per_step"] == 1.25 and len(waits["where"]) == 2
+    assert waits["every_step"] == [next(place for place, n in waits["where"].items() if n == 4)]
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        row = t.Tf32Switches()
+        matmul.fp32_precision = "tf32"  # another row's Trainer
+        row.restore()
+        assert matmul.fp32_precision == "ieee"
+    finally:
+        matmul.fp32_precision = before
