@@ -111,6 +111,7 @@ def _changed_by(step: TrainingStep) -> list[Tensor]:
     if step.ema is not None:
         tensors += [*step.ema.average.parameters(), *step.ema.average.buffers()]
         tensors += [t for t in vars(step.ema).values() if isinstance(t, Tensor)]  # its count of updates
-    # The objective's running statistics (steps/vae_gan.py, steps/ldm.py) and the like.
-    tensors += [t for t in vars(step).values() if isinstance(t, Tensor)]
+    if step.terms is not None:  # the objective's own terms (steps/base.TermSums)
+        tensors.append(step.terms.sums)
+    tensors += [t for t in vars(step).values() if isinstance(t, Tensor)]  # such as the KL weight
     return tensors

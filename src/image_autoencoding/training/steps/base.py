@@ -32,6 +32,31 @@ class StepResult(NamedTuple):
     flags: Tensor | None  # under torchrun: the stop requests summed over the ranks; else None
 
 
+class TermSums:
+    """A step's own terms (the ldm loss's pixel, nll, GAN terms...; the VAE-GAN's D(x), D(x~))
+    summed on the device, with no host wait per step, twice: since the last `take(EPOCH)` (the
+    epoch's means, in metrics.csv) and since the last `take(WINDOW)` (the per-step log's, read when
+    the running loss is shown). A step adds to both at once, so the per-step log never changes an
+    epoch's means; a skipped step adds nothing (its terms are not finite, or belong to weights it
+    never changed, and would turn the means into NaN)."""
+
+    EPOCH, WINDOW = 0, 1
+
+    def __init__(self, names: Sequence[str], device: torch.device):
+        self.names = tuple(names)
+        self.sums = torch.zeros(2, len(self.names), device=device)
+
+    def add(self, values: Tensor, skipped: Tensor) -> None:
+        """One step's terms, in the order of `names`, unless `skipped` (a device flag) is set."""
+        self.sums += torch.where(skipped, 0.0, values)
+
+    def take(self, row: int) -> dict[str, float]:
+        """The sums of `row` by name (one read of the device), then that row starts again."""
+        values = dict(zip(self.names, self.sums[row].tolist(), strict=True))
+        self.sums[row].zero_()
+        return values
+
+
 class TrainingStep:
     """One optimisation step of every network an objective trains.
 
@@ -63,6 +88,7 @@ class TrainingStep:
         # state is a network of the checkpoint. Under torchrun every rank holds the same weights
         # after a step, so each rank's average is the same without a collective.
         self.ema = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+        self.terms: TermSums | None = None  # the objective's own terms, where it has any
 
     # -- the step --------------------------------------------------------------------------------
 
@@ -167,13 +193,17 @@ class TrainingStep:
     def take_stats(self) -> dict[str, float]:
         """Statistics of this objective since the last call (then reset): the epoch's, in its
         metrics.csv row; benchmarks read them too."""
-        return {}
+        return self.term_means(self.terms.take(TermSums.EPOCH)) if self.terms is not None else {}
 
     def take_window_stats(self) -> dict[str, float]:
         """The same terms over the steps since this method's last call (then reset), kept apart
         from take_stats's: the per-step log (TensorBoard train/step_<term>) reads them every few
         steps, when the running loss is shown, without changing the epoch's means."""
-        return {}
+        return self.term_means(self.terms.take(TermSums.WINDOW)) if self.terms is not None else {}
+
+    def term_means(self, sums: dict[str, float]) -> dict[str, float]:
+        """The logged values from `terms`' sums over some steps (an objective with terms defines it)."""
+        raise NotImplementedError
 
     # -- checkpoints -----------------------------------------------------------------------------
 

@@ -44,12 +44,11 @@ from image_autoencoding.models.patch_discriminator import PatchDiscriminator
 from image_autoencoding.models.vae import VAE, kl_for_objective, loss_terms
 from image_autoencoding.training.distributed import Distributed, summed_over_ranks
 from image_autoencoding.training.optimizers import make_optimizer
-from image_autoencoding.training.steps.base import TrainingStep, not_finite, placed_discriminator
+from image_autoencoding.training.steps.base import TermSums, TrainingStep, not_finite, placed_discriminator
 from image_autoencoding.training.steps.noise import share_of_global_noise
 
 VGG_WEIGHTS_KEY = "train.lpips_vgg_weights"
-# Running statistics summed on the device (no host wait per step), one row since the last
-# take_stats() (the epoch's) and one since the last take_window_stats() (the per-step log's).
+# The step's own terms, summed on the device (steps/base.TermSums).
 STATS = ("pixel", "lpips", "nll", "images", "steps", "adversarial_steps", "g_loss", "d_weight", "disc_loss",
          "logits_real", "logits_fake")
 
@@ -174,7 +173,7 @@ class LdmStep(TrainingStep):
         last = decoder_last_layer(model.decoder)
         self.last = next(index for index, p in enumerate(self.autoencoder) if p is last)
         self.adversarial = self.phase(0)  # the discriminator's phase of the step under way
-        self.stats = torch.zeros(2, len(STATS), device=device)  # rows: epoch, window; a step adds to both
+        self.terms = TermSums(STATS, device)
         self._shared_buffers = [b for module in (model, self.discriminator) for b in module.buffers()]
 
     def phase(self, step: int) -> bool:
@@ -209,9 +208,7 @@ class LdmStep(TrainingStep):
         # Filled on the device (a tensor copied from host memory would wait for the queued work).
         count = torch.stack([torch.full((), float(x.shape[0]), device=x.device), torch.ones((), device=x.device),
                              torch.full((), float(adversarial), device=x.device)])
-        # A skipped step's terms are not finite, or belong to weights the step never changed: they
-        # would turn the epoch's means into NaN, so the statistics add zero for it (on the device).
-        self.stats += torch.where(bad, 0.0, torch.cat([stats[:3], count, stats[3:4], d_weight.view(1), stats[4:]]))
+        self.terms.add(torch.cat([stats[:3], count, stats[3:4], d_weight.view(1), stats[4:]]), bad)
         return torch.stack([recon, kl]).detach(), bad
 
     def adaptive_weight(self, reconstruction_grad: Tensor, adversarial_grad: Tensor) -> Tensor:
@@ -220,20 +217,11 @@ class LdmStep(TrainingStep):
         ratio = torch.linalg.vector_norm(reconstruction_grad) / (torch.linalg.vector_norm(adversarial_grad) + 1e-4)
         return ratio.clamp(0.0, 1e4).detach() * self.cfg.disc_weight
 
-    def take_stats(self) -> dict[str, float]:
-        """Per image (pixel: the summed train.pixel_loss; lpips; nll) and per step since the last
-        call, then reset; the discriminator's terms over the steps it ran (absent when it did not);
-        logvar now; disc_factor: the share of steps with the discriminator on. This process's own
-        images under torchrun."""
-        return self._means(0)
-
-    def take_window_stats(self) -> dict[str, float]:
-        """take_stats's terms over the steps since this method's last call, then reset."""
-        return self._means(1)
-
-    def _means(self, row: int) -> dict[str, float]:
-        values = dict(zip(STATS, self.stats[row].tolist(), strict=True))
-        self.stats[row].zero_()
+    def term_means(self, values: dict[str, float]) -> dict[str, float]:
+        """Per image (pixel: the summed train.pixel_loss; lpips; nll) and per step over the steps
+        summed; the discriminator's terms over the steps it ran (absent when it did not); logvar
+        now; disc_factor: the share of steps with the discriminator on. This process's own images
+        under torchrun."""
         images, steps, adversarial = values["images"], values["steps"], values["adversarial_steps"]
         out = {"pixel": values["pixel"] / max(images, 1), "lpips": values["lpips"] / max(images, 1),
                "nll": values["nll"] / max(images, 1), "logvar": float(self.loss.logvar.detach()),

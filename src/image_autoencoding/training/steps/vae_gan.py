@@ -46,7 +46,7 @@ from image_autoencoding.models.discriminator import build_discriminator, feature
 from image_autoencoding.models.vae import VAE, kl_for_objective, loss_terms
 from image_autoencoding.training.distributed import Distributed, summed_over_ranks
 from image_autoencoding.training.optimizers import make_optimizer
-from image_autoencoding.training.steps.base import TrainingStep, not_finite, placed_discriminator
+from image_autoencoding.training.steps.base import TermSums, TrainingStep, not_finite, placed_discriminator
 from image_autoencoding.training.steps.noise import share_of_global_noise
 
 
@@ -116,10 +116,9 @@ class VaeGanStep(TrainingStep):
                          optimizers, objective, loss_scaling=False)
         self.groups = [list(model.encoder.parameters()), list(model.decoder.parameters()),
                        list(self.discriminator.parameters())]
-        # Running sums of D(x), D(x~) and images, one row since the last take_stats() (the epoch's),
-        # one since the last take_window_stats() (the per-step log's): D(x) near 1 and D(x~) near 0
-        # for long means the discriminator has won (benchmarks/quality.py reports them).
-        self.stats = torch.zeros(2, 3, device=device)
+        # D(x) near 1 and D(x~) near 0 for long means the discriminator has won (benchmarks/quality.py
+        # reports them).
+        self.terms = TermSums(("d_real", "d_recon", "images"), device)
         self._shared_buffers = [b for module in (model, self.discriminator) for b in module.buffers()]
 
     def gradients(self, x: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
@@ -136,19 +135,10 @@ class VaeGanStep(TrainingStep):
             for param, grad in zip(params, group_grads, strict=True):
                 param.grad = grad
         bad = not_finite(losses, flat)
-        # A skipped step adds nothing (see steps/ldm.py).
-        self.stats += torch.where(bad, 0.0, torch.stack([d_real, d_recon, torch.full((), float(x.shape[0]),
-                                                                                      device=x.device)]))
+        self.terms.add(torch.stack([d_real, d_recon, torch.full((), float(x.shape[0]), device=x.device)]), bad)
         return torch.stack([pixel, kl]).detach(), bad
 
-    def take_stats(self) -> dict[str, float]:
-        """Mean D(x) and D(x~) since the last call (then reset)."""
-        return self._means(0)
-
-    def take_window_stats(self) -> dict[str, float]:
-        return self._means(1)
-
-    def _means(self, row: int) -> dict[str, float]:
-        real, recon, n = self.stats[row].tolist()
-        self.stats[row].zero_()
-        return {"d_real": real / max(n, 1), "d_recon": recon / max(n, 1)}
+    def term_means(self, sums: dict[str, float]) -> dict[str, float]:
+        """Mean D(x) and D(x~) over the steps summed."""
+        images = max(sums["images"], 1)
+        return {"d_real": sums["d_real"] / images, "d_recon": sums["d_recon"] / images}
